@@ -1,0 +1,15 @@
+"""llama-jax: the LLaMA family in JAX and Flax NNX.
+
+Public API:
+    model = llama_jax.load(path)          # Hugging Face checkpoint directory
+    logits = model(tokens)                # [B, T] int -> [B, T, V] float32
+    config = llama_jax.get_config("llama3.1-8b")
+    model = llama_jax.create(config)      # random init; llama_jax.abstract(config): no memory
+"""
+
+from llama_jax.config import PRESETS, ModelConfig, RopeScaling, get_config
+from llama_jax.model import Llama, abstract, create, init_cache, param_count
+from llama_jax.io import load
+
+__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "get_config", "Llama", "abstract", "create",
+           "init_cache", "param_count", "load"]

@@ -1,0 +1,264 @@
+"""The LLaMA family as Flax NNX modules, one file for every generation.
+
+Architecture (all generations; differences are ModelConfig fields, never code paths):
+- Pre-norm residual blocks with RMSNorm (Zhang & Sennrich 2019; LLaMA paper §2.2).
+- SwiGLU feed-forward, `down(silu(gate(x)) * up(x))` (Shazeer 2020; LLaMA §2.2).
+- Rotary position embeddings (Su et al. 2021) in the half-split layout of Hugging Face; Meta's
+  interleaved layout is a permutation of the q/k projection rows handled by the converter.
+  Llama 3.1 frequency scaling (`apply_scaling` in Meta's reference) with its constants in
+  `config.RopeScaling`.
+- Grouped-query attention (Ainslie et al. 2023; Llama 2 70B and every Llama 3): K kv heads
+  serve N query heads.
+- Tied (Llama 3.2 1B/3B) or separate output embedding.
+- Document masking from segment ids with explicit positions (Llama 3 paper §3.2: attention
+  does not cross document boundaries inside a packed row).
+
+Parameters of all layers are stacked along a leading `layers` axis, so scanned and unrolled
+execution share one parameter tree (and one checkpoint layout). Every parameter carries its
+logical axis names in the `axes` metadata; `sharding.py` maps them to mesh axes.
+
+Axis letters: B batch, T query length, S key length (cache slots), D model dim, F ffn dim,
+N query heads, K kv heads, H head dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llama_jax import attention
+from llama_jax.config import ModelConfig
+
+Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, H]; pos, seg: [B, S] int32
+
+_INIT = nnx.initializers.normal(stddev=0.02)  # Hugging Face's initializer_range for Llama
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
+    assert len(shape) == len(axes), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=tuple(axes))
+
+
+# ----------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_frequencies(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] (float32), with Llama 3.1 scaling when configured."""
+    h = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, h, 2, dtype=np.float64) / h))
+    s = config.rope_scaling
+    if s is not None:
+        wavelen = 2 * np.pi / inv_freq
+        low_freq_wavelen = s.original_max_position / s.low_freq_factor
+        high_freq_wavelen = s.original_max_position / s.high_freq_factor
+        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (
+            s.high_freq_factor - s.low_freq_factor)
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        inv_freq = np.where(medium, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
+    return inv_freq.astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates x [B, T, n, H] by positions [B, T]; half-split pairs (i, i + H/2)."""
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Modules. `stack` is a prefix of parameter dimensions: (L,) for the per-layer modules.
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, stack=(), param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((*stack, dim), param_dtype),
+                               axes=("layers",) * len(stack) + ("norm",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, c: ModelConfig, *, stack, rngs: nnx.Rngs):
+        dt, pre, lx = jnp.dtype(c.param_dtype), tuple(stack), ("layers",) * len(stack)
+        d, n, k, h = c.dim, c.n_heads, c.n_kv_heads, c.head_dim
+        self.wq = _param(rngs, (*pre, d, n, h), (*lx, "embed", "q_heads", "head_dim"), dt)
+        self.wk = _param(rngs, (*pre, d, k, h), (*lx, "embed", "kv_heads", "head_dim"), dt)
+        self.wv = _param(rngs, (*pre, d, k, h), (*lx, "embed", "kv_heads", "head_dim"), dt)
+        self.wo = _param(rngs, (*pre, n, h, d), (*lx, "q_heads", "head_dim", "embed"), dt)
+
+    def __call__(self, x, positions, segment_ids, inv_freq, kv=None, kv_pos=None, kv_seg=None):
+        """x [B, T, D] -> ([B, T, D], (k, v) written to the cache or None).
+
+        Without a cache the keys are this call's tokens. With one, kv = (k, v) [B, S, K, H]
+        and this call's keys are written to slot `positions` of their row (padding, with
+        segment 0, is dropped); kv_pos / kv_seg [B, S] describe the slots after the write.
+        """
+        dt = x.dtype
+        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if kv is None:
+            mask = attention.attention_mask(positions, segment_ids, positions, segment_ids)
+            out, new_kv = attention.dot_product_attention(q, k, v, mask), None
+        else:
+            cache_k, cache_v = kv
+            slots = jnp.where(segment_ids != 0, positions, cache_k.shape[1])  # S: dropped
+            rows = jnp.arange(x.shape[0])[:, None]
+            cache_k = cache_k.at[rows, slots].set(k.astype(cache_k.dtype), mode="drop")
+            cache_v = cache_v.at[rows, slots].set(v.astype(cache_v.dtype), mode="drop")
+            mask = attention.attention_mask(positions, segment_ids, kv_pos, kv_seg)
+            out = attention.dot_product_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask)
+            new_kv = (cache_k, cache_v)
+        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), new_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, c: ModelConfig, *, stack, rngs: nnx.Rngs):
+        dt, pre, lx = jnp.dtype(c.param_dtype), tuple(stack), ("layers",) * len(stack)
+        self.w_gate = _param(rngs, (*pre, c.dim, c.ffn_dim), (*lx, "embed", "mlp"), dt)
+        self.w_up = _param(rngs, (*pre, c.dim, c.ffn_dim), (*lx, "embed", "mlp"), dt)
+        self.w_down = _param(rngs, (*pre, c.ffn_dim, c.dim), (*lx, "mlp", "embed"), dt)
+
+    def __call__(self, x):
+        dt = x.dtype
+        gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
+        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+
+
+class Block(nnx.Module):
+    """One transformer layer; constructed with stack=(L,) it holds all layers' parameters."""
+
+    def __init__(self, c: ModelConfig, *, stack=(), rngs: nnx.Rngs):
+        pd = jnp.dtype(c.param_dtype)
+        self.attn_norm = RMSNorm(c.dim, c.norm_eps, stack=stack, param_dtype=pd)
+        self.attn = Attention(c, stack=stack, rngs=rngs)
+        self.mlp_norm = RMSNorm(c.dim, c.norm_eps, stack=stack, param_dtype=pd)
+        self.mlp = MLP(c, stack=stack, rngs=rngs)
+
+    def __call__(self, x, positions, segment_ids, inv_freq, kv=None, kv_pos=None, kv_seg=None):
+        with jax.named_scope("attention"):
+            h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, inv_freq,
+                                  kv, kv_pos, kv_seg)
+        x = x + h
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, new_kv
+
+
+class Llama(nnx.Module):
+    """`Llama(config, rngs=nnx.Rngs(0))(tokens [B, T]) -> logits [B, T, V]` (float32)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, pd = config, jnp.dtype(config.param_dtype)
+        self.config = config
+        self.embed = _param(rngs, (c.vocab_size, c.dim), ("vocab", "embed"), pd)
+        self.layers = Block(c, stack=(c.n_layers,), rngs=rngs)
+        self.norm = RMSNorm(c.dim, c.norm_eps, param_dtype=pd)
+        self.lm_head = (None if c.tie_embeddings else
+                        _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd))
+
+    def __call__(self, tokens, positions=None, segment_ids=None, cache: Cache | None = None):
+        """tokens [B, T] int; positions [B, T] (default 0..T-1); segment_ids [B, T] (default 1,
+        0 = padding). Returns logits [B, T, V] float32, and the updated cache if one is given.
+        """
+        c = self.config
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
+        new_cache, kv_pos, kv_seg = None, None, None
+        if cache is not None:
+            kv_pos, kv_seg = _update_slots(cache, positions, segment_ids)
+        x, new_kv = self._layers(x, positions, segment_ids, cache, kv_pos, kv_seg)
+        if cache is not None:
+            new_cache = dict(k=new_kv[0], v=new_kv[1], pos=kv_pos, seg=kv_seg)
+        x = self.norm(x)
+        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits if cache is None else (logits, new_cache)
+
+    def _layers(self, x, positions, segment_ids, cache, kv_pos, kv_seg):
+        """Runs the L stacked layers, by lax.scan or unrolled, with the configured remat."""
+        c = self.config
+        graphdef, params = nnx.split(self.layers)
+        inv_freq = rope_frequencies(c)
+
+        def layer(x, layer_params, kv):
+            block = nnx.merge(graphdef, layer_params)
+            return block(x, positions, segment_ids, inv_freq, kv, kv_pos, kv_seg)
+
+        if c.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat])
+        kvs = None if cache is None else (cache["k"], cache["v"])
+        if c.scan_layers:
+            def body(x, xs):
+                return layer(x, *xs)
+            return jax.lax.scan(body, x, (params, kvs))
+        outs = []
+        for i in range(c.n_layers):
+            pick = lambda a: a[i]  # noqa: E731
+            x, kv = layer(x, jax.tree.map(pick, params), jax.tree.map(pick, kvs))
+            outs.append(kv)
+        stacked = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, stacked
+
+
+def _update_slots(cache: Cache, positions, segment_ids):
+    """Slot positions and segments [B, S] after writing this call's tokens at slot = position."""
+    b, s = cache["pos"].shape
+    slots = jnp.where(segment_ids != 0, positions, s)
+    rows = jnp.arange(b)[:, None]
+    pos = cache["pos"].at[rows, slots].set(positions.astype(jnp.int32), mode="drop")
+    seg = cache["seg"].at[rows, slots].set(segment_ids.astype(jnp.int32), mode="drop")
+    return pos, seg
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> Cache:
+    """An empty KV cache for `batch` rows of `max_len` slots; holds only the K kv heads."""
+    dtype = jnp.dtype(dtype or config.dtype)
+    shape = (config.n_layers, batch, max_len, config.n_kv_heads, config.head_dim)
+    return dict(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                pos=jnp.full((batch, max_len), -1, jnp.int32),
+                seg=jnp.zeros((batch, max_len), jnp.int32))
+
+
+def create(config: ModelConfig, seed: int = 0) -> Llama:
+    """A randomly initialised model."""
+    return Llama(config, rngs=nnx.Rngs(seed))
+
+
+def abstract(config: ModelConfig) -> Llama:
+    """The model with ShapeDtypeStructs for parameters: allocates nothing."""
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+
+
+def param_count(model: Llama) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def logical_axes(model: Llama) -> Any:
+    """The state tree of the model's parameters with each leaf replaced by its axis names."""
+    return jax.tree.map(lambda v: v.axes, nnx.state(model, nnx.Param),
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))

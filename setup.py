@@ -1,0 +1,41 @@
+"""llama-jax: the LLaMA family in JAX/Flax NNX — train, convert, decode."""
+
+import setuptools
+
+setuptools.setup(
+    name="llama_jax",
+    version="0.1.0",
+    description="LLaMA 1/2/3.x in JAX + Flax NNX: pretraining, conversion, decoding.",
+    packages=setuptools.find_packages(include=["llama_jax", "llama_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "array-record",
+        "sentencepiece",
+        "tiktoken",
+        "ml-collections",
+        "absl-py",
+        "numpy",
+        "ml_dtypes",
+        # TensorBoard event files without TensorFlow (flax.metrics.tensorboard needs TF).
+        "tensorboardX",
+    ],
+    extras_require={
+        # Reference implementations the tests compare against. torch is pinned to the CPU
+        # build; installing it first (see .ci/run) keeps pip from pulling a CUDA wheel.
+        "test": [
+            "pytest",
+            "torch==2.13.0",
+            "transformers",
+            "safetensors",
+            "llama-models",
+            "fairscale",
+        ],
+        "convert": ["torch==2.13.0"],
+    },
+)

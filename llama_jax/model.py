@@ -72,7 +72,7 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
     """Rotates x [B, T, n, H] by positions [B, T]; half-split pairs (i, i + H/2)."""
-    angles = positions[:, :, None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, T, H/2]
     cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -1,0 +1,89 @@
+"""FLOP counts, throughput and model FLOPs utilisation (MFU): the one place for these formulas.
+
+Training FLOPs per token follow MaxText (`maxtext_utils.calculate_tflops_training_per_device`),
+the formula the shared benchmark (../shared/bench/peerproto.py) reports:
+
+    6 · (N_layer_matmul + N_head)          2 FLOPs per weight per token forward, 4 backward
+    + 6 · L · T · N · H                    causal attention: QK^T and PV are 4·T·N·H per token
+                                           and layer forward, halved by causality, ×3 for fwd+bwd
+
+The input embedding is a gather and is not counted; rematerialised recomputation is not counted
+either (MFU measures useful work, so remat lowers it, as it should). The LM head is counted
+whether or not it is tied to the embedding: it is a matmul either way.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from llama_jax.config import ModelConfig
+
+# Dense bf16 peak TFLOP/s per chip (per JAX device), matched against `device.device_kind`.
+# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (system architecture pages);
+# NVIDIA A100 datasheet (SXM, 312 dense); H100 datasheet (SXM, 989 dense, 1,979 is with
+# sparsity); H200 datasheet (same tensor cores as H100 SXM: 989 dense).
+DEVICE_PEAK_TFLOPS = {
+    "TPU v4": 275.0,
+    "TPU v5 lite": 197.0,  # v5e reports itself as "TPU v5 lite"
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,  # v5p reports itself as "TPU v5"
+    "TPU v6 lite": 918.0,  # v6e (Trillium)
+    "TPU v6e": 918.0,
+    "A100": 312.0,
+    "H100": 989.0,
+    "H200": 989.0,
+}
+
+
+def layer_matmul_params(c: ModelConfig) -> int:
+    """Weights of the L layers' matmuls: q, k, v, o projections and the SwiGLU gate, up, down."""
+    attn = c.dim * c.head_dim * (2 * c.n_heads + 2 * c.n_kv_heads)
+    mlp = 3 * c.dim * c.ffn_dim
+    return c.n_layers * (attn + mlp)
+
+
+def head_params(c: ModelConfig) -> int:
+    return c.dim * c.vocab_size
+
+
+def attention_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Forward causal attention (scores and context) per token: 2 · L · T · N · H."""
+    return 2.0 * c.n_layers * seq_len * c.n_heads * c.head_dim
+
+
+def forward_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of a sequence of `seq_len` tokens."""
+    return 2.0 * (layer_matmul_params(c) + head_params(c)) + attention_flops_per_token(c, seq_len)
+
+
+def train_flops_per_token(c: ModelConfig, seq_len: int) -> float:
+    """Training (forward + backward) FLOPs per token, MaxText's formula (3 × forward)."""
+    return 3.0 * forward_flops_per_token(c, seq_len)
+
+
+def device_peak_tflops(device: jax.Device | None = None, cpu_peak_tflops: float = 0.0) -> float:
+    """bf16 dense peak TFLOP/s of one device; on CPU (or an unknown device) `cpu_peak_tflops`.
+
+    Longer keys first, so that "TPU v5 lite" is not taken for "TPU v5".
+    """
+    device = device or jax.local_devices()[0]
+    if device.platform == "cpu":
+        return cpu_peak_tflops
+    kind = device.device_kind
+    for key in sorted(DEVICE_PEAK_TFLOPS, key=len, reverse=True):
+        if key.lower() in kind.lower():
+            return DEVICE_PEAK_TFLOPS[key]
+    return cpu_peak_tflops
+
+
+def tflops_per_device(tokens_per_s: float, flops_per_token: float, n_devices: int) -> float:
+    """Achieved TFLOP/s per device from the global token throughput."""
+    return tokens_per_s * flops_per_token / n_devices / 1e12
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak_tflops: float) -> float:
+    """Model FLOPs utilisation in [0, 1]; 0 when the peak is unknown (<= 0)."""
+    if peak_tflops <= 0:
+        return 0.0
+    return tflops_per_device(tokens_per_s, flops_per_token, n_devices) / peak_tflops

@@ -1,0 +1,294 @@
+"""Autoregressive decoding: prefill, decode_step and a generate loop compiled once.
+
+    out = decode.generate(model, [[1, 306, 4658], [1, 450]], max_new_tokens=64,
+                          sampling=SamplingParams(temperature=0.7, top_p=0.9), seed=0)
+    out.tokens[b, :out.lengths[b]], out.logprobs[b, :out.lengths[b]]
+
+How a batch of prompts of different lengths runs (positions and masks as in attention.py):
+- Prompts are right-padded to a bucket length P (a power of two), so a new prompt length
+  reuses the compiled loop; padding carries segment id 0, so it is neither attended to nor
+  written to the cache.
+- `prefill` runs all prompts in one forward pass, writing each real token's k/v at slot =
+  its position, and returns the logits of every row's last real token.
+- `decode_step` feeds each row's last token at its own position [B, 1]; the cache holds only
+  the K kv heads ([L, B, S, K, H]) and is donated, so XLA updates it in place.
+- `generate` runs prefill, the first sample, then `decode_step` in a `lax.while_loop` that
+  stops when every row has emitted a stop token or `max_new_tokens` tokens: one compiled
+  program per (batch, P bucket, new-token bucket), no host round trip per token.
+
+Determinism: step t samples with `fold_in(PRNGKey(seed), t)`, so a seed fixes the output.
+
+Sharding: `shard(model, mesh)` places weights by their logical axes (heads, mlp and vocab
+over `tensor`), the batch and the cache go over `data` and the cache's kv heads over
+`tensor` (replicated when `tensor` does not divide K).
+
+Axis letters: B batch, P prompt bucket, N new-token buffer, S cache slots, V vocab,
+K kv heads, H head dim, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llama_jax import model as model_lib
+from llama_jax import sampling as sampling_lib
+from llama_jax.sampling import SamplingParams
+
+MAX_STOP_IDS = 8  # stop ids are padded to this many (with -1) so their count does not recompile
+TRACES = {"generate": 0, "decode_step": 0}  # Python-side trace counters, read by tests
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeState:
+    """Everything the loop carries between tokens; all fields are arrays.
+
+    cache: the KV cache (model.init_cache): k, v [L, B, S, K, H], pos, seg [B, S].
+    last: [B] int32, the token each row feeds next (its latest emitted token).
+    position: [B] int32, the position (= cache slot) that `last` is written to.
+    step: [] int32, how many tokens have been emitted so far (the next buffer column).
+    done: [B] bool, the row has emitted a stop token or its max_new_tokens.
+    lengths: [B] int32, tokens emitted per row, the stop token included.
+    tokens: [B, N] int32, emitted tokens; 0 past `lengths`.
+    logprobs: [B, N] float32, the model's log-probability of each emitted token (log-softmax at
+      temperature 1, before sampling filters); 0 past `lengths`.
+    key: the PRNG key of the run; step t samples with fold_in(key, t).
+    """
+
+    cache: model_lib.Cache
+    last: jax.Array
+    position: jax.Array
+    step: jax.Array
+    done: jax.Array
+    lengths: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    key: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """Host arrays: tokens [B, N] int32 and logprobs [B, N] float32, valid up to lengths [B]."""
+
+    tokens: np.ndarray
+    logprobs: np.ndarray
+    lengths: np.ndarray
+
+    def ids(self, b: int) -> list[int]:
+        return self.tokens[b, :self.lengths[b]].tolist()
+
+
+def bucket(n: int, minimum: int = 16) -> int:
+    """The power of two >= max(n, minimum): lengths that share a bucket share a compile."""
+    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------------------------
+# The pure steps.
+
+
+def prefill(graphdef, params, tokens, lengths, cache):
+    """Runs the prompts tokens [B, P] (right-padded; lengths [B] real tokens) through the model.
+
+    Returns the logits [B, V] of each row's last real token and the cache holding the prompts.
+    """
+    model = nnx.merge(graphdef, params)
+    b, p = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    segments = (positions < lengths[:, None]).astype(jnp.int32)
+    logits, cache = model(tokens, positions, segments, cache=cache)
+    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
+    return last[:, 0], cache
+
+
+def _emit(state: DecodeState, tok, logprob, stop_ids, max_new) -> DecodeState:
+    """Records tokens [B] as column `state.step`; rows already done record 0 and stay done."""
+    active = ~state.done
+    tok = jnp.where(active, tok, 0)
+    logprob = jnp.where(active, logprob, 0.0)
+    col = (jnp.int32(0), state.step)
+    tokens = jax.lax.dynamic_update_slice(state.tokens, tok[:, None], col)
+    logprobs = jax.lax.dynamic_update_slice(state.logprobs, logprob[:, None], col)
+    lengths = state.lengths + active.astype(jnp.int32)
+    stopped = jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+    done = state.done | (active & stopped) | (lengths >= max_new)
+    return dataclasses.replace(
+        state, last=jnp.where(active, tok, state.last), step=state.step + 1, done=done,
+        lengths=lengths, tokens=tokens, logprobs=logprobs)
+
+
+def _decode_step(graphdef, params, state: DecodeState, sampling, stop_ids, max_new):
+    """Feeds each row's last token at its position, samples and records the next token."""
+    TRACES["decode_step"] += 1
+    model = nnx.merge(graphdef, params)
+    b = state.last.shape[0]
+    logits, cache = model(state.last[:, None], state.position[:, None],
+                          jnp.ones((b, 1), jnp.int32), cache=state.cache)
+    key = jax.random.fold_in(state.key, state.step)
+    tok, logprob = sampling_lib.sample(logits[:, 0], key, **sampling)
+    position = state.position + (~state.done).astype(jnp.int32)
+    state = dataclasses.replace(state, cache=cache, position=position)
+    return _emit(state, tok, logprob, stop_ids, max_new)
+
+
+# One decode step on its own (for callers that drive the loop from the host, e.g. servers).
+decode_step = jax.jit(_decode_step, static_argnums=0, donate_argnames="state")
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "n_buffer", "mesh",
+                                             "stream"))
+def _generate(graphdef, params, tokens, lengths, key, sampling, stop_ids, max_new, *,
+              cache_len, n_buffer, mesh=None, stream=None):
+    TRACES["generate"] += 1
+    config = nnx.merge(graphdef, params).config
+    b = tokens.shape[0]
+    cache = model_lib.init_cache(config, b, cache_len)
+    if mesh is not None:
+        cache = jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, config))
+    logits, cache = prefill(graphdef, params, tokens, lengths, cache)
+    tok, logprob = sampling_lib.sample(logits, jax.random.fold_in(key, 0), **sampling)
+    state = DecodeState(
+        cache=cache, last=tok, position=lengths.astype(jnp.int32), step=jnp.int32(0),
+        done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
+        tokens=jnp.zeros((b, n_buffer), jnp.int32),
+        logprobs=jnp.zeros((b, n_buffer), jnp.float32), key=key)
+    state = _emit(state, tok, logprob, stop_ids, max_new)
+    if stream is not None:
+        jax.debug.callback(stream, state.step, state.last, state.lengths, ordered=True)
+
+    def cond(s):
+        return (s.step < max_new) & ~jnp.all(s.done)
+
+    def body(s):
+        s = _decode_step(graphdef, params, s, sampling, stop_ids, max_new)
+        if stream is not None:
+            jax.debug.callback(stream, s.step, s.last, s.lengths, ordered=True)
+        return s
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.tokens, state.logprobs, state.lengths
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharding: a small logical -> mesh axis table (sharding.py may later own it). Logical axes not
+# listed are replicated; a listed one is replicated too when the mesh axis does not divide it
+# (e.g. K = 2 kv heads on tensor = 4: every device keeps both, as in Llama 3 70B serving).
+
+_RULES = {"vocab": "tensor", "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"}
+
+
+def make_mesh(data: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
+    """A (data, tensor) mesh over the first data × tensor devices."""
+    if data * tensor > jax.device_count():
+        raise ValueError(f"A {data}×{tensor} mesh needs {data * tensor} devices but only "
+                         f"{jax.device_count()} exist; choose data × tensor <= the device count.")
+    auto = jax.sharding.AxisType.Auto
+    return jax.make_mesh((data, tensor), ("data", "tensor"), axis_types=(auto, auto),
+                         devices=jax.devices()[:data * tensor])
+
+
+def _spec(axes, shape, mesh) -> PartitionSpec:
+    mesh_axes = [_RULES.get(a) for a in axes]
+    return PartitionSpec(*(m if m and n % mesh.shape[m] == 0 else None
+                           for m, n in zip(mesh_axes, shape)))
+
+
+def shard(model: model_lib.Llama, mesh) -> model_lib.Llama:
+    """The model with each parameter placed on `mesh` by its logical `axes` metadata."""
+    graphdef, state = nnx.split(model)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    shardings = jax.tree.map(
+        lambda v: NamedSharding(mesh, _spec(v.axes, v.shape, mesh)), state, is_leaf=is_var)
+    return nnx.merge(graphdef, jax.device_put(state, shardings))
+
+
+def cache_shardings(mesh, config) -> dict[str, NamedSharding]:
+    """k, v [L, B_data, S, K_tensor, H]; pos, seg [B_data, S]."""
+    kv = _spec(("layers", "batch", "slots", "kv_heads", "head_dim"),
+               (config.n_layers, 0, 0, config.n_kv_heads, config.head_dim), mesh)
+    kv = PartitionSpec(None, "data", None, kv[3], None)
+    rows = PartitionSpec("data", None)
+    return dict(k=NamedSharding(mesh, kv), v=NamedSharding(mesh, kv),
+                pos=NamedSharding(mesh, rows), seg=NamedSharding(mesh, rows))
+
+
+def with_dtype(model: model_lib.Llama, dtype: str) -> model_lib.Llama:
+    """A copy of the model with parameters and compute in `dtype` ("float32", "bfloat16")."""
+    config = model.config.replace(dtype=dtype, param_dtype=dtype)
+    graphdef, _ = nnx.split(model_lib.abstract(config))
+    state = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model))
+    return nnx.merge(graphdef, state)
+
+
+# ----------------------------------------------------------------------------------------------
+# The entry point.
+
+
+def check_inputs(config, prompts, max_new_tokens, sampling, stop_ids, max_len) -> None:
+    """Raises ValueError, one sentence each, before anything is compiled."""
+    if not prompts:
+        raise ValueError("No prompts given; pass at least one list of token ids.")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"Prompt {i} is empty; every prompt needs at least one token "
+                             "(e.g. the BOS id).")
+        bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
+        if bad:
+            raise ValueError(f"Prompt {i} has token id {bad[0]} outside the model's vocabulary "
+                             f"[0, {config.vocab_size}); check the tokenizer matches the model.")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > max_len:
+        raise ValueError(
+            f"A prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit the "
+            f"cache of {max_len} slots; shorten the prompt, lower max_new_tokens or raise max_len.")
+    if len(stop_ids) > MAX_STOP_IDS:
+        raise ValueError(f"At most {MAX_STOP_IDS} stop ids are supported, got {len(stop_ids)}.")
+    sampling.validate(config.vocab_size)
+
+
+def generate(model: model_lib.Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             sampling: SamplingParams = SamplingParams(), *, seed: int = 0,
+             stop_ids: Sequence[int] | None = None, max_len: int | None = None, mesh=None,
+             stream: Callable | None = None) -> GenerateOutput:
+    """Generates up to max_new_tokens after each prompt (lists of token ids, any lengths).
+
+    stop_ids: tokens that end a row (emitted, then the row stops); default the config's EOS.
+    max_len: cache slots allowed (default config.max_seq_len).
+    mesh: a (data, tensor) mesh from make_mesh; pass a model placed with shard(model, mesh).
+    stream: called on the host after every step as stream(step, tokens [B], lengths [B]); the
+      rows with lengths == step emitted tokens[b] at that step.
+    """
+    config = model.config
+    stop_ids = [config.eos_id] if stop_ids is None else list(stop_ids)
+    max_len = max_len or config.max_seq_len
+    check_inputs(config, prompts, max_new_tokens, sampling, stop_ids, max_len)
+    n_rows = len(prompts)
+    b = n_rows if mesh is None else -(-n_rows // mesh.shape["data"]) * mesh.shape["data"]
+    p, n = bucket(max(len(x) for x in prompts)), bucket(max_new_tokens)
+    tokens = np.zeros((b, p), np.int32)
+    lengths = np.ones((b,), np.int32)  # extra rows (to fill the data axis) get one token
+    for i, x in enumerate(prompts):
+        tokens[i, :len(x)], lengths[i] = x, len(x)
+    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    if mesh is not None:
+        rows = NamedSharding(mesh, PartitionSpec("data"))
+        tokens, lengths = jax.device_put(tokens, rows), jax.device_put(lengths, rows)
+    stops = np.full((MAX_STOP_IDS,), -1, np.int32)
+    stops[:len(stop_ids)] = stop_ids
+    graphdef, params = nnx.split(model)
+    out = _generate(graphdef, params, tokens, lengths, jax.random.PRNGKey(seed),
+                    sampling.arrays(), jnp.asarray(stops), jnp.int32(max_new_tokens),
+                    cache_len=min(p + n, max_len), n_buffer=n, mesh=mesh, stream=stream)
+    toks, logprobs, lens = jax.device_get(out)
+    return GenerateOutput(toks[:n_rows, :max_new_tokens], logprobs[:n_rows, :max_new_tokens],
+                          lens[:n_rows])

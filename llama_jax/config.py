@@ -250,8 +250,14 @@ def load_hf_config(path: str) -> ModelConfig:
 # Meta params.json
 
 
-def from_meta_params(p: dict[str, Any], *, vocab_size: int | None = None) -> ModelConfig:
-    """Reads Meta's params.json. LLaMA 1 files carry `vocab_size: -1`; pass the tokenizer's."""
+def from_meta_params(p: dict[str, Any], *, vocab_size: int | None = None,
+                     tie_embeddings: bool = False) -> ModelConfig:
+    """Reads Meta's params.json. LLaMA 1 files carry `vocab_size: -1`; pass the tokenizer's.
+
+    Meta's model always has a separate `output.weight` (Llama 3.2 1B/3B store a copy of the
+    embedding there), so params.json cannot say whether embeddings are tied: the converter
+    decides from the weights and passes `tie_embeddings`.
+    """
     vocab = p.get("vocab_size", -1)
     if vocab is None or vocab <= 0:
         if vocab_size is None:
@@ -273,7 +279,7 @@ def from_meta_params(p: dict[str, Any], *, vocab_size: int | None = None) -> Mod
         ffn_dim=meta_ffn_dim(dim, multiple_of, mult), norm_eps=p.get("norm_eps", 1e-5),
         rope_theta=float(p.get("rope_theta", 10000.0)), rope_scaling=scaling,
         max_seq_len=p.get("max_seq_len", 131072 if scaling else (8192 if llama3 else 4096)),
-        tie_embeddings=False, multiple_of=multiple_of, ffn_dim_multiplier=mult,
+        tie_embeddings=tie_embeddings, multiple_of=multiple_of, ffn_dim_multiplier=mult,
         bos_id=128000 if llama3 else 1, eos_id=128001 if llama3 else 2, name="meta")
 
 

@@ -91,7 +91,7 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * self.scale[...].astype(x.dtype)
+        return y.astype(x.dtype) * self.scale[...].astype(x.dtype)[None, None, :]
 
 
 class Attention(nnx.Module):
@@ -180,13 +180,17 @@ class Llama(nnx.Module):
         """tokens [B, T] int; positions [B, T] (default 0..T-1); segment_ids [B, T] (default 1,
         0 = padding). Returns logits [B, T, V] float32, and the updated cache if one is given.
         """
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+        return self.from_embeddings(x, positions, segment_ids, cache)
+
+    def from_embeddings(self, x, positions=None, segment_ids=None, cache: Cache | None = None):
+        """The model after the embedding lookup: x [B, T, D] in the compute dtype."""
         c = self.config
-        b, t = tokens.shape
+        b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(c.dtype)
         new_cache, kv_pos, kv_seg = None, None, None
         if cache is not None:
             kv_pos, kv_seg = _update_slots(cache, positions, segment_ids)

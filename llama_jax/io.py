@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+import glob
 import os
 
 from llama_jax import hf
 
 
 def detect_format(path: str) -> str:
-    """'hf' for config.json + safetensors."""
+    """'orbax' for a llama_jax params export, 'hf' for config.json + safetensors, 'meta' for
+    params.json + consolidated.NN.pth."""
+    from llama_jax import checkpoint
+
     if not os.path.isdir(path):
         raise FileNotFoundError(f"Checkpoint directory {path} does not exist.")
     files = set(os.listdir(path))
+    if checkpoint.is_params_checkpoint(path):  # before "hf": it has a config.json too
+        return "orbax"
     if "config.json" in files and ("model.safetensors" in files
                                    or "model.safetensors.index.json" in files):
         return "hf"
+    if "params.json" in files and glob.glob(os.path.join(path, "consolidated.*.pth")):
+        return "meta"
     raise ValueError(
         f"{path} is not a checkpoint directory llama_jax can read: expected config.json with "
-        "model.safetensors or model.safetensors.index.json (Hugging Face).")
+        "model.safetensors or model.safetensors.index.json (Hugging Face), params.json with "
+        "consolidated.NN.pth (Meta), or a llama_jax params export (config.json + params/).")
 
 
 def load(path: str, **overrides):
@@ -26,4 +35,11 @@ def load(path: str, **overrides):
     fmt = detect_format(path)
     if fmt == "hf":
         return hf.load_hf(path, **overrides)
+    if fmt == "meta":
+        from llama_jax import meta
+        return meta.load_meta(path, **overrides)
+    if fmt == "orbax":
+        from llama_jax import checkpoint
+        c = checkpoint.load_config(path).replace(**overrides)
+        return checkpoint.load_params(path, config=c, dtype=overrides.get("param_dtype"))
     raise AssertionError(fmt)

@@ -29,6 +29,7 @@ import sysconfig
 from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
+from etils import epath
 
 DEFAULT_DATA_DIR = os.path.join("~", ".cache", "llama_jax", "tfds")
 # Test suites and vendored packages are not the library's own prose; leaving them out keeps the
@@ -117,6 +118,9 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
     # No registered configs: every corpus gets its own `make_config(...)`, passed as `config=`
     # (TFDS refuses a custom config that shares a registered config's name).
     BUILDER_CONFIGS: list[TextFilesConfig] = []
+    # TFDS 4.9.10 finds a packaged builder's source through `importlib_resources`, a backport it
+    # does not install on Python >= 3.9; giving the path outright skips that lookup.
+    code_path = epath.Path(__file__)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(

@@ -39,47 +39,30 @@ import tensorflow_datasets as tfds
 
 
 class Tokenizer(Protocol):
+    """The interface of llama_jax.tokenizer's tokenizers (`load_tokenizer(path)`)."""
     bos_id: int
     eos_id: int
     vocab_size: int
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]: ...
 
     def decode(self, ids) -> str: ...
 
 
 @dataclasses.dataclass(frozen=True)
 class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 after LLaMA's specials: unk/pad 0, BOS 1, EOS 2; vocab 259."""
+    """UTF-8 bytes shifted by 3 after LLaMA's specials: unk/pad 0, BOS 1, EOS 2; vocab 259.
+    For tests and corpus-only runs that need no trained tokenizer."""
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
     vocab_size: int = 256 + 3
 
-    def encode(self, text: str) -> list[int]:
-        return [b + 3 for b in text.encode("utf-8")]
+    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+        return [self.bos_id] * bos + [b + 3 for b in text.encode("utf-8")] + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
-
-
-class SentencePieceTokenizer:
-    """A trained SentencePiece model (e.g. from tools/train_tokenizer.py or LLaMA 1/2's)."""
-
-    def __init__(self, path: str):
-        import sentencepiece as spm
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no SentencePiece model at {path}; train one with "
-                                    f"tools/train_tokenizer.py or fix the path.")
-        self.sp = spm.SentencePieceProcessor(model_file=path)
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id, self.vocab_size = self.sp.pad_id(), self.sp.get_piece_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self.sp.encode(text)
-
-    def decode(self, ids) -> str:
-        return self.sp.decode([int(i) for i in ids])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +115,7 @@ def _tokenize(tokenizer: Tokenizer):
     def fn(example):
         text = example["text"]
         text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-        ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
-        return {"tokens": np.asarray(ids, np.int32)}
+        return {"tokens": np.asarray(tokenizer.encode(text, bos=True, eos=True), np.int32)}
     return fn
 
 
@@ -149,14 +131,18 @@ def _shift(rows: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
 
 def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str = "train",
                  process_index: int = 0, process_count: int = 1,
-                 max_seq_len: int | None = None, num_epochs: int | None = None,
-                 prefetch: int = 2) -> grain.IterDataset:
+                 max_seq_len: int | None = None, vocab_size: int | None = None,
+                 num_epochs: int | None = None, prefetch: int = 2) -> grain.IterDataset:
     """This process's stream of batches, {field: int32 [global_batch / process_count, T]}.
 
-    num_epochs None repeats forever (a finite count ends when the first lane runs dry);
-    prefetch > 0 prepares that many batches in one background thread.
+    max_seq_len / vocab_size: the model's, checked against seq_len and the tokenizer. num_epochs
+    None repeats forever (a finite count ends when the first lane runs dry); prefetch > 0
+    prepares that many batches in one background thread.
     """
     check_config(cfg, process_count=process_count, max_seq_len=max_seq_len)
+    if vocab_size is not None and tokenizer.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "
+                         f"{vocab_size}; use the model's tokenizer or raise its vocab_size.")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside [0, {process_count}).")
     docs = grain.MapDataset.source(data_source(cfg, split))

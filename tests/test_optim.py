@@ -1,0 +1,116 @@
+"""Tests of llama_jax/optim.py: schedule against its closed form, the weight-decay mask, and
+token-weighted accumulation against one big batch on the tiny model."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import llama_jax
+from llama_jax import optim
+from llama_jax.model import logical_axes
+
+CFG = optim.OptimConfig(learning_rate=2e-3, warmup_steps=10, total_steps=110)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return llama_jax.create(llama_jax.get_config("tiny"))
+
+
+def _closed_form(step, peak=2e-3, warmup=10, total=110, end=0.1):
+    if step < warmup:
+        return peak * step / warmup
+    frac = min(step - warmup, total - warmup) / (total - warmup)
+    return end * peak + (peak - end * peak) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+@pytest.mark.parametrize("step", [0, 5, 10, 60, 85, 110, 200])
+def test_schedule_matches_closed_form(step):
+    lr = float(optim.make_schedule(CFG)(step))
+    assert lr == pytest.approx(_closed_form(step), rel=1e-5, abs=1e-12)
+
+
+def test_schedule_landmarks():
+    s = optim.make_schedule(CFG)
+    assert float(s(0)) == 0.0
+    assert float(s(10)) == pytest.approx(2e-3)
+    assert float(s(60)) == pytest.approx(0.55 * 2e-3)  # half way: mean of peak and 10% peak
+    assert float(s(110)) == pytest.approx(2e-4)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        optim.make_schedule(optim.OptimConfig(warmup_steps=10, total_steps=10))
+
+
+def _changed(model, cfg, params):
+    """Which parameters one step with zero gradient moves (only weight decay can)."""
+    tx = optim.make_optimizer(cfg, nnx.state(model, nnx.Param))
+
+    @jax.jit
+    def two_steps(params):
+        state = tx.init(params)
+        for _ in range(2):  # step 0 has learning rate 0
+            updates, state = tx.update(jax.tree.map(jnp.zeros_like, params), state, params)
+        return optax.apply_updates(params, updates)
+    return jax.tree.map(lambda a, b: bool(jnp.any(a != b)), params, two_steps(params))
+
+
+def test_weight_decay_skips_norm_gains(model):
+    params = nnx.state(model, nnx.Param).to_pure_dict()
+    cfg = optim.OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10)
+    moved = _changed(model, cfg, params)
+    assert moved["layers"]["mlp"]["w_up"] and moved["layers"]["attn"]["wq"]
+    assert moved["lm_head"] and moved["embed"]
+    assert not moved["norm"]["scale"] and not moved["layers"]["attn_norm"]["scale"]
+    assert not moved["layers"]["mlp_norm"]["scale"]
+    off = optim.OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10,
+                            decay_embeddings=False)
+    moved = _changed(model, off, params)
+    assert not moved["embed"] and moved["lm_head"]
+
+
+def test_mask_from_axes_tree_equals_mask_from_params(model):
+    params = nnx.state(model, nnx.Param)
+    a = optim.decay_mask(params)(params)
+    b = optim.decay_mask(logical_axes(model))(params.to_pure_dict())
+    assert jax.tree.leaves(a) == jax.tree.leaves(b)
+    with pytest.raises(KeyError, match="not among the parameters"):
+        optim.decay_mask(params)({"extra": jnp.zeros(3)})
+
+
+def _loss_sum(params, graphdef, batch):
+    """Summed cross-entropy over masked target tokens, and their count."""
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def test_accumulation_equals_one_big_batch(model):
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    b, t, v = 8, 12, model.config.vocab_size
+    seg = np.where(np.arange(t)[None, :] < rng.integers(3, t, (b, 1)), 1, 2).astype(np.int32)
+    seg[-1, 6:] = 0  # a padded row
+    batch = dict(inputs=rng.integers(0, v, (b, t), dtype=np.int32),
+                 targets=rng.integers(0, v, (b, t), dtype=np.int32),
+                 positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)), segment_ids=seg,
+                 # uneven token counts per row, so an unweighted mean of means would differ
+                 loss_mask=(np.arange(t)[None, :] < rng.integers(1, t, (b, 1))).astype(np.int32))
+    lg = jax.value_and_grad(lambda p, mb: _loss_sum(p, graphdef, mb), has_aux=True)
+    run = jax.jit(optim.accumulate_gradients, static_argnums=(0, 3))
+    (loss1, tok1), g1 = run(lg, params, batch, 1)
+    (loss4, tok4), g4 = run(lg, params, batch, 4)
+    assert float(tok1) == float(tok4) == batch["loss_mask"].sum()
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-6)
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-7), g4, g1)
+    loss_only = jax.jit(lambda p, mb: _loss_sum(p, graphdef, mb))
+    per_micro = [loss_only(params, jax.tree.map(lambda x: x[m::4], batch)) for m in range(4)]
+    naive = np.mean([float(s) / float(n) for s, n in per_micro])
+    assert abs(naive - float(loss1)) > 1e-4  # the weighting matters for this batch
+    with pytest.raises(ValueError, match="does not split into 3 microbatches"):
+        optim.accumulate_gradients(lg, params, batch, 3)

@@ -1,0 +1,264 @@
+"""Checkpoint conversion against transformers: HF -> Orbax -> HF, HF -> Meta -> HF, bad input,
+and peak memory of streaming conversion."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import llama_jax
+from llama_jax import safetensors_io
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from tools import convert_checkpoint as cc  # noqa: E402
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+TOKENS = np.random.default_rng(0).integers(0, 250, size=(2, 11))
+_LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+               high_freq_factor=4.0, original_max_position_embeddings=16)
+CASES = {
+    "multihead": dict(num_key_value_heads=4),
+    "gqa_llama3": dict(num_key_value_heads=2, rope_parameters=_LLAMA3),
+    "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "sharded": dict(num_key_value_heads=1, shard="60KB"),
+}
+
+
+def make_hf(directory, *, shard=None, dtype=torch.float32, **kw):
+    """A random LlamaForCausalLM saved by transformers; returns (model, its logits on TOKENS)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                      num_attention_heads=4, max_position_embeddings=128, rms_norm_eps=1e-5, **kw)
+    torch.manual_seed(len(directory))
+    model = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # norms away from 1, weights large enough to matter
+            p.add_(torch.randn_like(p) * 0.05)
+    model = model.to(dtype)
+    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+    return model, hf_logits(model)
+
+
+def hf_logits(model):
+    with torch.no_grad():
+        return model(torch.as_tensor(TOKENS)).logits.float().numpy()
+
+
+def ours(path):
+    return np.asarray(llama_jax.load(path)(jnp.asarray(TOKENS)))
+
+
+def assert_close(a, b):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(b).max())
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_to_orbax_to_hf_logits(tmp_path, case):
+    from transformers import LlamaForCausalLM
+
+    model, ref = make_hf(str(tmp_path / "hf"), **CASES[case])
+    if case == "sharded":
+        assert os.path.exists(tmp_path / "hf" / "model.safetensors.index.json")
+    cc.convert(str(tmp_path / "hf"), str(tmp_path / "orbax"), to="orbax")
+    assert llama_jax.io.detect_format(str(tmp_path / "orbax")) == "orbax"
+    assert_close(ours(str(tmp_path / "orbax")), ref)
+
+    cc.convert(str(tmp_path / "orbax"), str(tmp_path / "hf2"), to="hf")
+    back, info = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf2"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert os.path.exists(tmp_path / "hf2" / "generation_config.json")
+    assert back.config.tie_word_embeddings == model.config.tie_word_embeddings
+    assert_close(hf_logits(back.eval()), ref)
+
+
+def _tensors(directory):
+    from safetensors.torch import load_file
+    out = {}
+    for fn in sorted(os.listdir(directory)):
+        if fn.endswith(".safetensors"):
+            out.update(load_file(os.path.join(directory, fn)))
+    return out
+
+
+@pytest.mark.parametrize("model_parallel", [1, 2])
+def test_hf_to_meta_to_hf_bit_exact(tmp_path, model_parallel):
+    make_hf(str(tmp_path / "hf"), num_key_value_heads=2, dtype=torch.bfloat16,
+            rope_parameters=dict(_LLAMA3, original_max_position_embeddings=8192))
+    (tmp_path / "hf" / "tokenizer.model").write_text("IQ== 0\n")
+    cc.convert(str(tmp_path / "hf"), str(tmp_path / "meta"), to="meta",
+               model_parallel=model_parallel)
+    files = sorted(os.listdir(tmp_path / "meta"))
+    assert files == sorted(["params.json", "tokenizer.model"] + [
+        f"consolidated.{r:02d}.pth" for r in range(model_parallel)])
+    cc.convert(str(tmp_path / "meta"), str(tmp_path / "hf2"), to="hf")
+    a, b = _tensors(tmp_path / "hf"), _tensors(tmp_path / "hf2")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.bfloat16, k
+        assert torch.equal(a[k].view(torch.int16), b[k].view(torch.int16)), k
+    c1 = json.load(open(tmp_path / "hf" / "config.json"))
+    c2 = json.load(open(tmp_path / "hf2" / "config.json"))
+    for key in ("hidden_size", "num_key_value_heads", "intermediate_size", "rms_norm_eps"):
+        assert c1[key] == c2[key]
+    assert c2["rope_scaling"]["factor"] == 8.0 and c2["rope_theta"] == 500000.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input: one error naming the file and tensor, and nothing left at the output.
+
+
+@pytest.fixture(scope="module")
+def good(tmp_path_factory):
+    d = tmp_path_factory.mktemp("good")
+    make_hf(str(d / "hf"), num_key_value_heads=2)
+    cc.convert(str(d / "hf"), str(d / "meta"), to="meta")
+    return d
+
+
+def _copy(src, dst):
+    import shutil
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite_safetensors(path, edit):
+    f = safetensors_io.SafetensorsFile(str(path))
+    tensors = {k: np.array(f.get(k)) for k in f.keys()}
+    del f
+    edit(tensors)
+    safetensors_io.write(str(path), {k: (v.shape, v.dtype) for k, v in tensors.items()},
+                         tensors.__getitem__)
+
+
+def _config_edit(d):
+    cfg = json.load(open(d / "config.json"))
+    cfg["intermediate_size"] = 256
+    json.dump(cfg, open(d / "config.json", "w"))
+
+
+def _truncate(path, keep=0.6):
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.truncate(int(size * keep))
+
+
+BAD = {
+    "no_config": (lambda d: os.remove(d / "config.json"), "config.json"),
+    "config_mismatch": (_config_edit, "mlp.gate_proj.weight"),
+    "unknown_tensor": (lambda d: _rewrite_safetensors(
+        d / "model.safetensors", lambda t: t.update(extra=np.zeros(3, np.float32))),
+        "model.safetensors: tensor extra"),
+    "missing_tensor": (lambda d: _rewrite_safetensors(
+        d / "model.safetensors", lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        "model.layers.1.mlp.up_proj.weight"),
+    "truncated": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors is truncated: tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_hf_input(good, tmp_path, case):
+    edit, message = BAD[case]
+    src = _copy(good / "hf", tmp_path / "in")
+    edit(src)
+    for to in ("orbax", "meta"):
+        with pytest.raises((ValueError, FileNotFoundError), match=message):
+            cc.convert(str(src), str(tmp_path / "out"), to=to, from_="hf")
+        assert sorted(os.listdir(tmp_path)) == ["in"]  # no output, no temporary left behind
+
+
+META_BAD = {
+    "no_shards": (lambda d: os.remove(d / "consolidated.00.pth"), "consolidated.00.pth"),
+    "params_mismatch": (lambda d: json.dump(dict(json.load(open(d / "params.json")), n_kv_heads=4),
+                                            open(d / "params.json", "w")),
+                        "consolidated.00.pth: tensor layers.0.attention.wk.weight has shape"),
+    "truncated": (lambda d: _truncate(d / "consolidated.00.pth", 0.9),
+                  "consolidated.00.pth cannot be read"),
+}
+
+
+@pytest.mark.parametrize("case", list(META_BAD))
+def test_bad_meta_input(good, tmp_path, case):
+    edit, message = META_BAD[case]
+    src = _copy(good / "meta", tmp_path / "in")
+    edit(src)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        cc.convert(str(src), str(tmp_path / "out"), to="hf", from_="meta")
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_existing_output_refused_unless_overwrite(good, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"precious")
+    r = subprocess.run([sys.executable, "tools/convert_checkpoint.py", f"--input={good / 'hf'}",
+                        f"--output={out}", "--to=hf"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "model.safetensors").read_bytes() == b"precious"
+    cc.convert(str(good / "hf"), str(out), to="hf", overwrite=True)
+    assert llama_jax.io.detect_format(str(out)) == "hf"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak memory: a streaming conversion holds about one tensor, not the model.
+
+_MEASURE = r"""
+import json, sys, threading, time
+sys.path.insert(0, ".")
+from tools import convert_checkpoint as cc
+
+def anon_kb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("RssAnon"))
+
+peak, done = [0], [False]
+def sample():
+    while not done[0]:
+        peak[0] = max(peak[0], anon_kb()); time.sleep(0.0005)
+
+import torch  # noqa: F401  imported before the baseline: a fixed cost, not the conversion's
+cc.open_source(sys.argv[1])
+base = anon_kb()
+t = threading.Thread(target=sample); t.start()
+cc.convert(sys.argv[1], sys.argv[2], to=sys.argv[3])
+done[0] = True; t.join()
+print(json.dumps(dict(growth=(max(peak[0], anon_kb()) - base) * 1024)))
+"""
+
+
+def _write_many_tensors(directory, n_layers=24, dim=256, ffn=1024, vocab=512):
+    """An HF checkpoint of 9 * 24 + 3 tensors written with our streaming writer (no torch)."""
+    from llama_jax import config as config_lib
+    from llama_jax.hf import tensor_names
+    from llama_jax.meta import _hf_shape
+    c = llama_jax.ModelConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=4,
+                              n_kv_heads=4, ffn_dim=ffn)
+    os.makedirs(directory)
+    json.dump(config_lib.to_hf_config(c), open(os.path.join(directory, "config.json"), "w"))
+    rng = np.random.default_rng(0)
+    specs = {n: (_hf_shape(c, n), np.dtype(np.float32)) for n in tensor_names(c)}
+    safetensors_io.write(os.path.join(directory, "model.safetensors"), specs,
+                         lambda n: rng.standard_normal(specs[n][0], np.float32))
+    return max(int(np.prod(s)) * 4 for s, _ in specs.values()), sum(
+        int(np.prod(s)) * 4 for s, _ in specs.values())
+
+
+@pytest.mark.slow
+def test_streaming_peak_memory(tmp_path):
+    """RSS growth (anonymous memory, sampled; memory-mapped input is page cache the kernel can
+    drop) stays under 3x the largest tensor for HF -> Meta and Meta -> HF."""
+    largest, total = _write_many_tensors(str(tmp_path / "hf"))
+    assert total > 20 * largest
+    for src, dst, to in [("hf", "meta", "meta"), ("meta", "hf2", "hf")]:
+        r = subprocess.run([sys.executable, "-c", _MEASURE, str(tmp_path / src),
+                            str(tmp_path / dst), to], cwd=ROOT, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        growth = json.loads(r.stdout.strip().splitlines()[-1])["growth"]
+        print(src, to, growth / largest)
+        assert growth < 3 * largest, (src, to, growth / 2**20, largest / 2**20, total / 2**20)

@@ -86,10 +86,30 @@ def corpus_files(files: str) -> list[str]:
     return paths
 
 
-def in_validation(key: str, fraction: float) -> bool:
-    """Deterministic split: the first 8 bytes of SHA-1(key) as a fraction of 2**64."""
-    h = int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big")
-    return h < fraction * 2**64
+def key_hash(key: str) -> float:
+    """The first 8 bytes of SHA-1(key) as a fraction in [0, 1): the split of a document."""
+    return int.from_bytes(hashlib.sha1(key.encode()).digest()[:8], "big") / 2**64
+
+
+def split_documents(docs, fraction: float, validation: bool):
+    """The documents of one split: key_hash < fraction goes to validation. When no document
+    qualifies (a tiny corpus), the smallest-hash one does, so neither split is ever empty. One
+    pass, O(1) memory: the smallest-hash train candidate is held back until the end."""
+    held, any_val = None, False  # held: (hash, key, text)
+    for key, text in docs:
+        h = key_hash(key)
+        if h < fraction:
+            any_val = True
+            if validation:
+                yield key, text
+        elif held is None or h < held[0]:
+            if held is not None and not validation:
+                yield held[1], held[2]
+            held = (h, key, text)
+        elif not validation:
+            yield key, text
+    if held is not None and any_val != validation:
+        yield held[1], held[2]
 
 
 def read_documents(path: str, root: str, jsonl_field: str) -> Iterator[tuple[str, str]]:
@@ -136,10 +156,14 @@ class TextFiles(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, paths, root, validation: bool):
         c = self.builder_config
-        for path in paths:
-            for key, text in read_documents(path, root, c.jsonl_field):
-                if in_validation(key, c.validation_fraction) == validation:
-                    yield key, {"text": text}
+        docs = (doc for path in paths for doc in read_documents(path, root, c.jsonl_field))
+        count = 0
+        for count, (key, text) in enumerate(
+                split_documents(docs, c.validation_fraction, validation), 1):
+            yield key, {"text": text}
+        if not count:
+            raise ValueError(f"the corpus {c.files or 'stdlib'!r} has a single document; give "
+                             f"at least two so both train and validation have one.")
 
 
 def prepare(config: TextFilesConfig, data_dir: str = "") -> TextFiles:

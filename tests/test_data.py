@@ -7,11 +7,14 @@ grain's packer: concatenate `[BOS] + bytes + [EOS]` per lane, cut into rows of T
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
-from data import text_files
+# data/ and tools/ are repo folders, not installed packages (setup.py ships llama_jax).
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from data import text_files  # noqa: E402
 from llama_jax import data
 
 T, G = 16, 4
@@ -46,11 +49,23 @@ def test_stdlib_corpus_builds_with_disjoint_deterministic_splits(data_dir):
     assert 0 < len(val) < len(files) // 10
     root = text_files.corpus_root("")
     want_val = sorted(open(p, encoding="utf-8", errors="replace").read() for p in files
-                      if text_files.in_validation(os.path.relpath(p, root), 0.02))
+                      if text_files.key_hash(os.path.relpath(p, root)) < 0.02)
     assert sorted(_texts(val)) == want_val
     built = os.path.join(data_dir, "text_files")
     assert not [d for d in os.listdir(os.path.join(built, os.listdir(built)[0]))
                 if d.startswith("incomplete")]
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.3])
+def test_split_documents_partitions_and_never_leaves_validation_empty(fraction):
+    docs = [(f"file{i}.txt", f"text {i}") for i in range(40)]
+    train = list(text_files.split_documents(iter(docs), fraction, False))
+    val = list(text_files.split_documents(iter(docs), fraction, True))
+    assert sorted(train + val) == sorted(docs) and val
+    if fraction == 0.0:  # no hash below 0: the smallest-hash document is held out
+        assert val == [min(docs, key=lambda d: text_files.key_hash(d[0]))]
+    else:
+        assert val == [d for d in docs if text_files.key_hash(d[0]) < fraction]
 
 
 def test_jsonl_corpus_reads_the_configured_field(jsonl_cfg):

@@ -172,7 +172,14 @@ def prepare(config: TextFilesConfig, data_dir: str = "") -> TextFiles:
     builder = TextFiles(config=config, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
         corpus_files(config.files)  # fail in one sentence before TFDS starts writing
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except OSError:
+            # Several processes sharing a data_dir may build at once; TFDS's final rename then
+            # fails for all but the first, whose complete dataset is the same one.
+            builder = TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+            if not builder.is_prepared():
+                raise
     return builder
 
 

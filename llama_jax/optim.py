@@ -1,9 +1,11 @@
 """AdamW as LLaMA trains: warmup + cosine schedule, clipping, decoupled weight decay, and
 token-weighted gradient accumulation.
 
-LLaMA paper §2.3 (and Llama 2 §2.2): AdamW with β1 0.9, β2 0.95, eps 1e-5 (we default to optax's
-1e-8, as the Llama 2 code release does), weight decay 0.1, gradient clipping at global norm 1.0,
-2,000 warmup steps, cosine decay to 10% of the peak learning rate.
+LLaMA paper §2.3 (and Llama 2 §2.2): AdamW with β1 0.9, β2 0.95, weight decay 0.1, gradient
+clipping at global norm 1.0, 2,000 warmup steps, cosine decay to 10% of the peak learning rate.
+Llama 2 states eps 1e-5; the default here is 1e-8 (optax's and PyTorch's), set `eps` to follow
+Llama 2 exactly. Decay is decoupled and scaled by the learning rate, p -= lr·wd·p, as in
+PyTorch's AdamW that Meta trained with.
 
     tx = optim.make_optimizer(cfg, nnx.state(model, nnx.Param))   # or logical_axes(model)
     opt_state = tx.init(params)

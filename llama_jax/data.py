@@ -129,6 +129,17 @@ def _shift(rows: tuple[dict[str, np.ndarray], ...]) -> dict[str, np.ndarray]:
                 segment_ids=seg[:, :-1], loss_mask=same_doc.astype(np.int32))
 
 
+def _lane(docs: grain.MapDataset, j: int, cfg: Any, tokenizer: Tokenizer) -> grain.IterDataset:
+    """Row j of every global batch: documents j, j+G, j+2G, ... packed into T+1 tokens."""
+    lane = docs[j::cfg.global_batch].map(_tokenize(tokenizer))
+    # grain's default ReadOptions start 16 reader threads per lane, hundreds for a large batch;
+    # tokenizing holds the GIL anyway, so lanes read synchronously and whole batches are
+    # prefetched by one thread in make_dataset.
+    lane = lane.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    return grain.experimental.ConcatThenSplitIterDataset(
+        lane, length_struct={"tokens": cfg.seq_len + 1})
+
+
 def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str = "train",
                  process_index: int = 0, process_count: int = 1,
                  max_seq_len: int | None = None, vocab_size: int | None = None,
@@ -137,7 +148,7 @@ def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str = "train",
 
     max_seq_len / vocab_size: the model's, checked against seq_len and the tokenizer. num_epochs
     None repeats forever (a finite count ends when the first lane runs dry); prefetch > 0
-    prepares that many batches in one background thread.
+    prepares that many batches in one background thread (close() the iterator when done).
     """
     check_config(cfg, process_count=process_count, max_seq_len=max_seq_len)
     if vocab_size is not None and tokenizer.vocab_size > vocab_size:
@@ -150,14 +161,8 @@ def make_dataset(cfg: Any, tokenizer: Tokenizer, *, split: str = "train",
         docs = docs.shuffle(seed=cfg.seed)
     docs = docs.repeat(num_epochs)  # after shuffle: reseeds each epoch (grain RepeatMapDataset)
     per_process = cfg.global_batch // process_count
-    lanes = []
-    for j in range(process_index * per_process, (process_index + 1) * per_process):
-        lane = docs[j::cfg.global_batch].map(_tokenize(tokenizer))
-        # Reading is in memory after the first touch; reader threads per lane would only
-        # contend for the GIL (grain's ReadOptions advice), so read synchronously.
-        lane = lane.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-        lanes.append(grain.experimental.ConcatThenSplitIterDataset(
-            lane, length_struct={"tokens": cfg.seq_len + 1}))
+    first = process_index * per_process
+    lanes = [_lane(docs, j, cfg, tokenizer) for j in range(first, first + per_process)]
     ds = grain.experimental.ZipIterDataset(lanes, strict=False).map(_shift)
     if prefetch:
         ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)

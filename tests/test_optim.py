@@ -90,6 +90,7 @@ def _loss_sum(params, graphdef, batch):
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+@pytest.mark.slow  # two compiles of the tiny model's gradient: ~10 s idle, ~20 s on a busy box
 def test_accumulation_equals_one_big_batch(model):
     graphdef, params = nnx.split(model, nnx.Param)
     rng = np.random.default_rng(0)

@@ -1,0 +1,1 @@
+"""Experiments: the absl launchers and the get_config(arg) files they load."""

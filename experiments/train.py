@@ -1,0 +1,37 @@
+"""Pretraining launcher: parses flags and calls llama_jax.train.run.
+
+    python experiments/train.py --config=experiments/configs/tiny.py --workdir=/tmp/tiny
+    python experiments/train.py --config=experiments/configs/llama3_8b.py \
+        --workdir=gs://bucket/run --config.data.tokenizer=/path/tokenizer.model \
+        --config.data.files='/data/*.jsonl' --config.optim.peak_lr=2e-4 --config.train.steps=1000
+
+Rerunning the same command resumes from the latest checkpoint in --workdir.
+"""
+
+import os
+import sys
+
+# `experiments.configs.common` is imported by the config files: put the repository root on the
+# path, since `python experiments/train.py` only adds experiments/ itself.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from llama_jax import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
+        logging.set_verbosity(logging.WARNING)
+    train.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

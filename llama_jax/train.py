@@ -1,0 +1,294 @@
+"""Pretraining: TrainState, loss, the jitted train and eval steps, and the loop `run()`.
+
+    state = init_state(model, tx)
+    step_fn = Step(graphdef, tx, schedule, z_loss=1e-4, microbatches=4)
+    state, metrics = train_step(state, batch, step_fn)   # state donated
+
+A batch is a dict of int32 [B, T] arrays: `inputs`, `targets`, `positions`, `segment_ids` and
+`loss_mask` (llama_jax.data). The loss is the token-weighted mean cross-entropy over the tokens
+with loss_mask 1, so padding and targets across a document boundary are not trained on, and
+microbatches are weighted by their token counts (the mean over the whole batch, exactly).
+
+A step whose loss or gradients are not finite is skipped: parameters and optimizer state are
+kept, `state.skipped` counts it and `state.bad_streak` counts the consecutive ones, which the
+loop (`run`) turns into a clear error once it reaches `train.max_bad_steps`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from llama_jax import checkpoint, data, decode, flops, optim
+from llama_jax import tokenizer as tokenizer_lib
+from llama_jax.config import ModelConfig
+from llama_jax.metrics import MetricsWriter
+from llama_jax.model import create
+
+Batch = dict[str, jax.Array]  # each [B, T] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a step changes. `params` is the pure dict of the model's nnx.Param values
+    (nnx.to_pure_dict(nnx.state(model, nnx.Param))), the layout of the params-only export."""
+
+    step: jax.Array  # int32 []: batches consumed so far
+    params: Any
+    opt_state: Any
+    skipped: jax.Array  # int32 []: updates skipped for a non-finite loss or gradient
+    bad_streak: jax.Array  # int32 []: consecutive skipped updates ending at `step`
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """The static part of a train step (hashable: one compilation per Step)."""
+
+    graphdef: Any  # nnx.GraphDef of the Llama, from nnx.split(model, nnx.Param)
+    tx: optax.GradientTransformation
+    schedule: Callable[[jax.Array], jax.Array]  # step -> learning rate, for logging only
+    z_loss: float = 0.0  # PaLM's auxiliary loss z_loss * log(Z)^2 (Chowdhery et al. 2022, §5)
+    microbatches: int = 1
+
+
+def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+    zero = lambda: jnp.zeros((), jnp.int32)  # noqa: E731 - distinct buffers: the state is donated
+    return TrainState(step=zero(), params=params, opt_state=tx.init(params), skipped=zero(),
+                      bad_streak=zero())
+
+
+def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0):
+    """Summed (not averaged) masked loss and (sum of cross-entropy, token count).
+
+    Sums rather than means so that microbatches and data-parallel shards combine by addition
+    and the final division by the total token count weights every token equally.
+    """
+    model = nnx.merge(graphdef, params)
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, T, V] f32
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    mask = batch["loss_mask"].astype(jnp.float32)
+    ce = jnp.sum((log_z - target_logit) * mask)
+    total = ce + z_loss * jnp.sum(jnp.square(log_z) * mask) if z_loss else ce
+    return total, (ce, jnp.sum(mask))
+
+
+def _loss_and_grad(s: Step):
+    """(params, batch) -> ((cross-entropy sum, tokens), grads of the summed loss with z-loss),
+    the form optim.accumulate_gradients weights by tokens."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def fn(params, batch):
+        (_, (ce, n)), grads = grad_fn(params, s.graphdef, batch, s.z_loss)
+        return (ce, n), grads
+    return fn
+
+
+@functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
+def train_step(state: TrainState, batch: Batch, s: Step) -> tuple[TrainState, dict]:
+    """One optimizer update on the token-weighted mean loss of `batch`; skips non-finite ones."""
+    (loss, n), grads = optim.accumulate_gradients(_loss_and_grad(s), state.params, batch,
+                                                  s.microbatches)
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    bad = (~ok).astype(jnp.int32)
+    new = TrainState(step=state.step + 1, params=keep(params, state.params),
+                     opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + bad,
+                     bad_streak=(state.bad_streak + 1) * bad)
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=s.schedule(state.step), tokens=n,
+                   skipped=bad, bad_streak=new.bad_streak)
+    return new, metrics
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def eval_step(params, batch: Batch, graphdef) -> tuple[jax.Array, jax.Array]:
+    """(sum of cross-entropy, token count) over the loss-masked tokens of `batch`."""
+    _, (ce, n) = loss_fn(params, graphdef, batch)
+    return ce, n
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop: run(config, workdir). Sections: checks, input, model and step, checkpoint, loop,
+# evals, export and sample.
+
+
+def run(config, workdir: str) -> TrainState:
+    """Trains `config` (an experiments/configs ConfigDict) in `workdir`, resuming if it can.
+
+    Everything that can be checked cheaply (tokenizer vs vocabulary, sequence length, batch vs
+    devices, another model's checkpoints in the workdir) is checked before anything compiles.
+    """
+    t_start = time.perf_counter()
+    model_config = ModelConfig.from_dict(config.model.to_dict())
+    tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer)
+    check(config, model_config, tokenizer)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = checkpoint.Manager(workdir, model_config, save_every=config.train.checkpoint_every,
+                              keep=config.train.keep_checkpoints, tokenizer_file=tokenizer_file)
+    dcfg = data_config(config.data)
+    shard = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                 max_seq_len=model_config.max_seq_len)
+    train_iter = iter(data.make_dataset(dcfg, tokenizer, split="train", **shard))
+    val_ds = data.make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
+
+    graphdef, params = nnx.split(create(model_config, config.train.seed), nnx.Param)
+    ocfg = optim_config(config)
+    tx = optim.make_optimizer(ocfg, params)
+    s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
+             microbatches=config.optim.microbatches)
+    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    state = jax.device_put(init_state(nnx.to_pure_dict(params), tx),
+                           NamedSharding(mesh, PartitionSpec()))
+    restored, start = ckpt.restore_latest(jax.tree.map(_abstract, state), train_iter)
+    if restored is not None:
+        state = restored
+        print(f"Resumed from step {start} in {ckpt.directory}.", flush=True)
+    put = functools.partial(jax.make_array_from_process_local_data,
+                            NamedSharding(mesh, PartitionSpec("data")))
+    writer = MetricsWriter(
+        workdir, total_steps=config.train.steps, start_step=start,
+        flops_per_token=flops.train_flops_per_token(model_config, dcfg.seq_len),
+        peak_tflops=flops.device_peak_tflops(cpu_peak_tflops=config.train.cpu_peak_tflops))
+    evaluate = functools.partial(_evaluate, graphdef=graphdef, ds=val_ds, put=put,
+                                 n_batches=config.train.eval_batches)
+    try:
+        state = _loop(config, state, s, ckpt, train_iter, put, writer, evaluate, start)
+    finally:
+        ckpt.close()
+        writer.close()
+    if int(state.step) >= config.train.steps and jax.process_index() == 0:
+        print(f"Trained {config.train.steps} steps in {time.perf_counter() - t_start:.0f}s.")
+        _finish(config, workdir, nnx.merge(graphdef, state.params), tokenizer, tokenizer_file)
+    return state
+
+
+def _loop(config, state, s, ckpt, train_iter, put, writer, evaluate, step):
+    """Steps to train.steps, or to the next step boundary after a SIGTERM (saved, returns).
+
+    Metrics of step k are read after step k+1 is dispatched, so logging never idles the device.
+    """
+    preempted = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: preempted.set()) if main else None
+    tokens_per_step = config.data.global_batch * config.data.seq_len
+    pending = None
+    try:
+        while step < config.train.steps and not preempted.is_set():
+            state, metrics = train_step(state, jax.tree.map(put, next(train_iter)), s)
+            step += 1
+            if pending:
+                _report(config, writer, *pending, tokens_per_step)
+            pending = (step, metrics)
+            ckpt.save(step, state, train_iter, force=step == config.train.steps)
+            if config.train.eval_every and step % config.train.eval_every == 0:
+                t = time.perf_counter()
+                eval_loss = evaluate(state.params)
+                writer.eval(step, {"eval_loss": eval_loss}, seconds=time.perf_counter() - t)
+        if pending:
+            _report(config, writer, *pending, tokens_per_step)
+        if preempted.is_set():
+            ckpt.save(step, state, train_iter, force=True)
+            ckpt.wait()
+            print(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting.", flush=True)
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+    return state
+
+
+def _report(config, writer, step, metrics, tokens_per_step):
+    metrics = jax.device_get(metrics)
+    if metrics["skipped"]:
+        logging.warning("Step %d: non-finite loss (%s) or gradient norm (%s); update skipped.",
+                        step, metrics["loss"], metrics["grad_norm"])
+    if metrics["bad_streak"] >= config.train.max_bad_steps:
+        raise FloatingPointError(
+            f"{int(metrics['bad_streak'])} consecutive steps up to step {step} had a non-finite "
+            f"loss or gradient; lower optim.peak_lr, check the data, or resume from an earlier "
+            f"checkpoint.")
+    if step % config.train.log_every == 0 or step == config.train.steps or metrics["skipped"]:
+        writer.train(step, metrics, tokens_per_step=tokens_per_step)
+
+
+def _evaluate(params, *, graphdef, ds, put, n_batches) -> float:
+    """Mean cross-entropy over the first n_batches of the held-out split (the same each time)."""
+    ce, n = 0.0, 0.0
+    for batch in itertools.islice(iter(ds), n_batches):
+        c, k = eval_step(params, jax.tree.map(put, batch), graphdef)
+        ce, n = ce + float(c), n + float(k)
+    return ce / max(n, 1.0)
+
+
+def _finish(config, workdir, model, tokenizer, tokenizer_file):
+    """Params-only export to workdir/export, and a greedy sample from the trained model."""
+    path = checkpoint.save_params(os.path.join(workdir, "export"), model,
+                                  tokenizer_path=tokenizer_file, overwrite=True)
+    print(f"Exported parameters to {path}.")
+    if config.train.sample_tokens:
+        prompt = tokenizer.encode(config.train.sample_prompt, bos=True, eos=False)
+        out = decode.generate(model, [prompt], config.train.sample_tokens)
+        text = tokenizer.decode(out.tokens[0, :out.lengths[0]])
+        print(f"Greedy sample:\n{config.train.sample_prompt}{text}", flush=True)
+
+
+def _abstract(x):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+
+
+# ----------------------------------------------------------------------------------------------
+# From the experiment config to the library's pieces.
+
+
+def make_tokenizer(spec: str):
+    """(tokenizer, file to store with checkpoints or None) for "byte" or a tokenizer.model path
+    (SentencePiece as in LLaMA 1/2 and tools/train_tokenizer.py, or Llama 3's tiktoken file)."""
+    if spec == "byte":
+        return data.ByteTokenizer(), None
+    return tokenizer_lib.load_tokenizer(spec), spec
+
+
+def data_config(c) -> data.DataConfig:
+    return data.DataConfig(name=c.name, files=c.files, jsonl_field=c.jsonl_field,
+                           seq_len=c.seq_len, global_batch=c.global_batch, seed=c.seed,
+                           data_dir=c.data_dir, shuffle=c.shuffle)
+
+
+def optim_config(config) -> optim.OptimConfig:
+    o = config.optim
+    return optim.OptimConfig(
+        learning_rate=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=config.train.steps,
+        end_lr_fraction=o.end_lr_fraction, b1=o.b1, b2=o.b2, eps=o.eps,
+        weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay_embeddings=o.decay_embeddings)
+
+
+def check(config, model_config: ModelConfig, tokenizer) -> None:
+    """One-sentence errors for a config that cannot train, raised before anything compiles."""
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
+                         f"vocab_size is {model_config.vocab_size}; raise model.vocab_size.")
+    data.check_config(config.data, process_count=jax.process_count(),
+                      max_seq_len=model_config.max_seq_len)
+    rows = config.data.global_batch
+    if rows % (config.optim.microbatches * jax.device_count()):
+        raise ValueError(f"data.global_batch {rows} must be a multiple of optim.microbatches × "
+                         f"devices = {config.optim.microbatches} × {jax.device_count()}.")
+    if config.train.steps <= config.optim.warmup_steps:
+        raise ValueError(f"train.steps {config.train.steps} must exceed optim.warmup_steps "
+                         f"{config.optim.warmup_steps}; lower the warmup or train longer.")

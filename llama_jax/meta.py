@@ -114,7 +114,11 @@ class MetaReader:
         tok = os.path.join(directory, "tokenizer.model")
         self.tokenizer = tok if os.path.isfile(tok) else None
         vocab = None
-        if params.get("vocab_size", -1) <= 0 and self.tokenizer:  # LLaMA 1 writes -1
+        if params.get("vocab_size", -1) <= 0:  # LLaMA 1 and 2 write -1: the tokenizer decides
+            if not self.tokenizer:
+                raise FileNotFoundError(
+                    f"{params_path} has vocab_size -1 and {tok} is missing; copy the model's "
+                    "tokenizer.model next to params.json.")
             from llama_jax.tokenizer import load_tokenizer
             vocab = load_tokenizer(self.tokenizer).vocab_size
         self.config = config_lib.from_meta_params(params, vocab_size=vocab)
@@ -215,9 +219,13 @@ def write_meta(directory: str, source, *, model_parallel: int = 1, dtype=None,
 # Loading into a model
 
 
+def np_dtype(name: str) -> np.dtype:
+    return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
+
+
 def stack_params(source, c: ModelConfig) -> dict:
     """Our pure-dict parameter tree (numpy, c.param_dtype) from a Hugging Face-layout source."""
-    dt = np.dtype(ml_dtypes.bfloat16) if c.param_dtype == "bfloat16" else np.dtype(c.param_dtype)
+    dt = np_dtype(c.param_dtype)
     params: dict = {"layers": {}}
     for name, path, _, _, to_ours in hf._global_tensors(c):
         node = params

@@ -136,3 +136,43 @@ def test_two_way_model_parallel(fairscale_world, tmp_path):
             assert torch.equal(shard[name], want), (name, r)
     assert_close(np.asarray(llama_jax.load(str(tmp_path / "meta2"))(jnp.asarray(TOKENS))),
                  ref_logits(model))
+
+
+_RANK_SCRIPT = r"""
+import json, os, sys
+import numpy as np, torch, torch.distributed as dist
+from fairscale.nn.model_parallel import initialize as fs_init
+from llama_models.llama3.args import ModelArgs
+from llama_models.llama3.model import Transformer
+ckpt, rank, port, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+fs_init.initialize_model_parallel(2)
+params = json.load(open(os.path.join(ckpt, "params.json")))
+model = Transformer(ModelArgs(max_seq_len=32, max_batch_size=2, **params))
+sd = torch.load(os.path.join(ckpt, f"consolidated.0{rank}.pth"), weights_only=True)
+missing, unexpected = model.load_state_dict(sd, strict=False)
+assert not unexpected and all(k.endswith(("cache_k", "cache_v")) for k in missing), missing
+logits = model(torch.as_tensor(np.load(out + ".tokens.npy")), start_pos=0).float().numpy()
+if rank == 0:
+    np.save(out, logits)
+"""
+
+
+@pytest.mark.slow
+def test_two_way_model_parallel_reference_processes(tmp_path):
+    """Meta's reference run as 2 model-parallel gloo processes on our 2-shard checkpoint gives
+    our logits."""
+    import subprocess
+    c = llama_jax.config.from_meta_params(PARAMS["llama3.1"])
+    ours = llama_jax.create(c, seed=7)
+    checkpoint.save_params(str(tmp_path / "orbax"), ours)
+    cc.convert(str(tmp_path / "orbax"), str(tmp_path / "meta"), to="meta", model_parallel=2,
+               embedding_split=0)
+    out = str(tmp_path / "logits.npy")
+    np.save(out + ".tokens.npy", TOKENS)
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(tmp_path / "meta"), str(r),
+                               port, out], stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errs = [p.communicate(timeout=120)[1] for p in procs]
+    assert all(p.returncode == 0 for p in procs), errs
+    assert_close(np.load(out), np.asarray(ours(jnp.asarray(TOKENS))))

@@ -131,8 +131,79 @@ def write_hf(directory: str, source, dtype=None, max_shard_bytes: int = 5 * 2**3
         json.dump(dict(bos_token_id=c.bos_id, eos_token_id=c.eos_id), f, indent=2)
 
 
+# --mesh: FSDP over "data" on the model dim D, tensor parallelism over heads, FFN and vocabulary
+# (Megatron-style); where a mesh axis does not divide a dimension, that dimension is replicated.
+MESH_RULES = {"embed": "data", "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
+              "vocab": "tensor"}
+
+
+def parse_mesh(spec: str):
+    """'data:2,tensor:4' -> a jax Mesh over the first 8 devices."""
+    import jax
+
+    try:
+        names, sizes = zip(*[(a, int(n)) for a, n in (p.split(":") for p in spec.split(","))])
+    except ValueError:
+        raise ValueError(f"--mesh={spec!r} is not of the form data:2,tensor:4.") from None
+    if set(names) - {"data", "tensor"} or int(np.prod(sizes)) > jax.device_count():
+        raise ValueError(f"--mesh={spec!r} needs axes among data, tensor and at most "
+                         f"{jax.device_count()} devices (jax.device_count()).")
+    return jax.make_mesh(sizes, names, axis_types=(jax.sharding.AxisType.Auto,) * len(names),
+                         devices=jax.devices()[:int(np.prod(sizes))])
+
+
+def _sharding(mesh, axes, shape):
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    if mesh is None:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    spec, used = [], set()
+    for axis, n in zip(axes, shape):
+        m = MESH_RULES.get(axis)
+        ok = m in mesh.shape and m not in used and n % mesh.shape[m] == 0
+        spec.append(m if ok else None)
+        used |= {m} if ok else set()
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def orbax_arrays(source, c: config_lib.ModelConfig, mesh=None) -> dict:
+    """Our parameter tree as jax Arrays placed on `mesh` (default: one device); each device's
+    shard is read from the source by itself, so no full array is ever gathered."""
+    import jax
+    from flax import nnx
+
+    from llama_jax import model as model_lib
+
+    variables = nnx.state(model_lib.abstract(c), nnx.Param)
+    dt = meta.np_dtype(c.param_dtype)
+    tree: dict = {}
+
+    def place(path, read):
+        var = hf._get(variables, path)
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = jax.make_array_from_callback(
+            tuple(var.shape), _sharding(mesh, var.axes, var.shape), read)
+
+    for name, path, _, _, to_ours in hf._global_tensors(c):
+        place(path, lambda idx, n=name, f=to_ours: np.asarray(f(source.get(n))[idx], dt))
+    for suffix, path, _, _, to_ours in hf._layer_tensors(c):
+        def read(idx, suffix=suffix, f=to_ours):
+            layers = range(c.n_layers)[idx[0]]
+            first = np.asarray(f(source.get(f"model.layers.{layers[0]}.{suffix}"))[idx[1:]], dt)
+            out = np.empty((len(layers), *first.shape), dt)
+            for j, i in enumerate(layers):  # filled layer by layer: no list of copies
+                out[j] = first if j == 0 else f(source.get(f"model.layers.{i}.{suffix}"))[idx[1:]]
+            return out
+        place(("layers", *path), read)
+    return tree
+
+
 def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str | None = None,
-            model_parallel: int = 1, overwrite: bool = False, embedding_split=None) -> str:
+            model_parallel: int = 1, overwrite: bool = False, embedding_split=None,
+            mesh: str | None = None) -> str:
     """Converts checkpoint directory `src` to format `to` in `dst`; returns dst."""
     if to not in FORMATS:
         raise ValueError(f"Unknown output format {to!r}; valid: {', '.join(FORMATS)}.")
@@ -140,6 +211,9 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
         raise ValueError(f"Unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}.")
     if model_parallel != 1 and to != "meta":
         raise ValueError("--model_parallel applies to Meta output only (--to=meta).")
+    if mesh is not None and to != "orbax":
+        raise ValueError("--mesh applies to Orbax output only (--to=orbax).")
+    mesh = parse_mesh(mesh) if mesh else None
     if os.path.exists(dst) and os.listdir(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; choose another --output "
                               "or pass --overwrite.")
@@ -148,7 +222,7 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
     if to == "orbax":
         dt_name = _DTYPE_NAMES[np.dtype(out_dt or source.dtype(source.names[0]))]
         c = source.config.replace(param_dtype=dt_name, dtype=dt_name)
-        params = meta.stack_params(source, c)
+        params = orbax_arrays(source, c, mesh)
         checkpoint.save_params(dst, params, config=c, tokenizer_path=source.tokenizer,
                                overwrite=True)
         return dst
@@ -163,6 +237,48 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
     return dst
 
 
+def benchmark_convert(size_gb: float = 1.0, workdir: str | None = None) -> list[dict]:
+    """Rows of MB/s and peak RSS (VmHWM, memory-mapped input pages included) converting a
+    random-init bf16 checkpoint of ~size_gb GB HF -> Orbax, HF -> Meta and Meta -> Orbax, each
+    in a fresh process. A temporary workdir is deleted afterwards; a given one keeps the input."""
+    import subprocess
+    import tempfile
+
+    own = workdir is None
+    workdir = workdir or tempfile.mkdtemp(prefix="bench-convert-")
+    d, f, v = 2048, 5632, 32000  # widths D, F of a ~1B model, 32k vocab; layers set the size
+    per_layer, fixed = (4 * d * d + 3 * d * f) * 2, 2 * v * d * 2
+    c = config_lib.ModelConfig(vocab_size=v, dim=d, n_layers=max(1, round(
+        (size_gb * 1e9 - fixed) / per_layer)), n_heads=16, n_kv_heads=16, ffn_dim=f)
+    hf_dir = os.path.join(workdir, "hf")
+    if not os.path.exists(hf_dir):
+        os.makedirs(hf_dir)
+        with open(os.path.join(hf_dir, "config.json"), "w") as fh:
+            json.dump(config_lib.to_hf_config(c, torch_dtype="bfloat16"), fh)
+        rng = np.random.default_rng(0)
+        specs = {n: (meta._hf_shape(c, n), DTYPES["bf16"]) for n in hf.tensor_names(c)}
+        hf._write_shards(hf_dir, specs, lambda n: (0.02 * rng.standard_normal(
+            specs[n][0], np.float32)).astype(DTYPES["bf16"]), 2 * 2**30)
+    size_mb = sum(os.path.getsize(os.path.join(hf_dir, x)) for x in os.listdir(hf_dir)) / 1e6
+    rows = []
+    try:
+        for name, src, dst, to in [("hf_to_orbax", "hf", "orbax_from_hf", "orbax"),
+                                   ("hf_to_meta", "hf", "meta", "meta"),
+                                   ("meta_to_orbax", "meta", "orbax_from_meta", "orbax")]:
+            out = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), f"--input={os.path.join(workdir, src)}",
+                 f"--output={os.path.join(workdir, dst)}", f"--to={to}", "--overwrite",
+                 "--report_memory"], capture_output=True, text=True, check=True)
+            r = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.append(dict(bench="convert", direction=name, size_mb=round(size_mb, 1),
+                             mb_per_s=round(size_mb / r["seconds"], 1),
+                             seconds=round(r["seconds"], 2), peak_rss_mb=round(r["peak_rss_mb"])))
+    finally:
+        if own:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="checkpoint directory to read")
@@ -172,12 +288,13 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPES), help="output dtype (default: as input)")
     p.add_argument("--model_parallel", type=int, default=1, help="Meta output shards")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--mesh", help="Orbax output sharded over this mesh, e.g. data:2,tensor:4")
     p.add_argument("--report_memory", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     start = time.perf_counter()
     try:
         convert(a.input, a.output, to=a.to, from_=a.from_, dtype=a.dtype,
-                model_parallel=a.model_parallel, overwrite=a.overwrite)
+                model_parallel=a.model_parallel, overwrite=a.overwrite, mesh=a.mesh)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         sys.exit(f"error: {e}")
     if a.report_memory:  # for benchmark_convert: the process's peak resident set

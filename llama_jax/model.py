@@ -23,6 +23,7 @@ N query heads, K kv heads, H head dim, V vocab, L layers.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import jax
@@ -42,6 +43,24 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
 }
+
+
+# Execution hooks for sharded steps (set by llama_jax.sharding while a step is traced, so they
+# apply to that trace only): `attention(q, k, v, positions, segment_ids)` replaces the no-cache
+# attention (context parallelism), `layers(model, x, positions, segment_ids)` runs the stacked
+# layers (pipeline parallelism). None = the plain single-program code below.
+_HOOKS: dict[str, Any] = dict(attention=None, layers=None)
+
+
+@contextlib.contextmanager
+def hooks(attention=None, layers=None):
+    """Routes the no-cache attention and/or the layer stack through other implementations."""
+    saved = dict(_HOOKS)
+    _HOOKS.update(attention=attention, layers=layers)
+    try:
+        yield
+    finally:
+        _HOOKS.update(saved)
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
@@ -115,7 +134,9 @@ class Attention(nnx.Module):
         k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if kv is None:
+        if kv is None and _HOOKS["attention"] is not None:
+            out, new_kv = _HOOKS["attention"](q, k, v, positions, segment_ids), None
+        elif kv is None:
             mask = attention.attention_mask(positions, segment_ids, positions, segment_ids)
             out, new_kv = attention.dot_product_attention(q, k, v, mask), None
         else:
@@ -194,7 +215,10 @@ class Llama(nnx.Module):
         new_cache, kv_pos, kv_seg = None, None, None
         if cache is not None:
             kv_pos, kv_seg = _update_slots(cache, positions, segment_ids)
-        x, new_kv = self._layers(x, positions, segment_ids, cache, kv_pos, kv_seg)
+        if cache is None and _HOOKS["layers"] is not None:
+            x, new_kv = _HOOKS["layers"](self, x, positions, segment_ids), None
+        else:
+            x, new_kv = self._layers(x, positions, segment_ids, cache, kv_pos, kv_seg)
         if cache is not None:
             new_cache = dict(k=new_kv[0], v=new_kv[1], pos=kv_pos, seg=kv_seg)
         x = self.norm(x)
@@ -203,10 +227,12 @@ class Llama(nnx.Module):
                             preferred_element_type=jnp.float32)
         return logits if cache is None else (logits, new_cache)
 
-    def _layers(self, x, positions, segment_ids, cache, kv_pos, kv_seg):
-        """Runs the L stacked layers, by lax.scan or unrolled, with the configured remat."""
+    def _layers(self, x, positions, segment_ids, cache, kv_pos, kv_seg, layers=None):
+        """Runs the L stacked layers, by lax.scan or unrolled, with the configured remat.
+        `layers` (a Block stacked over any number of layers) replaces self.layers: a pipeline
+        stage runs its own slice of the stack this way."""
         c = self.config
-        graphdef, params = nnx.split(self.layers)
+        graphdef, params = nnx.split(self.layers if layers is None else layers)
         inv_freq = rope_frequencies(c)
 
         def layer(x, layer_params, kv):
@@ -221,7 +247,7 @@ class Llama(nnx.Module):
                 return layer(x, *xs)
             return jax.lax.scan(body, x, (params, kvs))
         outs = []
-        for i in range(c.n_layers):
+        for i in range(jax.tree.leaves(params)[0].shape[0]):
             pick = lambda a: a[i]  # noqa: E731
             x, kv = layer(x, jax.tree.map(pick, params), jax.tree.map(pick, kvs))
             outs.append(kv)

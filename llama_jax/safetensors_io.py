@@ -56,7 +56,6 @@ class SafetensorsFile:
                 raise ValueError(
                     f"{path} is truncated: tensor {name} ends at byte {self._data_start + end} "
                     f"but the file has {size} bytes; re-download or re-convert it.")
-        self._mmap = None
 
     def keys(self) -> list[str]:
         return list(self._header)
@@ -68,13 +67,18 @@ class SafetensorsFile:
         return np.dtype(_DTYPES[self._header[name]["dtype"]])
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a read-only memory-mapped array (copy it to keep it)."""
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+        """The tensor as a read-only memory-mapped array (copy it to keep it).
+
+        Each tensor gets its own mapping, released with the array: one mapping of the whole
+        file would keep every page read so far resident (RSS near the file size by the end).
+        """
         info = self._header[name]
         begin, end = info["data_offsets"]
-        raw = self._mmap[self._data_start + begin:self._data_start + end]
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        dtype, shape = _DTYPES[info["dtype"]], tuple(info["shape"])
+        if begin == end:  # mmap cannot map zero bytes
+            return np.zeros(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", offset=self._data_start + begin,
+                         shape=shape)
 
 
 def write(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -38,12 +39,109 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llama_jax import attention
 from llama_jax import model as model_lib
 from llama_jax import sampling as sampling_lib
+from llama_jax.config import ModelConfig
 from llama_jax.sampling import SamplingParams
 
 MAX_STOP_IDS = 8  # stop ids are padded to this many (with -1) so their count does not recompile
-TRACES = {"generate": 0, "decode_step": 0}  # Python-side trace counters, read by tests
+TRACES = {"start": 0, "loop": 0, "decode_step": 0}  # Python-side trace counters, read by tests
+# The current generate() call's stream callback. The compiled loop calls `_stream` (one static
+# function, so a new callback does not recompile), which forwards here.
+_STREAM_TARGET: list[Callable | None] = [None]
+
+
+def _stream(step, tokens, lengths):
+    if _STREAM_TARGET[0] is not None:
+        _STREAM_TARGET[0](step, tokens, lengths)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["embed", "norm", "head",
+                                                                  "layers"], meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """The model's parameters laid out for decoding (`prepare(model)`), in the compute dtype.
+
+    The stacked [L, ...] layer parameters are split into one dict per layer: a layer's weight
+    slice inside a jitted loop is a copy on XLA:CPU (a third more memory traffic per token), a
+    separate buffer is not. Projections are 2-D so every matmul reads its weight as stored:
+    wq [D, N*H], wk / wv [D, K*H], wo [N*H, D], w_gate / w_up [D, F], w_down [F, D],
+    attn_norm / mlp_norm [D]. embed [V, D]; head [V, D] (the embedding when tied); norm [D].
+    """
+
+    config: ModelConfig
+    embed: jax.Array
+    norm: jax.Array
+    head: jax.Array
+    layers: tuple[dict[str, jax.Array], ...]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _split_layers(graphdef, state):
+    model = nnx.merge(graphdef, state)
+    c = model.config
+    dt = jnp.dtype(c.dtype)
+    a, m = model.layers.attn, model.layers.mlp
+    stacked = dict(
+        attn_norm=model.layers.attn_norm.scale[...], mlp_norm=model.layers.mlp_norm.scale[...],
+        wq=a.wq[...].reshape(c.n_layers, c.dim, -1), wk=a.wk[...].reshape(c.n_layers, c.dim, -1),
+        wv=a.wv[...].reshape(c.n_layers, c.dim, -1), wo=a.wo[...].reshape(c.n_layers, -1, c.dim),
+        w_gate=m.w_gate[...], w_up=m.w_up[...], w_down=m.w_down[...])
+    layers = tuple({k: w[i].astype(dt) for k, w in stacked.items()} for i in range(c.n_layers))
+    head = model.embed[...] if c.tie_embeddings else model.lm_head[...].T
+    return model.embed[...].astype(dt), model.norm.scale[...].astype(dt), head.astype(dt), layers
+
+
+def prepare(model: model_lib.Llama) -> Weights:
+    """The decoding layout of a model's parameters (a copy; shardings carry over)."""
+    embed, norm, head, layers = _split_layers(*nnx.split(model))
+    return Weights(model.config, embed, norm, head, layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward pass over the cache.
+
+
+def _rms_norm(x, scale, eps):
+    """As model.RMSNorm: normalise in float32, scale in the compute dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * scale
+
+
+def forward(w: Weights, tokens, positions, segments, cache):
+    """The model on tokens [B, T] at positions [B, T] over the cache: (logits [B, T, V] f32, cache).
+
+    Each real token's k/v goes to slot = its position in place (segment 0, padding, is not
+    written); the math is model.Llama's, layers unrolled over `Weights.layers`.
+    """
+    c, (b, t) = w.config, tokens.shape
+    n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
+    slots = jnp.where(segments != 0, positions, cache["pos"].shape[1])  # S: dropped
+    rows = jnp.arange(b)[:, None]
+    kv_pos = cache["pos"].at[rows, slots].set(positions, mode="drop")
+    kv_seg = cache["seg"].at[rows, slots].set(segments, mode="drop")
+    mask = attention.attention_mask(positions, segments, kv_pos, kv_seg)
+    inv_freq = model_lib.rope_frequencies(c)
+    ck, cv = cache["k"], cache["v"]
+    x = jnp.take(w.embed, tokens, axis=0)
+    for i, p in enumerate(w.layers):
+        with jax.named_scope(f"layer_{i}"):
+            y = _rms_norm(x, p["attn_norm"], c.norm_eps)
+            q = model_lib.apply_rope((y @ p["wq"]).reshape(b, t, n, h), positions, inv_freq)
+            kk = model_lib.apply_rope((y @ p["wk"]).reshape(b, t, k, h), positions, inv_freq)
+            ck = ck.at[i, rows, slots].set(kk.astype(ck.dtype), mode="drop")
+            cv = cv.at[i, rows, slots].set((y @ p["wv"]).reshape(b, t, k, h).astype(cv.dtype),
+                                           mode="drop")
+            out = attention.dot_product_attention(q, ck[i].astype(x.dtype), cv[i].astype(x.dtype),
+                                                  mask)
+            x = x + out.reshape(b, t, n * h) @ p["wo"]
+            y = _rms_norm(x, p["mlp_norm"], c.norm_eps)
+            x = x + (jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])) @ p["w_down"]
+    x = _rms_norm(x, w.norm, c.norm_eps)
+    logits = jnp.einsum("btd,vd->btv", x, w.head, preferred_element_type=jnp.float32)
+    return logits, dict(k=ck, v=cv, pos=kv_pos, seg=kv_seg)
 
 
 @jax.tree_util.register_dataclass
@@ -95,16 +193,15 @@ def bucket(n: int, minimum: int = 16) -> int:
 # The pure steps.
 
 
-def prefill(graphdef, params, tokens, lengths, cache):
-    """Runs the prompts tokens [B, P] (right-padded; lengths [B] real tokens) through the model.
+def prefill(weights: Weights, tokens, lengths, cache):
+    """Runs the prompts tokens [B, P] (right-padded; lengths [B] real tokens) in one pass.
 
     Returns the logits [B, V] of each row's last real token and the cache holding the prompts.
     """
-    model = nnx.merge(graphdef, params)
     b, p = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     segments = (positions < lengths[:, None]).astype(jnp.int32)
-    logits, cache = model(tokens, positions, segments, cache=cache)
+    logits, cache = forward(weights, tokens, positions, segments, cache)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
     return last[:, 0], cache
 
@@ -125,13 +222,12 @@ def _emit(state: DecodeState, tok, logprob, stop_ids, max_new) -> DecodeState:
         lengths=lengths, tokens=tokens, logprobs=logprobs)
 
 
-def _decode_step(graphdef, params, state: DecodeState, sampling, stop_ids, max_new):
+def _decode_step(weights: Weights, state: DecodeState, sampling, stop_ids, max_new):
     """Feeds each row's last token at its position, samples and records the next token."""
     TRACES["decode_step"] += 1
-    model = nnx.merge(graphdef, params)
     b = state.last.shape[0]
-    logits, cache = model(state.last[:, None], state.position[:, None],
-                          jnp.ones((b, 1), jnp.int32), cache=state.cache)
+    logits, cache = forward(weights, state.last[:, None], state.position[:, None],
+                            jnp.ones((b, 1), jnp.int32), state.cache)
     key = jax.random.fold_in(state.key, state.step)
     tok, logprob = sampling_lib.sample(logits[:, 0], key, **sampling)
     position = state.position + (~state.done).astype(jnp.int32)
@@ -140,41 +236,52 @@ def _decode_step(graphdef, params, state: DecodeState, sampling, stop_ids, max_n
 
 
 # One decode step on its own (for callers that drive the loop from the host, e.g. servers).
-decode_step = jax.jit(_decode_step, static_argnums=0, donate_argnames="state")
+decode_step = jax.jit(_decode_step, donate_argnames="state")
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "n_buffer", "mesh",
-                                             "stream"))
-def _generate(graphdef, params, tokens, lengths, key, sampling, stop_ids, max_new, *,
-              cache_len, n_buffer, mesh=None, stream=None):
-    TRACES["generate"] += 1
-    config = nnx.merge(graphdef, params).config
-    b = tokens.shape[0]
+@functools.partial(jax.jit, static_argnames=("cache_len", "n_buffer", "mesh"))
+def start(weights: Weights, tokens, lengths, key, sampling, stop_ids, max_new, *,
+          cache_len: int, n_buffer: int, mesh=None) -> DecodeState:
+    """A fresh cache, prefill, and the first token: the state the decode loop starts from.
+
+    tokens [B, P] right-padded prompts with lengths [B]; key the run's PRNG key; sampling the
+    `SamplingParams.arrays()`; stop_ids [MAX_STOP_IDS] (-1 unused); max_new [] the tokens to
+    emit per row, at most n_buffer; cache_len the slots S (>= longest prompt + max_new).
+    """
+    TRACES["start"] += 1
+    config, b = weights.config, tokens.shape[0]
     cache = model_lib.init_cache(config, b, cache_len)
     if mesh is not None:
         cache = jax.lax.with_sharding_constraint(cache, cache_shardings(mesh, config))
-    logits, cache = prefill(graphdef, params, tokens, lengths, cache)
+    logits, cache = prefill(weights, tokens, lengths, cache)
     tok, logprob = sampling_lib.sample(logits, jax.random.fold_in(key, 0), **sampling)
     state = DecodeState(
         cache=cache, last=tok, position=lengths.astype(jnp.int32), step=jnp.int32(0),
         done=jnp.zeros((b,), bool), lengths=jnp.zeros((b,), jnp.int32),
         tokens=jnp.zeros((b, n_buffer), jnp.int32),
         logprobs=jnp.zeros((b, n_buffer), jnp.float32), key=key)
-    state = _emit(state, tok, logprob, stop_ids, max_new)
-    if stream is not None:
-        jax.debug.callback(stream, state.step, state.last, state.lengths, ordered=True)
+    return _emit(state, tok, logprob, stop_ids, max_new)
+
+
+@functools.partial(jax.jit, static_argnames=("stream",), donate_argnames=("state",))
+def loop(weights: Weights, state: DecodeState, sampling, stop_ids, max_new, *,
+         stream: bool = False) -> DecodeState:
+    """decode_step in a while_loop until every row is done or max_new tokens are emitted.
+
+    stream: call the host after every step (jax.debug.callback; costs a round trip per token).
+    """
+    TRACES["loop"] += 1
 
     def cond(s):
         return (s.step < max_new) & ~jnp.all(s.done)
 
     def body(s):
-        s = _decode_step(graphdef, params, s, sampling, stop_ids, max_new)
-        if stream is not None:
-            jax.debug.callback(stream, s.step, s.last, s.lengths, ordered=True)
+        s = _decode_step(weights, s, sampling, stop_ids, max_new)
+        if stream:
+            jax.debug.callback(_stream, s.step, s.last, s.lengths, ordered=True)
         return s
 
-    state = jax.lax.while_loop(cond, body, state)
-    return state.tokens, state.logprobs, state.lengths
+    return jax.lax.while_loop(cond, body, state)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -256,18 +363,25 @@ def check_inputs(config, prompts, max_new_tokens, sampling, stop_ids, max_len) -
     sampling.validate(config.vocab_size)
 
 
-def generate(model: model_lib.Llama, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate(model: model_lib.Llama | Weights, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), *, seed: int = 0,
              stop_ids: Sequence[int] | None = None, max_len: int | None = None, mesh=None,
-             stream: Callable | None = None) -> GenerateOutput:
+             stream: Callable | None = None, timings: dict | None = None) -> GenerateOutput:
     """Generates up to max_new_tokens after each prompt (lists of token ids, any lengths).
+
+    model: a Llama, or its `prepare`d Weights (prepare once to skip the copy on every call).
 
     stop_ids: tokens that end a row (emitted, then the row stops); default the config's EOS.
     max_len: cache slots allowed (default config.max_seq_len).
-    mesh: a (data, tensor) mesh from make_mesh; pass a model placed with shard(model, mesh).
+    mesh: a (data, tensor) mesh from make_mesh: a Llama is placed on it with shard(); Weights
+      must come from prepare(shard(model, mesh)). The batch is padded to fill the data axis.
     stream: called on the host after every step as stream(step, tokens [B], lengths [B]); the
       rows with lengths == step emitted tokens[b] at that step.
+    timings: if a dict, filled with seconds: ttft (prefill and first token) and decode (the
+      rest); the host then waits for the prefill before starting the loop.
     """
+    if not isinstance(model, Weights):
+        model = prepare(model if mesh is None else shard(model, mesh))
     config = model.config
     stop_ids = [config.eos_id] if stop_ids is None else list(stop_ids)
     max_len = max_len or config.max_seq_len
@@ -285,10 +399,22 @@ def generate(model: model_lib.Llama, prompts: Sequence[Sequence[int]], max_new_t
         tokens, lengths = jax.device_put(tokens, rows), jax.device_put(lengths, rows)
     stops = np.full((MAX_STOP_IDS,), -1, np.int32)
     stops[:len(stop_ids)] = stop_ids
-    graphdef, params = nnx.split(model)
-    out = _generate(graphdef, params, tokens, lengths, jax.random.PRNGKey(seed),
-                    sampling.arrays(), jnp.asarray(stops), jnp.int32(max_new_tokens),
-                    cache_len=min(p + n, max_len), n_buffer=n, mesh=mesh, stream=stream)
-    toks, logprobs, lens = jax.device_get(out)
+    args = (sampling.arrays(), jnp.asarray(stops), jnp.int32(max_new_tokens))
+    t0 = time.perf_counter()
+    state = start(model, tokens, lengths, jax.random.PRNGKey(seed), *args,
+                  cache_len=min(p + n, max_len), n_buffer=n, mesh=mesh)
+    if stream is not None or timings is not None:
+        jax.block_until_ready(state)
+        t1 = time.perf_counter()
+    if stream is not None:
+        stream(*jax.device_get((state.step, state.last, state.lengths)))
+    _STREAM_TARGET[0] = stream
+    try:
+        state = loop(model, state, *args, stream=stream is not None)
+        toks, logprobs, lens = jax.device_get((state.tokens, state.logprobs, state.lengths))
+    finally:
+        _STREAM_TARGET[0] = None
+    if timings is not None:
+        timings.update(ttft=t1 - t0, decode=time.perf_counter() - t1)
     return GenerateOutput(toks[:n_rows, :max_new_tokens], logprobs[:n_rows, :max_new_tokens],
                           lens[:n_rows])

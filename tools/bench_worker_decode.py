@@ -1,0 +1,129 @@
+"""Decode throughput of llama_jax: a peer_decode.py worker, and `benchmark_decode` for a table.
+
+As a worker of ../shared/bench/peer_decode.py (its README: the job arrives in PEERBENCH_DECODE,
+the checkpoint is the harness's Hugging Face directory, loaded with `llama_jax.load`):
+
+    ~/.cache/peerbench/refvenv/bin/python ../shared/bench/peer_decode.py \
+        --worker "ours=.venv/bin/python tools/bench_worker_decode.py"
+    PEERBENCH_TURNS=2 PEERBENCH_STEPS=2 .venv/bin/python tools/bench_worker_decode.py  # standalone
+
+Without PEERBENCH_DECODE the worker decodes random prompts with a random `bench` model.
+Table mode, batch 1 and 8, f32 and bf16, next to the memory-bandwidth roofline:
+
+    .venv/bin/python tools/bench_worker_decode.py --table
+
+Times (generate's `timings`): ttft = prefill plus the first token; decode = the other
+new - 1 tokens. Each step is one greedy `decode.generate` of all prompts, no EOS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import llama_jax
+from llama_jax import decode
+
+
+def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
+    """GB/s of an in-place jitted `x + 1` over `mbytes` MiB (read + write counted)."""
+    x = jnp.zeros((mbytes * 2**20 // 4,), jnp.float32)
+    step = jax.jit(lambda a: a + 1, donate_argnums=0)
+    x = step(x).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x = step(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * x.nbytes / best / 1e9
+
+
+def roofline(config, batch: int, ctx: int, bytes_per_value: int, bandwidth_gbs: float) -> dict:
+    """Bytes one decode step must read (every weight once, one embedding row per sequence, the
+    K/V of ctx tokens per sequence) and the tokens/s that bandwidth allows."""
+    c = config
+    layer = c.dim * (c.n_heads + c.n_kv_heads) * c.head_dim * 2 + 3 * c.dim * c.ffn_dim + 2 * c.dim
+    weights = (c.n_layers * layer + c.vocab_size * c.dim + c.dim + batch * c.dim) * bytes_per_value
+    kv = batch * 2 * c.n_layers * c.n_kv_heads * c.head_dim * ctx * bytes_per_value
+    return {"bytes_per_step": weights + kv, "weight_bytes": weights, "kv_bytes": kv,
+            "roofline_tok_s": batch * bandwidth_gbs * 1e9 / (weights + kv)}
+
+
+def timed_generate(weights, prompts, new_tokens):
+    """One greedy generation without stop ids: (output, ttft seconds, decode seconds)."""
+    timings = {}
+    out = decode.generate(weights, prompts, new_tokens, stop_ids=[], timings=timings)
+    return out, timings["ttft"], timings["decode"]
+
+
+def benchmark_decode(config, batch: int, prompt_len: int, new_tokens: int, dtype: str,
+                     *, repeats: int = 5, bandwidth_gbs: float | None = None,
+                     model=None) -> dict:
+    """Greedy decode of `batch` random prompts of `prompt_len` tokens, `new_tokens` each.
+
+    Returns medians of ttft_ms, decode_tok_s (tokens after the first), e2e_tok_s, and the
+    roofline at the measured (or given) memory bandwidth with context prompt + new / 2.
+    """
+    model = llama_jax.create(config) if model is None else model
+    weights = decode.prepare(decode.with_dtype(model, dtype))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(3, config.vocab_size, size=(batch, prompt_len)).tolist()
+    timed_generate(weights, prompts, new_tokens)  # compile and warm up
+    runs = [timed_generate(weights, prompts, new_tokens)[1:] for _ in range(repeats)]
+    ttft, dec = np.median([r[0] for r in runs]), np.median([r[1] for r in runs])
+    bw = bandwidth_gbs or measure_bandwidth()
+    roof = roofline(config, batch, prompt_len + new_tokens // 2, jnp.dtype(dtype).itemsize, bw)
+    dec_tok_s = batch * (new_tokens - 1) / dec
+    return {"bench": "decode", "batch": batch, "prompt": prompt_len, "new": new_tokens,
+            "dtype": dtype, "ttft_ms": 1000 * ttft, "decode_tok_s": dec_tok_s,
+            "e2e_tok_s": batch * new_tokens / (ttft + dec), "bandwidth_gbs": bw,
+            "roofline_tok_s": roof["roofline_tok_s"],
+            "frac_of_roofline": dec_tok_s / roof["roofline_tok_s"],
+            "bytes_per_step": roof["bytes_per_step"], "device": jax.devices()[0].device_kind}
+
+
+def worker():
+    """The peerproto decode worker (see the module docstring)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "shared", "bench"))
+    import peerproto  # noqa: PLC0415 - lives beside the harness, on PYTHONPATH when it runs us
+
+    prec = os.environ.get("PEERBENCH_PRECISION", "f32")
+    dtype = "float32" if prec == "f32" else "bfloat16"
+    job = json.loads(os.environ.get("PEERBENCH_DECODE", "null") or "null")
+    if job is None:  # standalone: a random bench model
+        config = llama_jax.get_config("bench")
+        model = llama_jax.create(config)
+        rng = np.random.default_rng(0)
+        job = {"new": 128, "prompts": rng.integers(3, config.vocab_size, (1, 64)).tolist()}
+    else:
+        model = llama_jax.load(job["ckpt"])
+    weights = decode.prepare(decode.with_dtype(model, dtype))
+    gate = peerproto.Gate(warmup_steps=int(os.environ.get("PEERBENCH_WARMUP", "1")),
+                          info={"system": "llama-jax", "precision": prec,
+                                "kv_bytes": jnp.dtype(dtype).itemsize})
+    while True:
+        gate.before_step()
+        out, ttft, dec = timed_generate(weights, job["prompts"], job["new"])
+        gate.after_step(extra={"ttft": ttft, "decode": dec, "tokens": out.ids(0)})
+
+
+def table():
+    config = llama_jax.get_config("bench")
+    bw = measure_bandwidth()
+    model = llama_jax.create(config)
+    print(json.dumps({"bandwidth_gbs": round(bw, 1)}), flush=True)
+    for dtype in ("float32", "bfloat16"):
+        for batch in (1, 8):
+            r = benchmark_decode(config, batch, 64, 128, dtype, bandwidth_gbs=bw, model=model)
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in r.items()}), flush=True)
+
+
+if __name__ == "__main__":
+    table() if "--table" in sys.argv else worker()

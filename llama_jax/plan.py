@@ -1,0 +1,313 @@
+"""Plan a training run before booking the machine: compile the real sharded train step for a
+target ahead of time and report memory per device, FLOPs and a roofline step time.
+
+    config = plan.load_config("experiments/configs/llama3_8b.py", ["--config.mesh.tensor=4"])
+    report = plan.plan(config, "v5p:4x4x4")          # a dict; plan.format_report(report)
+
+Nothing is allocated: the train state and batch are ShapeDtypeStructs (`eval_shape`) carrying
+the shardings of llama_jax.sharding, and `jax.jit(step).lower(...).compile()` runs XLA's real
+SPMD partitioner and buffer assignment for the target:
+- TPU: devices of a libtpu topology description, compiled by the TPU compiler itself.
+- GPU (nodes of 8 H100 / H200): simulated devices of the CPU backend in a subprocess, so an
+  estimate: the shapes, shardings and collectives are the real program's, XLA:GPU's fusions and
+  buffer reuse are not. Over 256 GPUs the data axis is compiled smaller with the same rows per
+  data rank; parameter and optimizer bytes are still computed for the full mesh.
+- cpu:N: simulated CPU devices, in this process when it has exactly N.
+
+Per-device bytes: parameters and optimizer state from their shard shapes; "temporaries" are
+XLA's temp allocation (activations kept for the backward pass, gathered weights, gradients in
+flight); total = arguments + outputs − donated aliases + temporaries (memory_analysis()).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AbstractMesh, NamedSharding
+
+from llama_jax import flops, hardware, hlo_cost, optim, sharding, train
+from llama_jax import model as model_lib
+from llama_jax.config import ModelConfig
+
+MAX_SIMULATED = 256  # CPU devices compiled at once for GPU targets (see _simulated_mesh)
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+# ----------------------------------------------------------------------------------------------
+# Config: the experiment file plus --config.a.b=value overrides, with a mesh section.
+
+
+def load_config(path: str, overrides=()):
+    """The ConfigDict of `path[:arg]` with overrides applied; adds a default `mesh` section
+    (sharding.MeshConfig) when the file has none."""
+    path, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("plan_config", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    with config.unlocked():
+        if "mesh" not in config:
+            config.mesh = dict(vars(sharding.MeshConfig()))
+    for item in overrides:
+        set_value(config, item)
+    return config
+
+
+def set_value(config, item: str) -> None:
+    """Applies one `--config.a.b=value` (or `a.b=value`), parsed as the field's current type."""
+    key, sep, raw = item.removeprefix("--").removeprefix("config.").partition("=")
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    if not sep or leaf not in node:
+        raise ValueError(f"Unknown config override {item!r}; use --config.SECTION.FIELD=VALUE "
+                         f"with a field of the config file.")
+    old = node[leaf]
+    if isinstance(old, bool):
+        value = raw.lower() in ("1", "true", "yes")
+    elif isinstance(old, (int, float)) and not isinstance(old, bool):
+        value = type(old)(float(raw)) if isinstance(old, int) and "." not in raw else float(raw)
+    else:
+        value = raw
+    with config.unlocked():
+        node[leaf] = value
+
+
+# ----------------------------------------------------------------------------------------------
+# The abstract train state, batch and the jitted sharded step for one mesh.
+
+
+def build(config, mesh, mc: sharding.MeshConfig):
+    """(jitted step, abstract state, abstract batch, logical axes) for `mesh`; nothing allocated."""
+    mcfg = ModelConfig.from_dict(config.model.to_dict())
+    abstract_model = model_lib.abstract(mcfg)
+    graphdef, params = nnx.split(abstract_model, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    axes = model_lib.logical_axes(abstract_model)
+    ocfg = train.optim_config(config)
+    tx = optim.make_optimizer(ocfg, axes)
+    state = jax.eval_shape(lambda p: train.init_state(p, tx), params)
+    s = train.Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
+                   microbatches=config.optim.microbatches)
+    step = sharding.jit_step(lambda st, b: train.train_step(st, b, s), mesh, mc, state, axes)
+    shardings = sharding.state_shardings(state, axes, mesh, mc.fsdp)
+    state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                         state, shardings)
+    rows, t = config.data.global_batch, config.data.seq_len
+    batch = {k: jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=sharding.batch_sharding(mesh))
+             for k in BATCH_KEYS}
+    return step, state, batch, axes
+
+
+def shard_bytes(tree, axes, mesh, fsdp: bool) -> int:
+    """Bytes per device of a tree of abstract arrays placed by the sharding rules on `mesh`."""
+    shardings = sharding.state_shardings(tree, axes, mesh, fsdp)
+    sizes = jax.tree.map(lambda a, sh: math.prod(sh.shard_shape(a.shape)) * a.dtype.itemsize,
+                         tree, shardings)
+    return int(sum(jax.tree.leaves(sizes)))
+
+
+def check_layout(config, mesh, mc) -> None:
+    """Sharding's and the trainer's one-sentence errors for a layout, before compiling."""
+    mcfg = ModelConfig.from_dict(config.model.to_dict())
+    sharding.check(mc, mesh, mcfg, config.data.seq_len, config.data.global_batch)
+    rows_per_rank = config.data.global_batch // mesh.shape["data"]
+    if rows_per_rank % config.optim.microbatches:
+        raise ValueError(f"{rows_per_rank} rows per data rank do not split into "
+                         f"optim.microbatches = {config.optim.microbatches}; pick a divisor.")
+
+
+# ----------------------------------------------------------------------------------------------
+# One compile on the devices of this process (or of a TPU topology).
+
+
+def compile_on(config, devices, target: hardware.Target, full_shape=None) -> dict:
+    """Compiles the step on `devices` and measures it; `full_shape` (the target's mesh sizes)
+    when `devices` is a reduced stand-in (GPU targets over MAX_SIMULATED devices)."""
+    mc = sharding.from_config(config.mesh)
+    mesh = sharding.make_mesh(mc, devices)
+    check_layout(config, mesh, mc)
+    step, state, batch, axes = build(config, mesh, mc)
+    full = AbstractMesh(tuple(full_shape or mesh.axis_sizes), sharding.AXES)
+    out = dict(params=shard_bytes(state.params, axes, full, mc.fsdp),
+               optimizer=shard_bytes(state.opt_state, axes, full, mc.fsdp))
+    t0 = time.perf_counter()
+    try:
+        with jax.set_mesh(mesh):
+            compiled = step.lower(state, batch).compile()
+    except Exception as e:  # XLA refuses programs that exceed a TPU's HBM
+        if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():
+            raise
+        return dict(out, compile_error=str(e).strip().splitlines()[0][:400],
+                    compile_s=time.perf_counter() - t0)
+    out["compile_s"] = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    out.update(temporaries=int(mem.temp_size_in_bytes), arguments=int(mem.argument_size_in_bytes),
+               outputs=int(mem.output_size_in_bytes), aliased=int(mem.alias_size_in_bytes))
+    ca = compiled.cost_analysis()
+    ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+    out["xla_cost_analysis_flops"] = float(ca.get("flops", 0.0))
+    cost = hlo_cost.analyse(compiled.as_text(), _domains(mesh, target))
+    out.update(hlo_flops=cost.flops, hbm_bytes=cost.hbm_bytes, fast_bytes=cost.fast_bytes,
+               slow_bytes=cost.slow_bytes, collectives=cost.collectives,
+               compiled_mesh=dict(zip(sharding.AXES, mesh.axis_sizes)))
+    return out
+
+
+def _domains(mesh, target: hardware.Target) -> list[int]:
+    """Slow-link domain of each logical device id (mesh order): TPU slice or GPU node."""
+    flat = list(mesh.devices.flat)
+    if target.device.platform == "tpu":
+        return [getattr(d, "slice_index", 0) or 0 for d in flat]
+    order = {d.id: i for i, d in enumerate(sorted(flat, key=lambda d: d.id))}
+    return [order[d.id] // hardware.GPUS_PER_NODE for d in flat]
+
+
+def _simulated_mesh(config, target: hardware.Target) -> tuple[int, tuple]:
+    """(devices to simulate, full mesh sizes): over MAX_SIMULATED, shrink the data axis by k
+    and the global batch with it, so every device keeps its rows and its model shards."""
+    mc = sharding.from_config(config.mesh)
+    full = sharding.mesh_shape(mc, target.n_devices)
+    n, k = target.n_devices, 1
+    while n // k > MAX_SIMULATED and full[0] % (2 * k) == 0:
+        k *= 2
+    with config.unlocked():
+        config.mesh.data = full[0] // k
+        config.data.global_batch //= k
+    return n // k, full
+
+
+# ----------------------------------------------------------------------------------------------
+# Plans: a compile per layout (in a subprocess unless this process has the devices), the
+# roofline on the target's numbers, and the report.
+
+
+def cpu_device(config) -> hardware.Device:
+    """This machine's CPU as a planning target (peak from config.train.cpu_peak_tflops)."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return hardware.Device("CPU (simulated devices)", "cpu", config.train.cpu_peak_tflops * 1e12,
+                           mem, 20e9, 10e9, 1, 10e9, "node", "host CPU; peak from the config")
+
+
+def plan(config, target_name: str) -> dict:
+    """The plan of `config` (its mesh section) on the target; see format_report."""
+    return plan_many(config, target_name, [[]])[0]
+
+
+def plan_many(config, target_name: str, layouts) -> list[dict]:
+    """Plans of `config` with each list of overrides in `layouts`, compiled in one process."""
+    target = hardware.parse_target(target_name, cpu_device(config))
+    in_process = (target.device.platform == "tpu" or
+                  (target.device.platform == "cpu" and jax.device_count() == target.n_devices
+                   and jax.devices()[0].platform == "cpu"))
+    if in_process:
+        return [_plan_one(config, target, overrides) for overrides in layouts]
+    n = min(target.n_devices, MAX_SIMULATED)
+    request = json.dumps(dict(config=config.to_json(), target=target_name, layouts=layouts))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"))
+    proc = subprocess.run([sys.executable, "-m", "llama_jax.plan"], input=request, text=True,
+                          capture_output=True, env=env)
+    if proc.returncode:
+        raise RuntimeError(f"the planning subprocess failed: {proc.stderr.strip()[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _plan_one(config, target: hardware.Target, overrides) -> dict:
+    config = load_config_copy(config)
+    for item in overrides:
+        set_value(config, item)
+    mc = sharding.from_config(config.mesh)
+    full = sharding.mesh_shape(mc, target.n_devices)  # raises if the sizes do not match
+    if target.device.platform == "tpu":
+        devices = hardware.tpu_devices(target.topology, target.slices)
+        n_sim, stand_in = target.n_devices, None
+    else:
+        n_sim, stand_in = _simulated_mesh(config, target)
+        devices = jax.devices()[:n_sim]
+        config.mesh.data = -1 if n_sim == target.n_devices else config.mesh.data
+    try:
+        measured = compile_on(config, devices, target, full)
+    except ValueError as e:  # a layout the sharding rules reject: reported, not raised
+        measured = dict(invalid=str(e))
+    if stand_in is not None and n_sim != target.n_devices:
+        with config.unlocked():
+            config.data.global_batch *= target.n_devices // n_sim
+    return report(config, target, full, measured, overrides)
+
+
+def load_config_copy(config):
+    import ml_collections
+    c = ml_collections.ConfigDict(config.to_dict())
+    return c
+
+
+def report(config, target: hardware.Target, full_shape, m: dict, overrides) -> dict:
+    """Memory, FLOPs and roofline of one compiled layout as a JSON-able dict."""
+    mcfg = ModelConfig.from_dict(config.model.to_dict())
+    rows, t = config.data.global_batch, config.data.seq_len
+    dev, n = target.device, target.n_devices
+    capacity = dev.hbm_bytes / target.devices_per_chip
+    out = dict(config=mcfg.name, target=target.name, device=dev.name, devices=n,
+               estimate=target.estimate, overrides=list(overrides),
+               mesh=dict(zip(sharding.AXES, full_shape)), remat=mcfg.remat,
+               global_batch=rows, seq_len=t, microbatches=config.optim.microbatches,
+               pipeline_microbatches=config.mesh.microbatches)
+    if "invalid" in m:
+        return dict(out, fits=False, reason=f"invalid layout: {m['invalid']}")
+    analytic = flops.train_flops_per_token(mcfg, t) * rows * t / n
+    mem = dict(params=m["params"], optimizer=m["optimizer"], capacity=capacity)
+    if "compile_error" in m:
+        total = m["params"] + m["optimizer"]
+        return dict(out, memory=mem, fits=False, analytic_flops=analytic, reason=(
+            f"the compiler ran out of device memory ({m['compile_error']})"))
+    total = m["arguments"] + m["outputs"] - m["aliased"] + m["temporaries"]
+    mem.update(temporaries=m["temporaries"], other=total - m["params"] - m["optimizer"]
+               - m["temporaries"], total=total)
+    fits = total <= capacity
+    rl = hardware.roofline(dev, flops=m["hlo_flops"], hbm_bytes=m["hbm_bytes"],
+                           fast_bytes=m["fast_bytes"], slow_bytes=m["slow_bytes"],
+                           devices_per_chip=target.devices_per_chip)
+    peak = dev.peak_flops / target.devices_per_chip
+    out.update(memory=mem, fits=fits, compile_s=round(m["compile_s"], 1),
+               compiled_mesh=m["compiled_mesh"],
+               flops=dict(compiler=m["hlo_flops"], analytic=analytic,
+                          xla_cost_analysis=m["xla_cost_analysis_flops"]),
+               roofline=dict(compute_s=rl.compute_s, hbm_s=rl.hbm_s, comm_s=rl.comm_s,
+                             step_s=rl.step_s, serial_s=rl.serial_s, bound=rl.bound,
+                             mfu=analytic / (rl.step_s * peak) if rl.step_s else 0.0,
+                             tokens_per_s=rows * t / rl.step_s if rl.step_s else 0.0),
+               collectives=m["collectives"])
+    if not fits:
+        out["reason"] = (f"needs {total / 2**30:.1f} GiB per device but {dev.name} has "
+                         f"{capacity / 2**30:.1f} GiB: parameters {m['params'] / 2**30:.1f}, "
+                         f"optimizer {m['optimizer'] / 2**30:.1f}, temporaries "
+                         f"{m['temporaries'] / 2**30:.1f} GiB; shard more (mesh.tensor, "
+                         f"mesh.pipeline, a larger data axis), remat=full or more microbatches")
+    return out
+
+
+def _worker() -> None:
+    """`python -m llama_jax.plan` < request JSON: plans in this process, prints one JSON line."""
+    import ml_collections
+    request = json.loads(sys.stdin.read())
+    config = ml_collections.ConfigDict(json.loads(request["config"]))
+    target = hardware.parse_target(request["target"], cpu_device(config))
+    results = [_plan_one(config, target, o) for o in request["layouts"]]
+    print(json.dumps(results, default=float))
+
+
+if __name__ == "__main__":
+    _worker()

@@ -123,16 +123,18 @@ class MetaReader:
             vocab = load_tokenizer(self.tokenizer).vocab_size
         self.config = config_lib.from_meta_params(params, vocab_size=vocab)
         self.files = files
-        self.shards = [torch_zip.load(f) for f in files]
+        # Shapes and dtypes only: each `get` maps the files afresh and lets go of them, since a
+        # mapping kept open would keep every page read so far resident.
+        self.shards = [{k: (tuple(t.shape), torch_zip.to_numpy(t.reshape(-1)[:0]).dtype)
+                        for k, t in torch_zip.load(f).items()} for f in files]
         self._check(params_path)
 
     def _check(self, params_path):
         c, n = self.config, len(self.files)
-        first = self.shards[0]["tok_embeddings.weight"] if "tok_embeddings.weight" in (
-            self.shards[0]) else None
+        first = self.shards[0].get("tok_embeddings.weight", (None,))[0]
         self.embedding_split = default_embedding_split(c)
         if first is not None and n > 1:  # tell VocabParallel from Parallel embedding by shape
-            self.embedding_split = 0 if tuple(first.shape) == (c.vocab_size // n, c.dim) else 1
+            self.embedding_split = 0 if first == (c.vocab_size // n, c.dim) else 1
         self.map = {hf_name: (meta, rope, split) for meta, hf_name, rope, split
                     in tensor_map(c, self.embedding_split)}
         expected = {meta for meta, _, _ in self.map.values()}
@@ -145,9 +147,9 @@ class MetaReader:
                 if meta not in shard:
                     raise ValueError(f"{f}: tensor {meta} is missing; the checkpoint is incomplete.")
                 want = shard_shape(_hf_shape(c, hf_name), split, n)
-                if tuple(shard[meta].shape) != want:
+                if shard[meta][0] != want:
                     raise ValueError(
-                        f"{f}: tensor {meta} has shape {tuple(shard[meta].shape)} but {params_path} "
+                        f"{f}: tensor {meta} has shape {shard[meta][0]} but {params_path} "
                         f"with {n} model-parallel shard(s) implies {want}; weights and params.json "
                         "do not match.")
 
@@ -162,12 +164,15 @@ class MetaReader:
         return f"{self.files[0]} ({len(self.files)} shards): tensor {self.map[name][0]}"
 
     def dtype(self, name: str) -> np.dtype:
-        return torch_zip.to_numpy(self.shards[0][self.map[name][0]][:0]).dtype
+        return self.shards[0][self.map[name][0]][1]
 
     def get(self, name: str) -> np.ndarray:
         meta, rope, split = self.map[name]
-        parts = [torch_zip.to_numpy(s[meta]) for s in self.shards]
-        w = parts[0] if split is None or len(parts) == 1 else np.concatenate(parts, axis=split)
+        if split is None or len(self.files) == 1:
+            w = torch_zip.to_numpy(torch_zip.load(self.files[0])[meta])  # unmapped once dropped
+        else:
+            w = np.concatenate([torch_zip.to_numpy(torch_zip.load(f)[meta]) for f in self.files],
+                               axis=split)
         return rope_permute(w, rope, to_half_split=True) if rope else w
 
 

@@ -40,6 +40,10 @@ def load(path: str) -> dict:
                          "corrupt: re-download or re-convert it.") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors.")
+    for name, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"{path}: entry {name} is a {type(value).__name__}, not a tensor; "
+                             "expected a model state dict.")
     return state
 
 

@@ -14,7 +14,8 @@ Sources:
     v5e: ICI 1,600 Gbps per chip over 4 ports; DCN 2 x 100 Gbps NIC per host of 8 chips.
     v5p: ICI 1,200 GBps bidirectional per chip over 6 ports; DCN 50 Gbps per chip.
     v6e: ICI 3,200 Gbps per chip over 4 ports; DCN 4 x 200 Gbps NIC per host of 8 chips.
-  GPU: NVIDIA H100 / H200 SXM datasheets (989 TFLOP/s dense bf16; 1,979 is with sparsity),
+  GPU: NVIDIA A100 80GB SXM datasheet (312 TFLOP/s dense bf16, 2,039 GB/s; LLaMA 1's cluster);
+    NVIDIA H100 / H200 SXM datasheets (989 TFLOP/s dense bf16; 1,979 is with sparsity),
     NVLink 4 at 900 GB/s bidirectional per GPU; DGX H100/H200 nodes of 8 GPUs with one
     400 Gb/s ConnectX-7 InfiniBand port per GPU (the Llama 3 paper's cluster, §3.3.1).
 """
@@ -59,6 +60,8 @@ DEVICES: dict[str, Device] = {
                   "cloud.google.com/tpu/docs/v5p-training"),
     "v6e": Device("TPU v6e", "tpu", 918e12, 32 * GB, 1640 * GB, 100 * GB, 2, 12.5 * GB, "slice",
                   "cloud.google.com/tpu/docs/v6e"),
+    "a100": Device("A100 SXM 80GB", "gpu", 312e12, 80 * GiB, 2039 * GB, 300 * GB, 1, 25 * GB,
+                   "node", "NVIDIA A100 datasheet; NVLink 3 600 GB/s bidi; 200 Gb/s IB per GPU"),
     "h100": Device("H100 SXM", "gpu", 989e12, 80 * GiB, 3350 * GB, 450 * GB, 1, 50 * GB, "node",
                    "NVIDIA H100 datasheet; NVLink 4 900 GB/s bidi; 400 Gb/s IB per GPU"),
     "h200": Device("H200 SXM", "gpu", 989e12, 141 * GB, 4800 * GB, 450 * GB, 1, 50 * GB, "node",
@@ -68,7 +71,8 @@ DEVICES: dict[str, Device] = {
 GPUS_PER_NODE = 8  # DGX / HGX H100 and H200
 
 # device_kind reported by JAX -> DEVICES key (v5e calls itself "TPU v5 lite", v5p "TPU v5").
-DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p": "v5p",
+DEVICE_KINDS = {"A100": "a100", "TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e",
+                "TPU v5p": "v5p",
                 "TPU v5": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e", "H100": "h100",
                 "H200": "h200"}
 
@@ -76,7 +80,6 @@ DEVICE_KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5p
 def peak_tflops_by_kind() -> dict[str, float]:
     """device_kind -> dense bf16 TFLOP/s (the table llama_jax.flops re-exports)."""
     table = {kind: DEVICES[key].peak_flops / 1e12 for kind, key in DEVICE_KINDS.items()}
-    table["A100"] = 312.0  # NVIDIA A100 datasheet (SXM, dense bf16); not a planning target
     return table
 
 
@@ -159,7 +162,7 @@ def parse_target(name: str, cpu_device: Device | None = None) -> Target:
         topology = f"{m.group(2)}:{m.group(3)}"
         n = len(tpu_devices(topology, slices))
         return Target(name, DEVICES[m.group(2)], n, topology, slices, n // chips)
-    m = re.fullmatch(r"(h100|h200|cpu):(\d+)", name)
+    m = re.fullmatch(r"(a100|h100|h200|cpu):(\d+)", name)
     if m and (m.group(1) == "cpu" or int(m.group(2)) <= GPUS_PER_NODE
               or int(m.group(2)) % GPUS_PER_NODE == 0) and int(m.group(2)) > 0:
         dev = cpu_device if m.group(1) == "cpu" else DEVICES[m.group(1)]

@@ -140,6 +140,54 @@ def _dot_flops(shape, op, args, symbols) -> float:
     return 2.0 * out * k / (int(groups.group(1)) if groups else 1)
 
 
+def _operands(args: str) -> list[str]:
+    return re.findall(r"%([\w.\-]+)", args.split("),")[0])
+
+
+_SLICES = ("dynamic-slice", "slice", "gather")
+
+
+def _io_bytes(shape, op, args, symbols, comps) -> float:
+    """HBM bytes read and written by one top-level instruction. Like XLA's HloCostAnalysis, a
+    slice reads only what it extracts and a dynamic-update-slice writes only its update in
+    place: inside a scan over stacked layers, counting the whole [L, ...] stack every
+    iteration would overcount by L."""
+    ops = _operands(args)
+    if op in _SLICES:
+        return 2 * _bytes(shape)
+    if op == "dynamic-update-slice":
+        return 2 * _bytes(symbols.get(ops[1], "")) if len(ops) > 1 else 0.0
+    if op != "fusion":
+        return _bytes(shape) + sum(_bytes(symbols.get(o, "")) for o in ops)
+    callee = re.search(r"calls=%([\w.\-]+)", args)
+    body = comps.get(callee.group(1), []) if callee else []
+    if not body:
+        return _bytes(shape) + sum(_bytes(symbols.get(o, "")) for o in ops)
+    inner = {name: (s, o, a) for name, s, o, a in body}
+    users: dict[str, list] = {}
+    for name, s, o, a in body:
+        for x in _operands(a):
+            users.setdefault(x, []).append((name, s, o, a))
+    root_name, root_shape, root_op, root_args = body[-1]
+    outs = _operands(root_args) if root_op == "tuple" else [root_name]
+    written, in_place = 0.0, set()
+    for name in outs:
+        s, o, a = inner.get(name, (root_shape, root_op, root_args))
+        if o == "dynamic-update-slice":
+            written += _bytes(inner.get(_operands(a)[1], ("",))[0])
+            in_place.add(_operands(a)[0])
+        else:
+            written += _bytes(s)
+    read = 0.0
+    for name, s, o, _ in body:
+        if o != "parameter" or name in in_place:
+            continue
+        use = users.get(name, [])
+        sliced = use and all(u[2] in _SLICES for u in use)
+        read += sum(_bytes(u[1]) for u in use) if sliced else _bytes(s)
+    return read + written
+
+
 def _groups(args: str) -> list[list[int]]:
     """Replica groups in any of XLA's three spellings (explicit, iota, mesh axes)."""
     m = re.search(r"replica_groups=\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", args)
@@ -193,9 +241,7 @@ def analyse(text: str, domain_of=()) -> Cost:
             if op in ("dot", "convolution"):
                 cost.flops += times * _dot_flops(shape, op, args, symbols)
             if comp not in fused and op not in _FREE:
-                operands = re.findall(r"%([\w.\-]+)", args.split("),")[0])
-                cost.hbm_bytes += times * (_bytes(shape) + sum(
-                    _bytes(symbols.get(o, "")) for o in operands))
+                cost.hbm_bytes += times * _io_bytes(shape, op, args, symbols, comps)
             if op.removesuffix("-start") in COLLECTIVES:
                 channel = re.search(r"channel_id=(\d+)", args)
                 key = channel.group(1) if channel else f"{comp}/{name}"

@@ -171,8 +171,9 @@ def _domains(mesh, target: hardware.Target) -> list[int]:
     flat = list(mesh.devices.flat)
     if target.device.platform == "tpu":
         return [getattr(d, "slice_index", 0) or 0 for d in flat]
-    order = {d.id: i for i, d in enumerate(sorted(flat, key=lambda d: d.id))}
-    return [order[d.id] // hardware.GPUS_PER_NODE for d in flat]
+    # GPUs: mesh order with tensor innermost puts each run of 8 mesh positions in one node, as
+    # jax.make_mesh does on a GPU cluster (the simulated CPU ids carry no such placement).
+    return [i // hardware.GPUS_PER_NODE for i in range(len(flat))]
 
 
 def _simulated_mesh(config, target: hardware.Target) -> tuple[int, tuple]:
@@ -209,6 +210,11 @@ def plan(config, target_name: str) -> dict:
 def plan_many(config, target_name: str, layouts) -> list[dict]:
     """Plans of `config` with each list of overrides in `layouts`, compiled in one process."""
     target = hardware.parse_target(target_name, cpu_device(config))
+    for overrides in layouts:  # wrong mesh sizes: one sentence now, not after a subprocess
+        c = load_config_copy(config)
+        for item in overrides:
+            set_value(c, item)
+        sharding.mesh_shape(sharding.from_config(c.mesh), target.n_devices)
     in_process = (target.device.platform == "tpu" or
                   (target.device.platform == "cpu" and jax.device_count() == target.n_devices
                    and jax.devices()[0].platform == "cpu"))
@@ -250,8 +256,7 @@ def _plan_one(config, target: hardware.Target, overrides) -> dict:
 
 def load_config_copy(config):
     import ml_collections
-    c = ml_collections.ConfigDict(config.to_dict())
-    return c
+    return ml_collections.ConfigDict(config.to_dict())
 
 
 def report(config, target: hardware.Target, full_shape, m: dict, overrides) -> dict:

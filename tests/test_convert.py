@@ -195,6 +195,9 @@ META_BAD = {
                         "consolidated.00.pth: tensor layers.0.attention.wk.weight has shape"),
     "truncated": (lambda d: _truncate(d / "consolidated.00.pth", 0.9),
                   "consolidated.00.pth cannot be read"),
+    "vocab_unknown": (lambda d: json.dump(dict(json.load(open(d / "params.json")), vocab_size=-1),
+                                          open(d / "params.json", "w")),
+                      "vocab_size -1 and .*tokenizer.model is missing"),
 }
 
 

@@ -7,9 +7,11 @@
 The input format is detected from the directory (`--from` forces it). Every source is read as a
 stream of Hugging Face-named tensors in HF layout ([out, in], half-split RoPE), one at a time:
 safetensors memory-mapped, .pth through `torch.load(mmap=True)`. Hugging Face and Meta outputs are
-written tensor by tensor, so peak memory stays near the largest tensor; Orbax output is one
-`StandardCheckpointer` save of the stacked parameter tree, so it holds the model once. Output is
-written to a temporary sibling directory and renamed into place only when complete.
+written tensor by tensor, so peak memory stays near the largest tensor. Orbax output is the
+stacked parameter tree built shard by shard with `jax.make_array_from_callback` (`--mesh`: each
+device reads only its own shard, nothing is gathered) and saved by one `StandardCheckpointer`
+call, so it holds the model once plus Orbax's write buffers. Output is written to a temporary
+sibling directory and renamed into place only when complete.
 """
 
 from __future__ import annotations

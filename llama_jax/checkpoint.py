@@ -197,7 +197,10 @@ class Manager:
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
     def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
-        """Starts an async save if `step` is due (or `force`); returns whether it saved."""
+        """Starts an async save if `step` is due (or `force`) and not saved yet; returns whether
+        it saved."""
+        if self._mgr.latest_step() == step:
+            return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iter))
         return self._mgr.save(step, args=args, force=force)

@@ -36,7 +36,7 @@ from llama_jax import checkpoint, data, decode, flops, optim
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
-from llama_jax.model import create
+from llama_jax.model import abstract, create
 
 Batch = dict[str, jax.Array]  # each [B, T] int32
 
@@ -148,13 +148,13 @@ def run(config, workdir: str) -> TrainState:
     train_iter = iter(data.make_dataset(dcfg, tokenizer, split="train", **shard))
     val_ds = data.make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
 
-    graphdef, params = nnx.split(create(model_config, config.train.seed), nnx.Param)
+    graphdef, abstract_params = nnx.split(abstract(model_config), nnx.Param)
     ocfg = optim_config(config)
-    tx = optim.make_optimizer(ocfg, params)
+    tx = optim.make_optimizer(ocfg, abstract_params)
     s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
              microbatches=config.optim.microbatches)
     mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    state = jax.device_put(init_state(nnx.to_pure_dict(params), tx),
+    state = jax.device_put(init_state(init_params(model_config, config.train.seed), tx),
                            NamedSharding(mesh, PartitionSpec()))
     restored, start = ckpt.restore_latest(jax.tree.map(_abstract, state), train_iter)
     if restored is not None:
@@ -177,6 +177,13 @@ def run(config, workdir: str) -> TrainState:
         print(f"Trained {config.train.steps} steps in {time.perf_counter() - t_start:.0f}s.")
         _finish(config, workdir, nnx.merge(graphdef, state.params), tokenizer, tokenizer_file)
     return state
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def init_params(model_config: ModelConfig, seed: int):
+    """The pure parameter dict of create(model_config, seed), initialised in one compiled
+    program rather than one dispatch per parameter (seconds saved on CPU)."""
+    return nnx.to_pure_dict(nnx.state(create(model_config, seed), nnx.Param))
 
 
 def _loop(config, state, s, ckpt, train_iter, put, writer, evaluate, step):

@@ -107,7 +107,7 @@ def _rms_norm(x, scale, eps):
     """As model.RMSNorm: normalise in float32, scale in the compute dtype."""
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return y.astype(x.dtype) * scale
+    return y.astype(x.dtype) * scale[None, None, :]
 
 
 def forward(w: Weights, tokens, positions, segments, cache):
@@ -363,6 +363,24 @@ def check_inputs(config, prompts, max_new_tokens, sampling, stop_ids, max_len) -
     sampling.validate(config.vocab_size)
 
 
+def _pad_batch(prompts, p: int, multiple: int):
+    """Prompts right-padded to tokens [B, P] with lengths [B]; B rounded up to `multiple`
+    (the data axis) with one-token filler rows."""
+    b = -(-len(prompts) // multiple) * multiple
+    tokens, lengths = np.zeros((b, p), np.int32), np.ones((b,), np.int32)
+    for i, x in enumerate(prompts):
+        tokens[i, :len(x)], lengths[i] = x, len(x)
+    return jnp.asarray(tokens), jnp.asarray(lengths)
+
+
+def check_vocab(tokenizer_vocab_size: int, config: ModelConfig) -> None:
+    """A tokenizer must have exactly the model's vocabulary (else ids mean other tokens)."""
+    if tokenizer_vocab_size != config.vocab_size:
+        raise ValueError(
+            f"The tokenizer has {tokenizer_vocab_size} tokens but the checkpoint's vocabulary "
+            f"has {config.vocab_size}; use the tokenizer the checkpoint was trained with.")
+
+
 def generate(model: model_lib.Llama | Weights, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              sampling: SamplingParams = SamplingParams(), *, seed: int = 0,
              stop_ids: Sequence[int] | None = None, max_len: int | None = None, mesh=None,
@@ -386,14 +404,8 @@ def generate(model: model_lib.Llama | Weights, prompts: Sequence[Sequence[int]],
     stop_ids = [config.eos_id] if stop_ids is None else list(stop_ids)
     max_len = max_len or config.max_seq_len
     check_inputs(config, prompts, max_new_tokens, sampling, stop_ids, max_len)
-    n_rows = len(prompts)
-    b = n_rows if mesh is None else -(-n_rows // mesh.shape["data"]) * mesh.shape["data"]
-    p, n = bucket(max(len(x) for x in prompts)), bucket(max_new_tokens)
-    tokens = np.zeros((b, p), np.int32)
-    lengths = np.ones((b,), np.int32)  # extra rows (to fill the data axis) get one token
-    for i, x in enumerate(prompts):
-        tokens[i, :len(x)], lengths[i] = x, len(x)
-    tokens, lengths = jnp.asarray(tokens), jnp.asarray(lengths)
+    n_rows, p, n = len(prompts), bucket(max(len(x) for x in prompts)), bucket(max_new_tokens)
+    tokens, lengths = _pad_batch(prompts, p, 1 if mesh is None else mesh.shape["data"])
     if mesh is not None:
         rows = NamedSharding(mesh, PartitionSpec("data"))
         tokens, lengths = jax.device_put(tokens, rows), jax.device_put(lengths, rows)

@@ -1,5 +1,10 @@
 """The decode loop against transformers' generate(), the no-cache forward, and itself."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +14,7 @@ import transformers
 from flax import nnx
 
 import llama_jax as lj
-from llama_jax import decode, model as model_lib
+from llama_jax import checkpoint, decode, model as model_lib, tokenizer as tokenizer_lib
 from llama_jax.sampling import SamplingParams
 
 VOCAB, NEW = 256, 64
@@ -227,3 +232,58 @@ def test_tokenizer_vocab_must_match():
     with pytest.raises(ValueError, match="tokenizer has 300 tokens but the checkpoint's"):
         decode.check_vocab(300, lj.get_config("tiny"))
     decode.check_vocab(512, lj.get_config("tiny"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI, end to end on a params-only checkpoint with a SentencePiece tokenizer.
+
+
+def _write_spm(vocab, path):
+    """A byte-fallback SentencePiece BPE model with exactly `vocab` pieces."""
+    from sentencepiece import sentencepiece_model_pb2 as spb
+
+    m = spb.ModelProto()
+    m.trainer_spec.model_type = spb.TrainerSpec.BPE
+    m.trainer_spec.vocab_size, m.trainer_spec.byte_fallback = vocab, True
+    m.trainer_spec.unk_id, m.trainer_spec.bos_id, m.trainer_spec.eos_id = 0, 1, 2
+    m.trainer_spec.pad_id = -1
+    m.normalizer_spec.name, m.normalizer_spec.add_dummy_prefix = "identity", True
+    m.normalizer_spec.escape_whitespaces = True
+    piece = spb.ModelProto.SentencePiece
+    for text, kind in (("<unk>", piece.UNKNOWN), ("<s>", piece.CONTROL), ("</s>", piece.CONTROL)):
+        m.pieces.add(piece=text, score=0.0, type=kind)
+    for b in range(256):
+        m.pieces.add(piece="<0x%02X>" % b, score=0.0, type=piece.BYTE)
+    for i in range(vocab - len(m.pieces)):
+        m.pieces.add(piece="\u2581w%d" % i, score=-float(i), type=piece.NORMAL)
+    with open(path, "wb") as f:
+        f.write(m.SerializeToString())
+
+
+def _cli(*args):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    script = os.path.join(os.path.dirname(__file__), "..", "experiments", "decode.py")
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_json_batch_matches_library(tiny, tmp_path):
+    model, weights = tiny
+    _write_spm(512, str(tmp_path / "tok.model"))
+    checkpoint.save_params(str(tmp_path / "ckpt"), model, tokenizer_path=str(tmp_path / "tok.model"))
+    (tmp_path / "prompts.txt").write_text("hello there\nw5 w7 w9 and more words\n")
+    r = _cli(f"--checkpoint={tmp_path / 'ckpt'}", f"--prompt_file={tmp_path / 'prompts.txt'}",
+             "--max_new_tokens=6", "--format=json")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    tok = tokenizer_lib.load_tokenizer(str(tmp_path / "tok.model"))
+    prompts = [tok.encode(t, bos=True, eos=False) for t in ("hello there", "w5 w7 w9 and more words")]
+    ref = decode.generate(weights, prompts, 6)
+    assert [row["ids"] for row in rows] == [ref.ids(0), ref.ids(1)]
+    assert rows[1]["text"] == tok.decode([t for t in ref.ids(1) if t != tok.eos_id])
+    np.testing.assert_allclose(rows[0]["logprobs"], ref.logprobs[0, :ref.lengths[0]], atol=1e-5)
+    bad = _cli(f"--checkpoint={tmp_path / 'ckpt'}", "--prompt=hi", "--top_p=0")
+    assert bad.returncode != 0 and bad.stderr.strip().endswith(
+        "error: top_p must be in (0, 1] (1 disables it), got 0.0.")

@@ -1,0 +1,123 @@
+"""Text generation from a checkpoint: parses flags and calls llama_jax.decode.generate.
+
+    python experiments/decode.py --checkpoint=/ckpt/llama3.2-1b --prompt="The capital of France"
+    python experiments/decode.py --checkpoint=DIR --prompt_file=prompts.txt --temperature=0.7 \
+        --top_p=0.9 --format=json          # one prompt per line, decoded as one batch
+    python experiments/decode.py --checkpoint=DIR --prompt_ids=1,306,4658 --max_new_tokens=32
+    python experiments/decode.py --checkpoint=DIR --chat --prompt="Write a haiku about JAX."
+
+--checkpoint is a Hugging Face directory or a params-only export (checkpoint.save_params); the
+tokenizer is DIR/tokenizer.model unless --tokenizer says otherwise. A single text prompt is
+streamed to stdout as tokens arrive; a batch is printed when it finishes. --format=json prints
+one object per prompt: {"prompt": i, "ids": [...], "text": "...", "logprobs": [...]} (ids and
+logprobs of the generated tokens, a final stop token included; logprobs under the model at
+temperature 1).
+"""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags, logging  # noqa: E402
+
+import llama_jax  # noqa: E402
+from llama_jax import checkpoint, decode, tokenizer as tokenizer_lib  # noqa: E402
+from llama_jax.sampling import SamplingParams  # noqa: E402
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
+_PROMPT = flags.DEFINE_string("prompt", None, "One text prompt.")
+_PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Text prompts, one per line (a batch).")
+_PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "One prompt as token ids: 1,2,3.")
+_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model (default: in --checkpoint).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0: all.")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1: all.")
+_MIN_P = flags.DEFINE_float("min_p", 0.0, "Drop tokens below min_p × the top probability.")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
+_CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn in the chat format.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute.")
+_FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+flags.mark_flags_as_mutual_exclusive(["prompt", "prompt_file", "prompt_ids"], required=True)
+
+
+def load_model(directory: str):
+    if checkpoint.is_params_checkpoint(directory):
+        return checkpoint.load_params(directory, dtype=_DTYPE.value)
+    return llama_jax.load(directory, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+
+
+def read_prompts(tok):
+    """Token id lists from the prompt flags; ValueError (one sentence) when unusable."""
+    if _PROMPT_IDS.value is not None:
+        if _CHAT.value:
+            raise ValueError("--chat needs a text prompt; --prompt_ids are used as given.")
+        return [[int(t) for t in _PROMPT_IDS.value]]
+    if tok is None:
+        raise ValueError(f"No tokenizer.model in {_CHECKPOINT.value}; pass --tokenizer or use "
+                         "--prompt_ids.")
+    if _PROMPT.value is not None:
+        texts = [_PROMPT.value]
+    else:
+        with open(_PROMPT_FILE.value) as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()]
+    if not texts or any(not t.strip() for t in texts):
+        raise ValueError("The prompt is empty; give some text with --prompt or --prompt_file.")
+    if _CHAT.value:
+        return [tok.encode_dialog([{"role": "user", "content": t}]) for t in texts]
+    return [tok.encode(t, bos=True, eos=False) for t in texts]
+
+
+class StreamPrinter:
+    """Prints row 0's text as it grows, holding back a partial UTF-8 character."""
+
+    def __init__(self, tok, stop_ids):
+        self.tok, self.stop_ids, self.ids, self.shown = tok, set(stop_ids), [], ""
+
+    def __call__(self, step, tokens, lengths):
+        if lengths[0] == step and int(tokens[0]) not in self.stop_ids:
+            self.ids.append(int(tokens[0]))
+            text = self.tok.decode(self.ids).rstrip("\ufffd")
+            if text.startswith(self.shown):
+                sys.stdout.write(text[len(self.shown):])
+                sys.stdout.flush()
+                self.shown = text
+
+
+def main(argv):
+    del argv
+    if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it reads at INFO
+        logging.set_verbosity(logging.WARNING)
+    sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
+    sampling.validate(sys.maxsize)  # ranges now; top_k against the vocabulary in generate
+    tok_path = _TOKENIZER.value or os.path.join(_CHECKPOINT.value, "tokenizer.model")
+    tok = tokenizer_lib.load_tokenizer(tok_path) if os.path.exists(tok_path) else None
+    prompts = read_prompts(tok)
+    model = load_model(_CHECKPOINT.value)
+    if tok is not None:
+        decode.check_vocab(tok.vocab_size, model.config)
+    stop_ids = list(tok.stop_ids) if tok is not None else [model.config.eos_id]
+    stream = None
+    if _FORMAT.value == "text" and len(prompts) == 1 and tok is not None:
+        stream = StreamPrinter(tok, stop_ids)
+    out = decode.generate(model, prompts, _MAX_NEW.value, sampling, seed=_SEED.value,
+                          stop_ids=stop_ids, stream=stream)
+    for i in range(len(prompts)):
+        ids = out.ids(i)
+        text = tok.decode([t for t in ids if t not in stop_ids]) if tok is not None else ""
+        if _FORMAT.value == "json":
+            print(json.dumps({"prompt": i, "ids": ids, "text": text,
+                              "logprobs": [round(float(x), 6) for x in out.logprobs[i, :len(ids)]]}))
+        elif stream is not None:
+            print()
+        else:
+            print(f"--- prompt {i}\n{text if tok is not None else ids}")
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except ValueError as e:  # bad input: the one-sentence message, no traceback
+        sys.exit(f"error: {e}")

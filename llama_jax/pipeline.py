@@ -1,0 +1,127 @@
+"""Pipeline parallelism: the layer stack split into stages over the `pipeline` mesh axis.
+
+Stage s of S holds L / S layers; a batch is cut into M microbatches that flow stage to stage by
+`ppermute`, all inside one `jax.shard_map` (manual over `pipeline` only: the data, context and
+tensor axes stay automatic inside each stage). Two schedules share one loop:
+
+- GPipe (Huang et al. 2019), R = 1: stage s holds layers [s·L/S, (s+1)·L/S).
+- Circular / interleaved (Narayanan et al. 2021; the "circular pipeline" of praxis and
+  MaxText), R > 1: the stack is cut into R·S pieces of L/(R·S) layers and stage s holds pieces
+  s, S+s, 2S+s, ...; a microbatch goes round the ring R times.
+
+Work item w = r·M + m (repeat r, microbatch m) is on stage s at loop step t = w + s, so the
+loop takes R·M + S − 1 steps of which each stage idles S − 1: the bubble fraction is
+(S − 1) / (R·M + S − 1). When the last stage finishes repeat r of microbatch m, its output
+rides the same ppermute back to stage 0, which keeps it until step (r+1)·M + m; that needs
+M ≥ S. Idle steps compute on placeholders whose results are discarded by `where`, so their
+gradients are exactly zero. Autodiff of the loop gives the backward pipeline (reversed
+ppermutes); the model's scan and remat settings apply inside each stage, and gradient
+accumulation (llama_jax.optim) wraps the whole pipelined step.
+
+Axis letters: B batch, T length, D model dim, L layers; S stages, R repeats, M microbatches.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from llama_jax import attention
+from llama_jax import model as model_lib
+
+
+def check(n_layers: int, stages: int, repeats: int, microbatches: int, batch: int | None = None):
+    """One-sentence errors for a pipeline that cannot be scheduled, before anything compiles."""
+    if n_layers % (stages * repeats):
+        raise ValueError(f"{n_layers} layers do not split into {stages} pipeline stages x "
+                         f"{repeats} repeats; make n_layers a multiple of {stages * repeats}.")
+    if microbatches < stages:
+        raise ValueError(f"{microbatches} pipeline microbatches are fewer than the {stages} "
+                         f"stages; use at least {stages} microbatches.")
+    if batch is not None and batch % microbatches:
+        raise ValueError(f"batch of {batch} rows does not split into {microbatches} pipeline "
+                         f"microbatches; make the batch per step a multiple of it.")
+
+
+def bubble_fraction(stages: int, repeats: int, microbatches: int) -> float:
+    """Idle share of every stage's loop steps: (S − 1) / (R·M + S − 1)."""
+    return (stages - 1) / (repeats * microbatches + stages - 1)
+
+
+def _varying(x, axis):
+    """Marks a stage-invariant value as per-stage (needed for scan carries under check_vma)."""
+    pcast = getattr(jax.lax, "pcast", None)
+    return pcast(x, axis, to="varying") if pcast else jax.lax.pvary(x, axis)
+
+
+def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int = 0,
+                    repeats: int = 1, context_impl: str | None = None, axis: str = "pipeline"):
+    """Runs model.layers on x [B, T, D] as an S-stage pipeline; returns [B, T, D].
+
+    A drop-in for the model's own layer loop (installed through llama_jax.model.hooks).
+    Microbatch m takes rows m, m+M, ...: with B sharded over `data`, every data rank keeps an
+    equal share of every microbatch. With `context_impl`, the shard_map is manual over
+    `context` too (tokens split) and attention runs that context-parallel variant directly:
+    Shardy does not nest a context shard_map inside the pipeline one.
+    """
+    c = model.config
+    stages, m_count = mesh.shape[axis], microbatches or mesh.shape[axis]
+    check(c.n_layers, stages, repeats, m_count, x.shape[0])
+    logging.info("pipeline: %d stages x %d repeats, %d microbatches, bubble %.3f", stages,
+                 repeats, m_count, bubble_fraction(stages, repeats, m_count))
+    graphdef, params = nnx.split(model.layers)  # leaves [L, ...]
+    per_piece = c.n_layers // (stages * repeats)
+    # layer (r·S + s)·L/(R·S) + j  ->  [R, S, L/(R·S), ...]; stage s keeps [:, s]
+    params = jax.tree.map(lambda a: a.reshape(repeats, stages, per_piece, *a.shape[1:]), params)
+    rows = x.shape[0] // m_count
+    micro = lambda a: a.reshape(rows, m_count, *a.shape[1:]).swapaxes(0, 1)  # noqa: E731
+    unmicro = lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[2:])  # noqa: E731
+
+    cp = "context" if context_impl else None
+    attn = cp and functools.partial(attention.CONTEXT_IMPLS[context_impl], axis=cp)
+
+    def stage_fn(params, xs, ps, ss):
+        with model_lib.hooks(attention=attn):
+            return _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis)
+    tokens = P(None, None, cp)  # [M, B/M, T, ...]
+    out = jax.shard_map(stage_fn, mesh=attention.context_mesh(mesh),
+                        in_specs=(P(None, axis), tokens, tokens, tokens), out_specs=tokens,
+                        axis_names={axis, cp} - {None})(
+        params, micro(x), micro(positions), micro(segment_ids))
+    return unmicro(out)
+
+
+def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
+    """The per-stage loop (inside shard_map). xs [M, B/M, T, D]; params leaves [R, 1, L', ...]."""
+    m_count, s = xs.shape[0], jax.lax.axis_index(axis)
+    items = repeats * m_count
+    params = jax.tree.map(lambda a: a[:, 0], params)  # [R, L/(R·S), ...]
+    ring = [(i, (i + 1) % stages) for i in range(stages)]
+    zeros = _varying(jnp.zeros_like(xs), axis)
+
+    def step(carry, t):
+        held, loop, outs = carry  # held: what the previous stage sent; loop: stage 0's returns
+        w = t - s
+        valid = (w >= 0) & (w < items)
+        r, m = jnp.clip(w, 0, items - 1) // m_count, jnp.clip(w, 0, items - 1) % m_count
+        x_in = jnp.where(s == 0, jnp.where(r == 0, xs[m], loop[m]), held)
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], params))
+        y, _ = model._layers(x_in, ps[m], ss[m], None, None, None, layers=block)
+        done = valid & (s == stages - 1) & (r == repeats - 1)
+        outs = outs.at[m].set(jnp.where(done, y, outs[m]))
+        sent = jax.lax.ppermute(y, axis, ring)
+        # stage 0 now holds item t − (S − 1) from the last stage: keep it for its next repeat
+        back = t - (stages - 1)
+        m_back = jnp.clip(back, 0, items - 1) % m_count
+        keep = (s == 0) & (back >= 0) & (back < items)
+        loop = loop.at[m_back].set(jnp.where(keep, sent, loop[m_back]))
+        return (sent, loop, outs), None
+
+    carry = (zeros[0], zeros, zeros)
+    (_, _, outs), _ = jax.lax.scan(step, carry, jnp.arange(items + stages - 1))
+    return jax.lax.psum(outs, axis)  # only the last stage's outputs are non-zero

@@ -1,0 +1,218 @@
+"""One device mesh over (data, pipeline, context, tensor) and the rules that place every array.
+
+    mc = MeshConfig(data=2, pipeline=1, context=2, tensor=2)       # or from_config(config.mesh)
+    mesh = make_mesh(mc)
+    state = init_sharded(init_fn, mesh, mc, axes)                    # never whole on one device
+    step = jit_step(step_fn, mesh, mc, state)                        # (state, batch) -> ...
+    state, metrics = step(state, shard_batch(batch, mesh, mc))
+
+Axes, outermost first (Llama 3 paper §3.3, "4D parallelism", orders them the same way):
+  data      batch split; parameters, gradients and optimizer state sharded too (FSDP) unless
+            `fsdp=False` (plain replication). Across slices / hosts when there are several.
+  pipeline  layer stack split into stages (llama_jax.pipeline).
+  context   sequence split (llama_jax.attention.context_parallel_attention).
+  tensor    Megatron column/row split of heads and FFN, vocab-parallel embedding and logits;
+            innermost, so tensor-parallel groups sit on the fastest links (neighbouring devices).
+
+The mesh axes are `Auto`: parameters and the batch carry shardings from RULES and XLA places
+the rest (the all-gathers of FSDP, the all-reduce after the row-parallel `wo` and `w_down`);
+context and pipeline parallelism are explicit shard_maps installed through llama_jax.model.hooks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from llama_jax import attention, model, optim, pipeline
+
+AXES = ("data", "pipeline", "context", "tensor")
+
+# Logical axis (model.py) -> mesh axes. A dimension whose size the mesh axes do not divide is
+# replicated instead: kv heads when tensor > K (each tensor rank then holds all K; Llama 3 and
+# Megatron replicate them the same way), or a vocabulary such as 259 bytes.
+RULES: dict[str, tuple[str, ...]] = {
+    "vocab": ("tensor",),      # vocab-parallel embedding rows and logit columns
+    "embed": ("data",),        # FSDP: D of every matrix over the data axis
+    "q_heads": ("tensor",),    # column-parallel wq, row-parallel wo
+    "kv_heads": ("tensor",),
+    "head_dim": (),
+    "mlp": ("tensor",),        # column-parallel w_gate / w_up, row-parallel w_down
+    "layers": ("pipeline",),   # the stacked L axis: one slice of layers per stage
+    "norm": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh sizes (one may be -1: all remaining devices) and the parallel execution options."""
+
+    data: int = -1
+    pipeline: int = 1
+    context: int = 1
+    tensor: int = 1
+    fsdp: bool = True                    # False: parameters replicated over `data`
+    context_impl: str = "all_gather"     # or "ring" (attention.CONTEXT_IMPLS)
+    microbatches: int = 0                # pipeline microbatches M; 0 = the stage count S
+    repeats: int = 1                     # circular pipeline repeats R; 1 = GPipe
+
+    def sizes(self) -> tuple[int, int, int, int]:
+        return (self.data, self.pipeline, self.context, self.tensor)
+
+
+def from_config(section: Any) -> MeshConfig:
+    """A MeshConfig from a config section such as `config.mesh` (a ConfigDict or a dict)."""
+    d = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+    return MeshConfig(**d)
+
+
+def mesh_shape(mc: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """The four sizes with -1 filled in; the product must be the device count."""
+    sizes = list(mc.sizes())
+    if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh sizes {dict(zip(AXES, sizes))} must be positive with at most "
+                         f"one -1; set the others explicitly.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes and n_devices % known == 0:
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ValueError(f"mesh {dict(zip(AXES, mc.sizes()))} needs {math.prod(sizes)} devices "
+                         f"but there are {n_devices}; make the product of the sizes "
+                         f"{n_devices} (or set one size to -1).")
+    return tuple(sizes)
+
+
+def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
+    """The (data, pipeline, context, tensor) mesh. Over several TPU slices the data axis is
+    split across slices (DCN) and the rest stays within a slice (ICI)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mc, len(devices))
+    types = (AxisType.Auto,) * len(AXES)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        return jax.make_mesh(shape, AXES, axis_types=types, devices=devices)
+    if shape[0] % slices:
+        raise ValueError(f"data axis {shape[0]} does not split over {slices} slices; make "
+                         f"mesh.data a multiple of the slice count.")
+    ici = (shape[0] // slices, *shape[1:])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1, 1), devices)
+    return Mesh(grid, AXES, axis_types=types)
+
+
+def check(mc: MeshConfig, mesh: Mesh, config, seq_len: int | None = None,
+          batch: int | None = None):
+    """One-sentence errors for a model or batch the mesh cannot split, before compiling."""
+    tp, cp, dp = mesh.shape["tensor"], mesh.shape["context"], mesh.shape["data"]
+    if config.n_heads % tp:
+        raise ValueError(f"{config.n_heads} attention heads are not divisible by tensor = {tp}; "
+                         f"choose a tensor size that divides the head count.")
+    if seq_len is not None and cp > 1 and seq_len % (2 * cp):
+        raise ValueError(f"sequence length {seq_len} is not divisible by 2 x context = {2 * cp}; "
+                         f"choose a seq_len that is a multiple of it.")
+    if batch is not None and batch % dp:
+        raise ValueError(f"batch of {batch} rows does not split over data = {dp}; make the "
+                         f"global batch a multiple of it.")
+    if mesh.shape["pipeline"] > 1:
+        stages = mesh.shape["pipeline"]
+        pipeline.check(config.n_layers, stages, mc.repeats, mc.microbatches or stages, batch)
+    if mc.context_impl not in attention.CONTEXT_IMPLS:
+        raise ValueError(f"Unknown mesh.context_impl {mc.context_impl!r}; valid: "
+                         f"{', '.join(attention.CONTEXT_IMPLS)}.")
+
+
+# ----------------------------------------------------------------------------------------------
+# Placement of parameters, optimizer state and batches.
+
+
+def spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, fsdp: bool = True) -> P:
+    """PartitionSpec of one array from its logical axes (RULES, minus size-1 mesh axes)."""
+    out = []
+    for name, size in zip(axes, shape):
+        names = tuple(a for a in RULES[name] if mesh.shape[a] > 1 and (fsdp or a != "data"))
+        if not names or size % math.prod(mesh.shape[a] for a in names):
+            names = ()
+        out.append(names[0] if len(names) == 1 else (names or None))
+    return P(*out)
+
+
+def state_shardings(abstract: Any, axes: Any, mesh: Mesh, fsdp: bool = True) -> Any:
+    """NamedShardings for any tree holding the parameters (params, TrainState, optimizer
+    state): a leaf whose path ends with a parameter's path and whose rank matches gets that
+    parameter's spec (so AdamW's mu and nu follow their parameter); everything else is
+    replicated. `axes` is model.logical_axes(model) or nnx.state(model, nnx.Param)."""
+    by_path = optim._axes_by_path(axes)  # {('layers', 'attn', 'wq'): ('layers', 'embed', ...)}
+
+    def place(path, leaf):
+        key = optim._path_key(path)
+        for i in range(len(key)):
+            names = by_path.get(key[i:])
+            if names is not None and len(names) == len(leaf.shape):
+                return NamedSharding(mesh, spec(names, leaf.shape, mesh, fsdp))
+        return NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(place, abstract)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[B, T] batch arrays: rows over data, tokens over context, replicated over the rest."""
+    return NamedSharding(mesh, P("data", "context"))
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Puts this process's rows of a host batch (dict of [B_local, T] arrays) on the mesh.
+
+    With context > 1 the token axis is first put in load-balanced order (rank i gets chunks i
+    and 2C-1-i); positions and segment ids travel with their tokens, so the loss is unchanged.
+    """
+    cp = mesh.shape["context"]
+    if cp > 1:
+        t = next(iter(batch.values())).shape[1]
+        order = np.asarray(attention.load_balance_order(t, cp))
+        batch = {k: np.asarray(v)[:, order] for k, v in batch.items()}
+    put = functools.partial(jax.make_array_from_process_local_data, batch_sharding(mesh))
+    return {k: put(np.asarray(v)) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Sharded init and step.
+
+
+def hooks(mesh: Mesh, mc: MeshConfig):
+    """The model hooks for this mesh: context-parallel attention, pipelined layers."""
+    attn = layers = None
+    cp = mc.context_impl if mesh.shape["context"] > 1 else None
+    if cp:
+        attn = functools.partial(attention.context_parallel_attention, mesh=mesh, impl=cp)
+    if mesh.shape["pipeline"] > 1:
+        layers = functools.partial(pipeline.pipeline_layers, mesh=mesh, context_impl=cp,
+                                   microbatches=mc.microbatches, repeats=mc.repeats)
+    return model.hooks(attention=attn, layers=layers)
+
+
+def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, mc: MeshConfig, axes: Any) -> Any:
+    """Runs init_fn (e.g. model creation + optimizer init) under jit with out_shardings from
+    the rules, so every device creates only its own shards of the state."""
+    shardings = state_shardings(jax.eval_shape(init_fn), axes, mesh, mc.fsdp)
+    with jax.set_mesh(mesh):
+        return jax.jit(init_fn, out_shardings=shardings)()
+
+
+def jit_step(step_fn: Callable, mesh: Mesh, mc: MeshConfig, state: Any, axes: Any,
+             donate: bool = True) -> Callable:
+    """jit of the pure step_fn(state, batch) -> (state, metrics) with the state placed by the
+    rules, the batch by batch_sharding, and the model hooks of this mesh active while tracing.
+    `state` may be abstract (ShapeDtypeStructs). Call it under `jax.set_mesh(mesh)`."""
+    shardings = state_shardings(state, axes, mesh, mc.fsdp)
+
+    def step(state, batch):
+        with hooks(mesh, mc):
+            return step_fn(state, batch)
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, NamedSharding(mesh, P())),
+                   donate_argnums=(0,) if donate else ())

@@ -99,7 +99,8 @@ def format_report(r: dict) -> str:
             f"tokens, {r['microbatches']} accumulation microbatch(es)"]
     if r.get("compiled_mesh") and r["compiled_mesh"] != r["mesh"]:
         head.append(f"  compiled on a smaller stand-in mesh {r['compiled_mesh']} with the same "
-                    f"rows and model shards per device (parameter/optimizer bytes: full mesh)")
+                    f"rows and model shards per device (parameter/optimizer bytes: full mesh; "
+                    f"temporaries: the stand-in's, an overestimate where they hold FSDP shards)")
     if "memory" not in r:
         return "\n".join(head + [f"  DOES NOT FIT: {r['reason']}"])
     m = r["memory"]

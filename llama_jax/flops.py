@@ -16,24 +16,12 @@ from __future__ import annotations
 
 import jax
 
+from llama_jax import hardware
 from llama_jax.config import ModelConfig
 
-# Dense bf16 peak TFLOP/s per chip (per JAX device), matched against `device.device_kind`.
-# Sources: cloud.google.com/tpu/docs/{v4,v5e,v5p,v6e} (system architecture pages);
-# NVIDIA A100 datasheet (SXM, 312 dense); H100 datasheet (SXM, 989 dense, 1,979 is with
-# sparsity); H200 datasheet (same tensor cores as H100 SXM: 989 dense).
-DEVICE_PEAK_TFLOPS = {
-    "TPU v4": 275.0,
-    "TPU v5 lite": 197.0,  # v5e reports itself as "TPU v5 lite"
-    "TPU v5e": 197.0,
-    "TPU v5p": 459.0,
-    "TPU v5": 459.0,  # v5p reports itself as "TPU v5"
-    "TPU v6 lite": 918.0,  # v6e (Trillium)
-    "TPU v6e": 918.0,
-    "A100": 312.0,
-    "H100": 989.0,
-    "H200": 989.0,
-}
+# Dense bf16 peak TFLOP/s per chip (per JAX device), matched against `device.device_kind`; the
+# numbers and their sources live in llama_jax.hardware (the planner's device table).
+DEVICE_PEAK_TFLOPS = hardware.peak_tflops_by_kind()
 
 
 def layer_matmul_params(c: ModelConfig) -> int:

@@ -25,6 +25,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -280,6 +281,11 @@ def report(config, target: hardware.Target, full_shape, m: dict, overrides) -> d
     analytic = flops.train_flops_per_token(mcfg, t) * rows * t / n
     mem = dict(params=m["params"], optimizer=m["optimizer"], capacity=capacity)
     if "compile_error" in m:
+        # XLA:TPU names what it needed: "... memory required for HLO temporaries (2.94T) ..."
+        need = re.search(r"temporaries \(([\d.]+)([KMGT]?)\)", m["compile_error"])
+        if need:
+            mem["temporaries"] = float(need.group(1)) * 1024 ** " KMGT".index(need.group(2) or " ")
+            mem["total"] = m["params"] + m["optimizer"] + mem["temporaries"]
         return dict(out, memory=mem, fits=False, analytic_flops=analytic, reason=(
             f"the compiler ran out of device memory ({m['compile_error']})"))
     # other: batch, counters, metrics and undonated outputs, from the compiled mesh's buffers

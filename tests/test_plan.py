@@ -186,10 +186,14 @@ def test_full_size_models_plan(name, target, overrides):
     assert mem["params"] == pytest.approx(4 * n_params / n_devices, rel=0.05)
     assert mem["optimizer"] == pytest.approx(2 * mem["params"], rel=0.01)
     assert mem["total"] > mem["params"] + mem["optimizer"] and mem["temporaries"] > 0
-    # remat=full recomputes the forward pass: 4 passes of the model where 3 are counted
-    assert 1.0 < r["flops"]["compiler"] / r["flops"]["analytic"] < 1.6
-    assert 0 < r["roofline"]["mfu"] < 1
+    assert r["fits"] == (mem["total"] <= mem["capacity"]) and (r["fits"] or r["reason"])
     assert r["estimate"] == target.startswith("h100")
+    if "roofline" in r:  # XLA:TPU refuses to compile what exceeds HBM: no program to time
+        # remat=full recomputes the forward pass: 4 passes of the model where 3 are counted
+        assert 1.0 < r["flops"]["compiler"] / r["flops"]["analytic"] < 1.6
+        assert 0 < r["roofline"]["mfu"] < 1
+    else:
+        assert "ran out of device memory" in r["reason"]
 
 
 @pytest.mark.slow

@@ -6,15 +6,21 @@
 
 How a batch of prompts of different lengths runs (positions and masks as in attention.py):
 - Prompts are right-padded to a bucket length P (a power of two), so a new prompt length
-  reuses the compiled loop; padding carries segment id 0, so it is neither attended to nor
-  written to the cache.
+  reuses the compiled programs; padding carries segment id 0, so it is neither attended to
+  nor written to the cache.
 - `prefill` runs all prompts in one forward pass, writing each real token's k/v at slot =
   its position, and returns the logits of every row's last real token.
 - `decode_step` feeds each row's last token at its own position [B, 1]; the cache holds only
-  the K kv heads ([L, B, S, K, H]) and is donated, so XLA updates it in place.
-- `generate` runs prefill, the first sample, then `decode_step` in a `lax.while_loop` that
-  stops when every row has emitted a stop token or `max_new_tokens` tokens: one compiled
-  program per (batch, P bucket, new-token bucket), no host round trip per token.
+  the K kv heads ([L, B, S, K, H], model.init_cache) and is donated, so XLA updates it in place.
+- `generate` = `start` (fresh cache, prefill, first sample) + `loop` (`decode_step` in a
+  `lax.while_loop` until every row has emitted a stop token or max_new_tokens): one compiled
+  pair per (batch, P bucket, new-token bucket), no host round trip per token.
+
+Speed (XLA:CPU, batch 1 is memory-bound): `forward` is model.Llama's math over `Weights`, the
+parameters re-laid once by `prepare` — one buffer per layer instead of slices of the stacked
+[L, ...] arrays (a slice inside a jitted loop is a copy on XLA:CPU, which had cost ~2× the
+weight traffic per token), and 2-D projections so no weight is transposed per token. The
+cache is written with one scatter per layer into the stacked buffer, in place.
 
 Determinism: step t samples with `fold_in(PRNGKey(seed), t)`, so a seed fixes the output.
 
@@ -110,11 +116,12 @@ def _rms_norm(x, scale, eps):
     return y.astype(x.dtype) * scale[None, None, :]
 
 
-def forward(w: Weights, tokens, positions, segments, cache):
+def forward(w: Weights, tokens, positions, segments, cache, logits_at=None):
     """The model on tokens [B, T] at positions [B, T] over the cache: (logits [B, T, V] f32, cache).
 
     Each real token's k/v goes to slot = its position in place (segment 0, padding, is not
-    written); the math is model.Llama's, layers unrolled over `Weights.layers`.
+    written); the math is model.Llama's, layers unrolled over `Weights.layers`. logits_at [B]:
+    only the logits at these indices of T, [B, 1, V] (prefill needs the last token's only).
     """
     c, (b, t) = w.config, tokens.shape
     n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
@@ -139,6 +146,8 @@ def forward(w: Weights, tokens, positions, segments, cache):
             x = x + out.reshape(b, t, n * h) @ p["wo"]
             y = _rms_norm(x, p["mlp_norm"], c.norm_eps)
             x = x + (jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])) @ p["w_down"]
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = _rms_norm(x, w.norm, c.norm_eps)
     logits = jnp.einsum("btd,vd->btv", x, w.head, preferred_element_type=jnp.float32)
     return logits, dict(k=ck, v=cv, pos=kv_pos, seg=kv_seg)
@@ -201,9 +210,8 @@ def prefill(weights: Weights, tokens, lengths, cache):
     b, p = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     segments = (positions < lengths[:, None]).astype(jnp.int32)
-    logits, cache = forward(weights, tokens, positions, segments, cache)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)
-    return last[:, 0], cache
+    logits, cache = forward(weights, tokens, positions, segments, cache, logits_at=lengths - 1)
+    return logits[:, 0], cache
 
 
 def _emit(state: DecodeState, tok, logprob, stop_ids, max_new) -> DecodeState:

@@ -214,3 +214,16 @@ def test_search_ranks_fitting_layouts_by_mfu():
     mfus = [r["roofline"]["mfu"] for r in results]
     assert mfus == sorted(mfus, reverse=True)
     assert len({json.dumps(r["mesh"]) + r["remat"] for r in results}) == 3
+
+
+@pytest.mark.parametrize("name,devices", [("plan_llama3_405b_paper.py", 8192),
+                                          ("plan_llama3_405b_128k.py", 16384),
+                                          ("plan_llama1_65b.py", 2048)])
+def test_recipe_layouts_fill_their_clusters(name, devices):
+    """The recipes' meshes use exactly the paper's GPU counts and pass the sharding checks."""
+    config = plan.load_config(os.path.join(ROOT, "experiments/configs", name))
+    mc = sharding.from_config(config.mesh)
+    assert np.prod(sharding.mesh_shape(mc, devices)) == devices
+    mesh = jax.sharding.AbstractMesh(sharding.mesh_shape(mc, devices), sharding.AXES)
+    sharding.check(mc, mesh, ModelConfig.from_dict(config.model.to_dict()),
+                   config.data.seq_len, config.data.global_batch)

@@ -19,6 +19,7 @@ def get_config(arg: str = ""):
         c.model.n_layers = 128  # 126 + 2: equal pipeline stages
         c.model.max_seq_len = 131072
         c.data.seq_len, c.data.global_batch = 131072, 128
-        c.mesh = dict(data=8, pipeline=16, context=16, tensor=8, fsdp=True,
-                      context_impl="all_gather", microbatches=16, repeats=1)
+        if "mesh" not in c:  # common.base has one once the sharding change is in
+            c.mesh = {}
+        c.mesh.update(data=8, pipeline=16, context=16, tensor=8, microbatches=16)
     return c

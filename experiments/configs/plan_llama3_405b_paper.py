@@ -19,6 +19,7 @@ def get_config(arg: str = ""):
     c = llama3_405b.get_config()
     with c.unlocked():
         c.model.n_layers = 128  # 126 + 2: equal stages (see above)
-        c.mesh = dict(data=64, pipeline=16, context=1, tensor=8, fsdp=True,
-                      context_impl="all_gather", microbatches=16, repeats=1)
+        if "mesh" not in c:  # common.base has one once the sharding change is in
+            c.mesh = {}
+        c.mesh.update(data=64, pipeline=16, context=1, tensor=8, microbatches=16)
     return c

@@ -16,6 +16,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def attention_mask(q_pos, q_seg, k_pos, k_seg):
@@ -54,13 +55,13 @@ def dot_product_attention(q, k, v, mask):
 
 
 def load_balance_order(seq_len: int, context: int):
-    """Token order [T] that puts chunks (i, 2C-1-i) contiguously on context rank i."""
+    """Token order [T] (numpy) that puts chunks (i, 2C-1-i) contiguously on context rank i."""
     if seq_len % (2 * context):
         raise ValueError(f"sequence length {seq_len} is not divisible by 2 x context = "
                          f"{2 * context}; choose a seq_len that is a multiple of it.")
-    chunks = jnp.arange(seq_len).reshape(2 * context, seq_len // (2 * context))
-    pairs = [jnp.concatenate([chunks[i], chunks[2 * context - 1 - i]]) for i in range(context)]
-    return jnp.concatenate(pairs)
+    chunks = np.arange(seq_len).reshape(2 * context, seq_len // (2 * context))
+    pairs = [np.concatenate([chunks[i], chunks[2 * context - 1 - i]]) for i in range(context)]
+    return np.concatenate(pairs)
 
 
 def _all_gather_attention(q, k, v, pos, seg, *, axis):

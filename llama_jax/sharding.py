@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any, Callable
 
 import jax
@@ -159,9 +160,45 @@ def state_shardings(abstract: Any, axes: Any, mesh: Mesh, fsdp: bool = True) -> 
     return jax.tree_util.tree_map_with_path(place, abstract)
 
 
+def abstract_state(state: Any, axes: Any, mesh: Mesh, fsdp: bool = True) -> Any:
+    """ShapeDtypeStructs of `state` placed by the rules on `mesh`: the restore target that
+    loads a checkpoint written on any mesh onto this one (Orbax reads each device's shard)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        state, state_shardings(state, axes, mesh, fsdp))
+
+
+def put_state(host_state: Any, shardings: Any) -> Any:
+    """Host arrays (identical on every process) onto their shardings, each process writing only
+    its own devices' shards: works across processes, unlike a plain device_put."""
+    put = lambda x, s: jax.make_array_from_callback(  # noqa: E731
+        np.shape(x), s, lambda index: np.asarray(x)[index])
+    return jax.tree.map(put, host_state, shardings)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """[B, T] batch arrays: rows over data, tokens over context, replicated over the rest."""
     return NamedSharding(mesh, P("data", "context"))
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> slice:
+    """The rows of a [global_batch, T] batch that this process's devices hold: the only rows
+    its input pipeline has to produce."""
+    index = batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1)).values()
+    starts = [i[0].start or 0 for i in index]
+    stops = [global_batch if i[0].stop is None else i[0].stop for i in index]
+    return slice(min(starts), max(stops))
+
+
+def array_putter(mesh: Mesh) -> Callable[[np.ndarray], jax.Array]:
+    """put(x) for one [B_local, T] host array of this process, as shard_batch does for a dict
+    (train.py maps it over each batch)."""
+    cp = mesh.shape["context"]
+    put = functools.partial(jax.make_array_from_process_local_data, batch_sharding(mesh))
+
+    def fn(x):
+        x = np.asarray(x)
+        return put(x[:, attention.load_balance_order(x.shape[1], cp)] if cp > 1 else x)
+    return fn
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
@@ -170,17 +207,34 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
     With context > 1 the token axis is first put in load-balanced order (rank i gets chunks i
     and 2C-1-i); positions and segment ids travel with their tokens, so the loss is unchanged.
     """
-    cp = mesh.shape["context"]
-    if cp > 1:
-        t = next(iter(batch.values())).shape[1]
-        order = np.asarray(attention.load_balance_order(t, cp))
-        batch = {k: np.asarray(v)[:, order] for k, v in batch.items()}
-    put = functools.partial(jax.make_array_from_process_local_data, batch_sharding(mesh))
-    return {k: put(np.asarray(v)) for k, v in batch.items()}
+    put = array_putter(mesh)
+    return {k: put(v) for k, v in batch.items()}
 
 
 # ----------------------------------------------------------------------------------------------
-# Sharded init and step.
+# Multi-host start, sharded init and step.
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, auto: bool = False) -> None:
+    """Starts JAX's multi-controller runtime, before anything touches a device.
+
+    Arguments (from flags) win over JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
+    JAX_PROCESS_ID; with none of them a run is one process, unless `auto`, where
+    jax.distributed.initialize() finds the cluster itself (TPU VMs, SLURM, Open MPI).
+    """
+    env = os.environ
+    address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    count = num_processes or int(env.get("JAX_NUM_PROCESSES", "0")) or None
+    index = process_id if process_id is not None else env.get("JAX_PROCESS_ID")
+    if address is None and count is None:
+        if auto:
+            jax.distributed.initialize()
+        return
+    if address is None or count is None or index is None:
+        raise ValueError("multi-process runs need a coordinator address, a process count and "
+                         "a process id; set all three (flags or JAX_* environment variables).")
+    jax.distributed.initialize(address, int(count), int(index))
 
 
 def hooks(mesh: Mesh, mc: MeshConfig):

@@ -30,9 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from llama_jax import checkpoint, data, decode, flops, optim
+from llama_jax import checkpoint, data, decode, flops, optim, sharding
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
@@ -153,15 +152,19 @@ def run(config, workdir: str) -> TrainState:
     tx = optim.make_optimizer(ocfg, abstract_params)
     s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
              microbatches=config.optim.microbatches)
-    mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
-    state = jax.device_put(init_state(init_params(model_config, config.train.seed), tx),
-                           NamedSharding(mesh, PartitionSpec()))
+    mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
+    mesh = sharding.make_mesh(mc)
+    sharding.check(mc, mesh, model_config, dcfg.seq_len, config.data.global_batch)
+    state = sharding.init_sharded(  # every device creates only its own shards
+        lambda: init_state(init_params(model_config, config.train.seed), tx), mesh, mc,
+        abstract_params)
+    step_fn = sharding.jit_step(lambda st, b: train_step.__wrapped__(st, b, s), mesh, mc,
+                                state, abstract_params)
     restored, start = ckpt.restore_latest(jax.tree.map(_abstract, state), train_iter)
     if restored is not None:
         state = restored
         print(f"Resumed from step {start} in {ckpt.directory}.", flush=True)
-    put = functools.partial(jax.make_array_from_process_local_data,
-                            NamedSharding(mesh, PartitionSpec("data")))
+    put = sharding.array_putter(mesh)
     writer = MetricsWriter(
         workdir, total_steps=config.train.steps, start_step=start,
         flops_per_token=flops.train_flops_per_token(model_config, dcfg.seq_len),
@@ -169,7 +172,7 @@ def run(config, workdir: str) -> TrainState:
     evaluate = functools.partial(_evaluate, graphdef=graphdef, ds=val_ds, put=put,
                                  n_batches=config.train.eval_batches)
     try:
-        state = _loop(config, state, s, ckpt, train_iter, put, writer, evaluate, start)
+        state = _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, start)
     finally:
         ckpt.close()
         writer.close()
@@ -186,7 +189,7 @@ def init_params(model_config: ModelConfig, seed: int):
     return nnx.to_pure_dict(nnx.state(create(model_config, seed), nnx.Param))
 
 
-def _loop(config, state, s, ckpt, train_iter, put, writer, evaluate, step):
+def _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, step):
     """Steps to train.steps, or to the next step boundary after a SIGTERM (saved, returns).
 
     Metrics of step k are read after step k+1 is dispatched, so logging never idles the device.
@@ -198,7 +201,7 @@ def _loop(config, state, s, ckpt, train_iter, put, writer, evaluate, step):
     pending = None
     try:
         while step < config.train.steps and not preempted.is_set():
-            state, metrics = train_step(state, jax.tree.map(put, next(train_iter)), s)
+            state, metrics = step_fn(state, jax.tree.map(put, next(train_iter)))
             step += 1
             if pending:
                 _report(config, writer, *pending, tokens_per_step)
@@ -293,9 +296,10 @@ def check(config, model_config: ModelConfig, tokenizer) -> None:
     data.check_config(config.data, process_count=jax.process_count(),
                       max_seq_len=model_config.max_seq_len)
     rows = config.data.global_batch
-    if rows % (config.optim.microbatches * jax.device_count()):
+    data_ranks = sharding.mesh_shape(sharding.from_config(config.mesh), jax.device_count())[0]
+    if rows % (config.optim.microbatches * data_ranks):
         raise ValueError(f"data.global_batch {rows} must be a multiple of optim.microbatches × "
-                         f"devices = {config.optim.microbatches} × {jax.device_count()}.")
+                         f"mesh.data = {config.optim.microbatches} × {data_ranks}.")
     if config.train.steps <= config.optim.warmup_steps:
         raise ValueError(f"train.steps {config.train.steps} must exceed optim.warmup_steps "
                          f"{config.optim.warmup_steps}; lower the warmup or train longer.")

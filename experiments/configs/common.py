@@ -3,7 +3,8 @@
 Sections: model (a ModelConfig as a dict: any field can be overridden from the command line,
 e.g. --config.model.remat=full), data (llama_jax.data.DataConfig plus the tokenizer), optim
 (the LLaMA recipe: AdamW β 0.9/0.95, weight decay 0.1, clip 1.0, warmup then cosine to 10%;
-LLaMA paper §2.3) and train (length, logging, evals, checkpoints).
+LLaMA paper §2.3), mesh (llama_jax.sharding.MeshConfig: data, pipeline, context, tensor) and
+train (length, logging, evals, checkpoints).
 """
 
 import math
@@ -40,6 +41,16 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.optim.clip_norm = 1.0
     c.optim.decay_embeddings = True
     c.optim.microbatches = 1  # gradient accumulation, weighted by tokens
+
+    c.mesh = ml_collections.ConfigDict()  # llama_jax.sharding.MeshConfig; one size may be -1
+    c.mesh.data = -1  # batch + FSDP (parameters, gradients, optimizer state sharded)
+    c.mesh.pipeline = 1
+    c.mesh.context = 1
+    c.mesh.tensor = 1
+    c.mesh.fsdp = True  # False: parameters replicated over data
+    c.mesh.context_impl = "all_gather"  # or "ring"
+    c.mesh.microbatches = 0  # pipeline microbatches; 0 = one per stage
+    c.mesh.repeats = 1  # circular pipeline repeats; 1 = GPipe
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000  # also the end of the cosine schedule

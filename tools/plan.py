@@ -20,6 +20,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # plans never run on the local accelerator
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's init on a non-TPU VM
 
 from llama_jax import plan, plan_search  # noqa: E402
 

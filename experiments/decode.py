@@ -108,8 +108,8 @@ def main(argv):
         ids = out.ids(i)
         text = tok.decode([t for t in ids if t not in stop_ids]) if tok is not None else ""
         if _FORMAT.value == "json":
-            print(json.dumps({"prompt": i, "ids": ids, "text": text,
-                              "logprobs": [round(float(x), 6) for x in out.logprobs[i, :len(ids)]]}))
+            logprobs = [round(float(x), 6) for x in out.logprobs[i, :len(ids)]]
+            print(json.dumps({"prompt": i, "ids": ids, "text": text, "logprobs": logprobs}))
         elif stream is not None:
             print()
         else:

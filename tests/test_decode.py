@@ -269,14 +269,16 @@ def _cli(*args):
 def test_cli_json_batch_matches_library(tiny, tmp_path):
     model, weights = tiny
     _write_spm(512, str(tmp_path / "tok.model"))
-    checkpoint.save_params(str(tmp_path / "ckpt"), model, tokenizer_path=str(tmp_path / "tok.model"))
+    checkpoint.save_params(str(tmp_path / "ckpt"), model,
+                           tokenizer_path=str(tmp_path / "tok.model"))
     (tmp_path / "prompts.txt").write_text("hello there\nw5 w7 w9 and more words\n")
     r = _cli(f"--checkpoint={tmp_path / 'ckpt'}", f"--prompt_file={tmp_path / 'prompts.txt'}",
              "--max_new_tokens=6", "--format=json")
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(line) for line in r.stdout.splitlines()]
     tok = tokenizer_lib.load_tokenizer(str(tmp_path / "tok.model"))
-    prompts = [tok.encode(t, bos=True, eos=False) for t in ("hello there", "w5 w7 w9 and more words")]
+    texts = ("hello there", "w5 w7 w9 and more words")
+    prompts = [tok.encode(t, bos=True, eos=False) for t in texts]
     ref = decode.generate(weights, prompts, 6)
     assert [row["ids"] for row in rows] == [ref.ids(0), ref.ids(1)]
     assert rows[1]["text"] == tok.decode([t for t in ref.ids(1) if t != tok.eos_id])

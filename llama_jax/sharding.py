@@ -183,7 +183,8 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 def process_rows(mesh: Mesh, global_batch: int) -> slice:
     """The rows of a [global_batch, T] batch that this process's devices hold: the only rows
     its input pipeline has to produce."""
-    index = batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1)).values()
+    shape = (global_batch, mesh.shape["context"])  # any token count the context axis divides
+    index = batch_sharding(mesh).addressable_devices_indices_map(shape).values()
     starts = [i[0].start or 0 for i in index]
     stops = [global_batch if i[0].stop is None else i[0].stop for i in index]
     return slice(min(starts), max(stops))

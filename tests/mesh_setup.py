@@ -79,6 +79,7 @@ def reference(steps: int = 3):
     return losses, snapshots
 
 
+@functools.lru_cache(maxsize=None)  # shared by the tests that compare with one layout
 def run_sharded(mc: sharding.MeshConfig, steps: int = 3, config: ModelConfig = CFG,
                 microbatches: int = 1):
     """The same steps through sharding.jit_step on the mesh of `mc` (compiled once)."""

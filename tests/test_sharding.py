@@ -10,7 +10,7 @@ from flax import nnx
 from jax.sharding import AxisType, PartitionSpec as P
 
 from llama_jax import model, sharding
-from mesh_setup import CFG, make_step, reference, rel, run_sharded
+from mesh_setup import CFG, make_step, reference, rel, run_sharded, step_fn
 
 MC = sharding.MeshConfig
 
@@ -113,3 +113,37 @@ def test_train_step_equals_single_device(mc):
     assert rel(params[2], ref_params[2]) <= 1e-5
     assert rel(ref_params[2], ref_params[0]) > 1e-3  # the steps did move the parameters
     assert int(state.step) == 3 and int(state.skipped) == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory, read from the compiled step (XLA's buffer assignment), not from wall time.
+
+
+def compiled_memory(mc, n_devices, b=16, t=16):
+    """memory_analysis() of the sharded train step compiled for the first n_devices."""
+    s, state, params = make_step()
+    mesh = sharding.make_mesh(mc, jax.devices()[:n_devices])
+    step = sharding.jit_step(step_fn(s), mesh, mc, state, params)
+    keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+    batch = {k: jax.ShapeDtypeStruct((b, t), np.int32) for k in keys}
+    with jax.set_mesh(mesh):
+        return step.lower(state, batch).compile().memory_analysis()
+
+
+@pytest.mark.slow
+def test_parameter_and_optimizer_bytes_fall_as_one_over_fsdp_degree():
+    # arguments = parameters + AdamW's mu, nu + the batch, all sharded over data; only the
+    # RMSNorm gains and a few scalars stay whole on every device
+    one = compiled_memory(MC(1, 1, 1, 1), 1).argument_size_in_bytes
+    for n in (2, 8):
+        per_device = compiled_memory(MC(n, 1, 1, 1), n).argument_size_in_bytes
+        assert one / n <= per_device <= 1.1 * one / n, (n, one, per_device)
+    replicated = compiled_memory(MC(8, 1, 1, 1, fsdp=False), 8).argument_size_in_bytes
+    assert replicated > 0.95 * one  # the replication switch keeps whole copies
+
+
+@pytest.mark.slow
+def test_activation_bytes_fall_with_context_degree():
+    temp = {c: compiled_memory(MC(1, 1, c, 1), c, b=4, t=128).temp_size_in_bytes
+            for c in (1, 2, 4)}
+    assert temp[2] < 0.6 * temp[1] and temp[4] < 0.6 * temp[2], temp

@@ -124,6 +124,14 @@ def test_report_has_roofline_and_json_cli(tiny_plan, capsys):
     assert out["mesh"]["data"] == 8 and out["fits"] and out["memory"]["total"] > 0
 
 
+def test_tiny_plans_on_a_tpu_topology():
+    """The TPU compiler itself (libtpu, no TPU attached) on a 2x4 v5e slice."""
+    r = plan.plan(_tiny("--config.data.global_batch=16"), "v5e:2x4")
+    assert r["device"] == "TPU v5e" and r["devices"] == 8 and not r["estimate"]
+    assert r["fits"] and r["memory"]["capacity"] == hardware.DEVICES["v5e"].hbm_bytes
+    assert r["flops"]["compiler"] >= r["flops"]["analytic"] > 0 and r["roofline"]["step_s"] > 0
+
+
 def _cli():
     spec = importlib.util.spec_from_file_location("plan_cli", os.path.join(ROOT, "tools/plan.py"))
     module = importlib.util.module_from_spec(spec)

@@ -246,15 +246,16 @@ def _plan_one(config, target: hardware.Target, overrides) -> dict:
     full = sharding.mesh_shape(mc, target.n_devices)  # raises if the sizes do not match
     if target.device.platform == "tpu":
         devices = hardware.tpu_devices(target.topology, target.slices)
-        n_sim, stand_in = target.n_devices, None
+        n_sim = target.n_devices
     else:
-        n_sim, stand_in = _simulated_mesh(config, target)
+        n_sim, _ = _simulated_mesh(config, target)  # shrinks mesh.data and the batch by k
         devices = jax.devices()[:n_sim]
     try:
         measured = compile_on(config, devices, target, full)
-    except ValueError as e:  # a layout the sharding rules reject: reported, not raised
+    except (ValueError, NotImplementedError) as e:  # sharding rules or the TPU's physical
+        # mesh (mesh_utils: a logical axis that splits a torus axis) reject the layout
         measured = dict(invalid=str(e))
-    if stand_in is not None and n_sim != target.n_devices:
+    if n_sim != target.n_devices:  # report the target's batch, not the stand-in's
         with config.unlocked():
             config.data.global_batch *= target.n_devices // n_sim
     return report(config, target, full, measured, overrides)

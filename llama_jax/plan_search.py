@@ -123,3 +123,16 @@ def format_report(r: dict) -> str:
                   f"  predicted MFU {100 * rl['mfu']:.1f}%, {rl['tokens_per_s']:,.0f} tokens/s; "
                   f"compiled in {r['compile_s']} s"]
     return "\n".join(lines)
+
+
+def format_ranking(results: list[dict]) -> str:
+    """One line per searched layout, best first (the head of --search's text output)."""
+    lines = [" #  data pipe ctx  tp  remat          micro  GiB/device  fits  step s    MFU"]
+    for i, r in enumerate(results, 1):
+        m, total = r["mesh"], r.get("memory", {}).get("total", float("nan"))
+        rl = r.get("roofline", {})
+        lines.append(f"{i:2d} {m['data']:5d} {m['pipeline']:4d} {m['context']:3d} "
+                     f"{m['tensor']:3d}  {r['remat']:<14} {r['microbatches']:5d} "
+                     f"{total / 2**30:11.2f}  {'yes' if r['fits'] else 'no':>4}  "
+                     f"{rl.get('step_s', float('nan')):7.3g} {100 * rl.get('mfu', 0):5.1f}%")
+    return "\n".join(lines)

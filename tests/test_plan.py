@@ -222,6 +222,7 @@ def test_search_ranks_fitting_layouts_by_mfu():
     mfus = [r["roofline"]["mfu"] for r in results]
     assert mfus == sorted(mfus, reverse=True)
     assert len({json.dumps(r["mesh"]) + r["remat"] for r in results}) == 3
+    assert len(plan_search.format_ranking(results).splitlines()) == 4
 
 
 @pytest.mark.parametrize("name,devices", [("plan_llama3_405b_paper.py", 8192),

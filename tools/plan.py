@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     if args.format == "json":
         print(json.dumps(results if args.search else results[0], indent=1, default=float))
     else:
+        if args.search:
+            print(plan_search.format_ranking(results) + "\n")
         print("\n\n".join(plan_search.format_report(r) for r in results))
     return 0
 

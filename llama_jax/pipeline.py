@@ -97,7 +97,12 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
 
 
 def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
-    """The per-stage loop (inside shard_map). xs [M, B/M, T, D]; params leaves [R, 1, L', ...]."""
+    """The per-stage loop (inside shard_map). xs [M, B/M, T, D]; params leaves [R, 1, L', ...].
+
+    Only what the next step needs is carried (the activation from the previous stage and, for
+    R > 1, stage 0's returning microbatches); outputs leave as scan outputs, so the residuals
+    autodiff keeps grow linearly with M, not as M².
+    """
     m_count, s = xs.shape[0], jax.lax.axis_index(axis)
     items = repeats * m_count
     params = jax.tree.map(lambda a: a[:, 0], params)  # [R, L/(R·S), ...]
@@ -105,23 +110,24 @@ def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
     zeros = _varying(jnp.zeros_like(xs), axis)
 
     def step(carry, t):
-        held, loop, outs = carry  # held: what the previous stage sent; loop: stage 0's returns
-        w = t - s
-        valid = (w >= 0) & (w < items)
-        r, m = jnp.clip(w, 0, items - 1) // m_count, jnp.clip(w, 0, items - 1) % m_count
-        x_in = jnp.where(s == 0, jnp.where(r == 0, xs[m], loop[m]), held)
+        held, loop = carry  # held: what the previous stage sent; loop: stage 0's returns
+        w = jnp.clip(t - s, 0, items - 1)  # work item; out of range = idle (result unused)
+        r, m = w // m_count, w % m_count
+        first = xs[m] if loop is None else jnp.where(r == 0, xs[m], loop[m])
+        x_in = jnp.where(s == 0, first, held)
         block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], params))
         y, _ = model._layers(x_in, ps[m], ss[m], None, None, None, layers=block)
-        done = valid & (s == stages - 1) & (r == repeats - 1)
-        outs = outs.at[m].set(jnp.where(done, y, outs[m]))
         sent = jax.lax.ppermute(y, axis, ring)
-        # stage 0 now holds item t − (S − 1) from the last stage: keep it for its next repeat
-        back = t - (stages - 1)
-        m_back = jnp.clip(back, 0, items - 1) % m_count
-        keep = (s == 0) & (back >= 0) & (back < items)
-        loop = loop.at[m_back].set(jnp.where(keep, sent, loop[m_back]))
-        return (sent, loop, outs), None
+        if loop is not None:  # stage 0 now holds item t − (S − 1): keep it for its next repeat
+            back = t - (stages - 1)
+            m_back = jnp.clip(back, 0, items - 1) % m_count
+            keep = (s == 0) & (back >= 0) & (back < items)
+            loop = loop.at[m_back].set(jnp.where(keep, sent, loop[m_back]))
+        return (sent, loop), y
 
-    carry = (zeros[0], zeros, zeros)
-    (_, _, outs), _ = jax.lax.scan(step, carry, jnp.arange(items + stages - 1))
-    return jax.lax.psum(outs, axis)  # only the last stage's outputs are non-zero
+    carry = (zeros[0], zeros if repeats > 1 else None)
+    _, ys = jax.lax.scan(step, carry, jnp.arange(items + stages - 1))
+    # the last stage finishes microbatch m of the last repeat at step (R − 1)·M + m + S − 1
+    done = (repeats - 1) * m_count + stages - 1
+    outs = jnp.where(s == stages - 1, ys[done:done + m_count], 0.0)
+    return jax.lax.psum(outs, axis)

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from llama_jax import model, optim, sharding, train
@@ -20,6 +21,16 @@ from llama_jax.config import ModelConfig
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=48,
                   max_seq_len=16, name="mesh-test")
 B, T = 16, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def fast_compiles():
+    """Compiling a step per layout dominates these tests, and XLA's optimisation passes are not
+    what they check (the SPMD partitioning still runs): skipping them saves about a third."""
+    old = jax.config.values["jax_disable_most_optimizations"]
+    jax.config.update("jax_disable_most_optimizations", True)
+    yield
+    jax.config.update("jax_disable_most_optimizations", old)
 
 
 def batches(n: int, seed: int = 0, b: int = B, t: int = T) -> list[dict[str, np.ndarray]]:

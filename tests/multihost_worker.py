@@ -20,6 +20,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_disable_most_optimizations", True)  # as the tests in this process
 
 from llama_jax import sharding  # noqa: E402
 

@@ -13,6 +13,7 @@ import pytest
 
 from llama_jax import sharding
 from mesh_setup import make_step, rel, run_sharded
+from mesh_setup import fast_compiles  # noqa: F401 - autouse fixture
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 

@@ -8,6 +8,7 @@ from flax import nnx
 
 from llama_jax import model, pipeline, sharding
 from mesh_setup import CFG, batches, reference, rel, run_sharded
+from mesh_setup import fast_compiles  # noqa: F401 - autouse fixture
 
 
 def test_bubble_fraction():

@@ -11,6 +11,7 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 from llama_jax import model, sharding
 from mesh_setup import CFG, make_step, reference, rel, run_sharded, step_fn
+from mesh_setup import fast_compiles  # noqa: F401 - autouse fixture
 
 MC = sharding.MeshConfig
 

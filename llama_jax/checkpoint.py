@@ -20,11 +20,11 @@ import json
 import logging
 import os
 import shutil
-import uuid
 
 import grain.checkpoint
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -72,22 +72,35 @@ def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | No
         raise ValueError("save_params got a parameter dict without config=; pass the ModelConfig.")
     else:
         params = model
-    tmp = f"{directory}.tmp-{uuid.uuid4().hex[:8]}"
-    os.makedirs(tmp)
+    # One temporary name for all processes: the Orbax save is collective (each process
+    # writes its own shards); process 0 alone writes the small files and renames.
+    tmp, primary = f"{directory}.tmp", jax.process_index() == 0
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
+        os.makedirs(tmp)
+    _barrier("save_params:start")
     try:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
             ckptr.wait_until_finished()
-        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-            json.dump({"format": FORMAT, "model": config.to_dict()}, f, indent=2)
-        if tokenizer_path:
-            shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
-        if os.path.exists(directory):
-            shutil.rmtree(directory)
-        os.rename(tmp, directory)
+        if primary:
+            with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+                json.dump({"format": FORMAT, "model": config.to_dict()}, f, indent=2)
+            if tokenizer_path:
+                shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
+            if os.path.exists(directory):
+                shutil.rmtree(directory)
+            os.rename(tmp, directory)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _barrier("save_params:end")
     return directory
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
 
 
 def load_config(directory: str) -> ModelConfig:

@@ -136,9 +136,10 @@ def run(config, workdir: str) -> TrainState:
     """
     t_start = time.perf_counter()
     model_config = ModelConfig.from_dict(config.model.to_dict())
-    tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer)
-    check(config, model_config, tokenizer)
-    os.makedirs(workdir, exist_ok=True)
+    check(config, model_config)
+    checkpoint.check_workdir(workdir, model_config)
+    tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer, workdir, config.data)
+    check_tokenizer(tokenizer, model_config)
     ckpt = checkpoint.Manager(workdir, model_config, save_every=config.train.checkpoint_every,
                               keep=config.train.keep_checkpoints, tokenizer_file=tokenizer_file)
     dcfg = data_config(config.data)
@@ -170,14 +171,15 @@ def run(config, workdir: str) -> TrainState:
         flops_per_token=flops.train_flops_per_token(model_config, dcfg.seq_len),
         peak_tflops=flops.device_peak_tflops(cpu_peak_tflops=config.train.cpu_peak_tflops))
     evaluate = functools.partial(_evaluate, graphdef=graphdef, ds=val_ds, put=put,
-                                 n_batches=config.train.eval_batches)
+                                 n_batches=config.train.eval_batches,
+                                 hooks=lambda: sharding.hooks(mesh, mc))
     try:
         state = _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, start)
     finally:
         ckpt.close()
         writer.close()
-    if int(state.step) >= config.train.steps and jax.process_index() == 0:
-        print(f"Trained {config.train.steps} steps in {time.perf_counter() - t_start:.0f}s.")
+    if int(state.step) >= config.train.steps:
+        _print(f"Trained {config.train.steps} steps in {time.perf_counter() - t_start:.0f}s.")
         _finish(config, workdir, nnx.merge(graphdef, state.params), tokenizer, tokenizer_file)
     return state
 
@@ -216,7 +218,7 @@ def _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, step)
         if preempted.is_set():
             ckpt.save(step, state, train_iter, force=True)
             ckpt.wait()
-            print(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting.", flush=True)
+            _print(f"SIGTERM: saved step {step} in {ckpt.directory}; exiting.")
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
@@ -237,25 +239,33 @@ def _report(config, writer, step, metrics, tokens_per_step):
         writer.train(step, metrics, tokens_per_step=tokens_per_step)
 
 
-def _evaluate(params, *, graphdef, ds, put, n_batches) -> float:
+def _evaluate(params, *, graphdef, ds, put, n_batches, hooks) -> float:
     """Mean cross-entropy over the first n_batches of the held-out split (the same each time)."""
     ce, n = 0.0, 0.0
     for batch in itertools.islice(iter(ds), n_batches):
-        c, k = eval_step(params, jax.tree.map(put, batch), graphdef)
+        with hooks():  # context-parallel attention / pipelined layers, as in the train step
+            c, k = eval_step(params, jax.tree.map(put, batch), graphdef)
         ce, n = ce + float(c), n + float(k)
     return ce / max(n, 1.0)
 
 
 def _finish(config, workdir, model, tokenizer, tokenizer_file):
-    """Params-only export to workdir/export, and a greedy sample from the trained model."""
+    """Params-only export to workdir/export, and a greedy sample from the trained model.
+
+    Every process takes part (the export is a collective Orbax save); process 0 prints."""
     path = checkpoint.save_params(os.path.join(workdir, "export"), model,
                                   tokenizer_path=tokenizer_file, overwrite=True)
-    print(f"Exported parameters to {path}.")
+    _print(f"Exported parameters to {path}.")
     if config.train.sample_tokens:
         prompt = tokenizer.encode(config.train.sample_prompt, bos=True, eos=False)
         out = decode.generate(model, [prompt], config.train.sample_tokens)
         text = tokenizer.decode(out.tokens[0, :out.lengths[0]])
-        print(f"Greedy sample:\n{config.train.sample_prompt}{text}", flush=True)
+        _print(f"Greedy sample:\n{config.train.sample_prompt}{text}")
+
+
+def _print(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def _abstract(x):
@@ -266,11 +276,28 @@ def _abstract(x):
 # From the experiment config to the library's pieces.
 
 
-def make_tokenizer(spec: str):
-    """(tokenizer, file to store with checkpoints or None) for "byte" or a tokenizer.model path
-    (SentencePiece as in LLaMA 1/2 and tools/train_tokenizer.py, or Llama 3's tiktoken file)."""
+def make_tokenizer(spec: str, workdir: str, data_cfg):
+    """(tokenizer, file to store with checkpoints or None) for a tokenizer spec:
+
+    "byte": UTF-8 bytes (259 ids); a tokenizer.model path (SentencePiece as in LLaMA 1/2, or
+    Llama 3's tiktoken file); "train:V": a V-piece SentencePiece BPE trained with LLaMA's options
+    by tools/train_tokenizer.py on the run's corpus, once, into workdir/tokenizer.model (seconds
+    for the stdlib; a resumed run reuses the file).
+    """
     if spec == "byte":
         return data.ByteTokenizer(), None
+    if spec.startswith("train:"):
+        path = os.path.join(workdir, "tokenizer.model")
+        if not os.path.isfile(path):
+            from tools import train_tokenizer  # noqa: PLC0415 - tools/ is beside the package
+            os.makedirs(workdir, exist_ok=True)
+            t = time.perf_counter()
+            train_tokenizer.train(os.path.join(workdir, "tokenizer"), files=data_cfg.files,
+                                  vocab_size=int(spec[len("train:"):]),
+                                  jsonl_field=data_cfg.jsonl_field, max_sentences=200_000)
+            print(f"Trained a {spec[6:]}-piece tokenizer in {time.perf_counter() - t:.0f}s: "
+                  f"{path}.", flush=True)
+        spec = path
     return tokenizer_lib.load_tokenizer(spec), spec
 
 
@@ -288,11 +315,14 @@ def optim_config(config) -> optim.OptimConfig:
         weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay_embeddings=o.decay_embeddings)
 
 
-def check(config, model_config: ModelConfig, tokenizer) -> None:
-    """One-sentence errors for a config that cannot train, raised before anything compiles."""
+def check_tokenizer(tokenizer, model_config: ModelConfig) -> None:
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ValueError(f"The tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocab_size is {model_config.vocab_size}; raise model.vocab_size.")
+
+
+def check(config, model_config: ModelConfig) -> None:
+    """One-sentence errors for a config that cannot train, raised before anything compiles."""
     data.check_config(config.data, process_count=jax.process_count(),
                       max_seq_len=model_config.max_seq_len)
     rows = config.data.global_batch

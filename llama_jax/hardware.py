@@ -148,7 +148,8 @@ class Target:
 
 def valid_targets() -> str:
     gpus = ", ".join(f"{k}:N" for k, d in DEVICES.items() if d.platform == "gpu")
-    return (f"TPU GEN:TOPOLOGY with GEN in {', '.join(k for k, d in DEVICES.items() if d.platform == 'tpu')}"
+    tpus = ", ".join(k for k, d in DEVICES.items() if d.platform == "tpu")
+    return (f"TPU GEN:TOPOLOGY with GEN in {tpus}"
             f" and an optional slice count prefix (e.g. {', '.join(TPU_EXAMPLES)}); "
             f"{gpus} GPUs (N <= 8 or a multiple of 8); cpu:N simulated CPU devices")
 

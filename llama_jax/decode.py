@@ -286,7 +286,7 @@ def loop(weights: Weights, state: DecodeState, sampling, stop_ids, max_new, *,
     def body(s):
         s = _decode_step(weights, s, sampling, stop_ids, max_new)
         if stream:
-            jax.debug.callback(_stream, s.step, s.last, s.lengths, ordered=True)
+            jax.debug.callback(_stream, s.step, s.last, s.lengths)
         return s
 
     return jax.lax.while_loop(cond, body, state)

@@ -196,8 +196,11 @@ def test_sharded_equals_single_device(tiny, data, tensor):
     sharded = decode.prepare(decode.shard(model, mesh))
     assert sharded.layers[0]["wq"].sharding.spec[-1] == "tensor"
     assert sharded.layers[0]["w_down"].sharding.spec[0] == "tensor"
-    out = decode.generate(sharded, prompts, 8, stop_ids=[], mesh=mesh)
+    seen = []
+    out = decode.generate(sharded, prompts, 8, stop_ids=[], mesh=mesh,
+                          stream=lambda step, tok, lengths: seen.append(tok.tolist()))
     np.testing.assert_array_equal(out.tokens, ref.tokens)
+    assert np.asarray(seen)[:, :3].T.tolist() == ref.tokens.tolist()  # streams work sharded
     np.testing.assert_allclose(out.logprobs, ref.logprobs, rtol=1e-5, atol=1e-5)
 
 

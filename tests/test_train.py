@@ -277,3 +277,14 @@ def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path):
     out = _run_to_end(interrupted)
     assert "Resumed from step" in out and f"Resumed from step {saved}" not in out
     _assert_same_run(straight, interrupted)
+
+
+def test_tokenizer_trained_once_into_the_workdir(tmp_path):
+    config = tiny_config()
+    tok, path = train.make_tokenizer("train:512", str(tmp_path), config.data)
+    assert path == os.path.join(tmp_path, "tokenizer.model") and tok.vocab_size == 512
+    text = "def f(x):\n    return x + 1\n"
+    assert tok.decode(tok.encode(text, bos=False, eos=False)) == text
+    mtime = os.path.getmtime(path)
+    again, _ = train.make_tokenizer("train:512", str(tmp_path), config.data)  # a resumed run
+    assert os.path.getmtime(path) == mtime and again.encode(text, bos=True, eos=False)[0] == 1

@@ -48,15 +48,16 @@ REMAT_POLICIES = {
 # Execution hooks for sharded steps (set by llama_jax.sharding while a step is traced, so they
 # apply to that trace only): `attention(q, k, v, positions, segment_ids)` replaces the no-cache
 # attention (context parallelism), `layers(model, x, positions, segment_ids)` runs the stacked
-# layers (pipeline parallelism). None = the plain single-program code below.
-_HOOKS: dict[str, Any] = dict(attention=None, layers=None)
+# layers (pipeline parallelism), `activations(x)` constrains the sharding of x [B, T, D] at
+# every block boundary. None = the plain single-program code below.
+_HOOKS: dict[str, Any] = dict(attention=None, layers=None, activations=None)
 
 
 @contextlib.contextmanager
-def hooks(attention=None, layers=None):
+def hooks(attention=None, layers=None, activations=None):
     """Routes the no-cache attention and/or the layer stack through other implementations."""
     saved = dict(_HOOKS)
-    _HOOKS.update(attention=attention, layers=layers)
+    _HOOKS.update(attention=attention, layers=layers, activations=activations)
     try:
         yield
     finally:
@@ -235,9 +236,12 @@ class Llama(nnx.Module):
         graphdef, params = nnx.split(self.layers if layers is None else layers)
         inv_freq = rope_frequencies(c)
 
+        constrain = _HOOKS["activations"] or (lambda x: x)
+
         def layer(x, layer_params, kv):
             block = nnx.merge(graphdef, layer_params)
-            return block(x, positions, segment_ids, inv_freq, kv, kv_pos, kv_seg)
+            x, kv = block(constrain(x), positions, segment_ids, inv_freq, kv, kv_pos, kv_seg)
+            return constrain(x), kv
 
         if c.remat != "none":
             layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat])

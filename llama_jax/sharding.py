@@ -239,7 +239,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
 
 
 def hooks(mesh: Mesh, mc: MeshConfig):
-    """The model hooks for this mesh: context-parallel attention, pipelined layers."""
+    """The model hooks for this mesh: context-parallel attention, pipelined layers, and the
+    activation sharding at block boundaries (the pipeline's stages run without it: inside its
+    shard_map the activations are per-stage values)."""
     attn = layers = None
     cp = mc.context_impl if mesh.shape["context"] > 1 else None
     if cp:
@@ -247,7 +249,11 @@ def hooks(mesh: Mesh, mc: MeshConfig):
     if mesh.shape["pipeline"] > 1:
         layers = functools.partial(pipeline.pipeline_layers, mesh=mesh, context_impl=cp,
                                    microbatches=mc.microbatches, repeats=mc.repeats)
-    return model.hooks(attention=attn, layers=layers)
+    # block boundaries: without this XLA may shard D of the activations over data like the
+    # FSDP weights instead of gathering the weights (half the tokens/s in tools/bench_mesh.py)
+    x_sharding = NamedSharding(mesh, P("data", "context", None))
+    activations = functools.partial(jax.lax.with_sharding_constraint, shardings=x_sharding)
+    return model.hooks(attention=attn, layers=layers, activations=activations)
 
 
 def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, mc: MeshConfig, axes: Any) -> Any:

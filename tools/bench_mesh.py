@@ -81,10 +81,11 @@ def train_tokens_per_second(mc: MC, batch: int = 16, seq: int = 64, steps: int =
 
 def measured_bubble(stages: int, repeats: int, microbatches: int, rows: int = 2,
                     seq: int = 64, steps: int = 5) -> float:
-    """1 − (useful stage time) / (loop time) of the pipelined layers (forward + backward).
+    """1 − (useful stage time) / (loop time) of the pipelined layers' forward pass.
 
     With microbatches of fixed size the loop takes c·(R·M + S − 1) + overhead; timing M and
-    2M microbatches gives the per-slot time c, and the bubble is 1 − R·M·c / t(M).
+    2M microbatches gives the per-slot time c, and the bubble is 1 − R·M·c / t(M). (The
+    backward pass is left out: on a shared host its timings vary too much for the difference.)
     """
     mesh = sharding.make_mesh(MC(-1, stages, 1, 1))
     llama = model.create(CONFIG, 0)
@@ -99,7 +100,7 @@ def measured_bubble(stages: int, repeats: int, microbatches: int, rows: int = 2,
             out = pipeline.pipeline_layers(nnx.merge(graphdef, params), x, pos, seg, mesh=mesh,
                                            microbatches=m, repeats=repeats)
             return jnp.sum(out * out)
-        f = jax.jit(jax.grad(loss))
+        f = jax.jit(loss)
         with jax.set_mesh(mesh):
             return _time(lambda: f(params, x), steps)
     t1, t2 = seconds(microbatches), seconds(2 * microbatches)

@@ -5,7 +5,10 @@
         --workdir=gs://bucket/run --config.data.tokenizer=/path/tokenizer.model \
         --config.data.files='/data/*.jsonl' --config.optim.peak_lr=2e-4 --config.train.steps=1000
 
-Rerunning the same command resumes from the latest checkpoint in --workdir.
+Rerunning the same command resumes from the latest checkpoint in --workdir. Multi-host: run the
+same command on every host with --coordinator_address=HOST0:PORT --num_processes=N
+--process_id=I (or the JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables);
+on TPU VMs --distributed finds them itself.
 """
 
 import os
@@ -18,11 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from llama_jax import train  # noqa: E402
+from llama_jax import sharding, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and exports go here.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-host run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Let JAX detect the cluster (TPU VMs).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -30,6 +37,8 @@ def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
+    sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                        auto=_DISTRIBUTED.value)  # before anything touches a device
     train.run(_CONFIG.value, _WORKDIR.value)
 
 

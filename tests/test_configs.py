@@ -24,7 +24,8 @@ def load(path, arg=""):
     spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    assert "python experiments/train.py --config=" in module.__doc__  # the launch line
+    # The launch line (experiments/train.py, or tools/plan.py for the plan_* layouts).
+    assert f"--config=experiments/configs/{os.path.basename(path)}" in module.__doc__
     return module.get_config(arg)
 
 

@@ -3,6 +3,7 @@
     python tools/benchmark.py peak               # measured matmul peak of this machine
     python tools/benchmark.py forward            # jitted forward, bench shape, f32 and bf16
     python tools/benchmark.py train              # train step, bench shape, f32 and bf16
+    python tools/benchmark.py train --mesh       # every mesh on 8 simulated CPU devices
     python tools/benchmark.py decode             # KV-cached decode, batch 1 and 8
     python tools/benchmark.py convert            # HF -> Orbax and Meta -> Orbax MB/s, peak RSS
 
@@ -21,6 +22,9 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--mesh" in sys.argv:  # simulated devices must be requested before JAX starts
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8")
 
 from absl import app, flags  # noqa: E402
 
@@ -30,6 +34,8 @@ flags.DEFINE_integer("batch", 4, "Batch size (forward/train).")
 flags.DEFINE_integer("seq_len", 512, "Sequence length (forward/train).")
 flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
 flags.DEFINE_string("model", "bench", "Model preset.")
+flags.DEFINE_bool("mesh", False, "train: compare mesh layouts on 8 simulated CPU devices.")
+flags.DEFINE_list("decode_batches", ["1", "8"], "decode: batch sizes (prompt 64, 128 new).")
 
 MODES = ("peak", "forward", "train", "decode", "convert")
 
@@ -76,37 +82,78 @@ def bench_forward(dtype: str, peak_gflops: float) -> dict:
                 device=jax.devices()[0].device_kind)
 
 
+def bench_train(dtype: str, peak_gflops: float) -> dict:
+    """Steady-state train step (AdamW, donated state) on one fixed random batch."""
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import llama_jax as lj
+    from llama_jax import flops, optim, train
+    c = lj.get_config(FLAGS.model, dtype=dtype)
+    graphdef, params = nnx.split(lj.abstract(c), nnx.Param)
+    ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
+    tx = optim.make_optimizer(ocfg, params)
+    step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg))
+    state = {"s": train.init_state(train.init_params(c, 0), tx)}
+    b, t = FLAGS.batch, FLAGS.seq_len
+    ids = np.random.default_rng(1).integers(0, c.vocab_size, (b, t + 1), dtype=np.int32)
+    batch = jax.device_put(dict(
+        inputs=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((b, t), np.int32),
+        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
+        loss_mask=np.ones((b, t), np.int32)))
+
+    def one():
+        state["s"], metrics = train.train_step(state["s"], batch, step_fn)
+        jax.block_until_ready(state["s"])
+
+    one()  # compile
+    sec = _timeit(one, FLAGS.iters)
+    tok_s = b * t / sec
+    gflops = tok_s * flops.train_flops_per_token(c, t) / 1e9
+    return dict(bench="train", model=FLAGS.model, dtype=dtype, batch=b, seq_len=t,
+                step_s=round(sec, 4), tokens_per_s=round(tok_s, 1), gflops=round(gflops, 1),
+                peak_gflops=round(peak_gflops, 1), fraction_of_peak=round(gflops / peak_gflops, 3),
+                jax=jax.__version__, device=jax.devices()[0].device_kind)
+
+
+def _print(row: dict) -> None:
+    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+          flush=True)
+
+
 def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"Usage: benchmark.py MODE [flags], MODE one of {', '.join(MODES)}.")
     mode = argv[1]
+    if mode == "train" and FLAGS.mesh:
+        from tools import bench_mesh
+        for row in bench_mesh.benchmark_meshes():
+            _print(row)
+        return
     if mode == "decode":
-        from tools import bench_worker_decode
-        for row in bench_worker_decode.benchmark_rows(FLAGS.dtypes):
-            print(json.dumps(row), flush=True)
+        import llama_jax as lj
+        from tools import bench_worker_decode as bwd
+        config, bandwidth = lj.get_config(FLAGS.model), bwd.measure_bandwidth()
+        model = lj.create(config)
+        for dtype in FLAGS.dtypes:
+            for batch in map(int, FLAGS.decode_batches):
+                _print(bwd.benchmark_decode(config, batch, 64, 128, dtype, model=model,
+                                            bandwidth_gbs=bandwidth))
         return
     if mode == "convert":
         from tools import convert_checkpoint
         for row in convert_checkpoint.benchmark_convert():
-            print(json.dumps(row), flush=True)
+            _print(row)
         return
-    peaks = {}
+    peaks = {dtype: measure_peak(dtype) for dtype in FLAGS.dtypes}
     for dtype in FLAGS.dtypes:
-        peaks[dtype] = measure_peak(dtype)
         if mode == "peak":
-            print(json.dumps(dict(bench="peak", dtype=dtype, gflops=round(peaks[dtype], 1))),
-                  flush=True)
-    if mode == "forward":
-        for dtype in FLAGS.dtypes:
-            print(json.dumps(bench_forward(dtype, peaks[dtype])), flush=True)
-    elif mode == "train":
-        from tools import bench_worker_train
-        for dtype in FLAGS.dtypes:
-            row = bench_worker_train.benchmark_train(FLAGS.model, dtype, FLAGS.batch,
-                                                     FLAGS.seq_len, FLAGS.iters)
-            row["peak_gflops"] = round(peaks[dtype], 1)
-            row["fraction_of_peak"] = round(row["gflops"] / peaks[dtype], 3)
-            print(json.dumps(row), flush=True)
+            _print(dict(bench="peak", dtype=dtype, gflops=round(peaks[dtype], 1)))
+        elif mode == "forward":
+            _print(bench_forward(dtype, peaks[dtype]))
+        elif mode == "train":
+            _print(bench_train(dtype, peaks[dtype]))
 
 
 if __name__ == "__main__":

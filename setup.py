@@ -35,7 +35,11 @@ setuptools.setup(
             "safetensors",
             "llama-models",
             "fairscale",
+            # libtpu (pinned by jax to the matching release): tests plan TPU targets on CPU.
+            "jax[tpu]",
         ],
         "convert": ["torch==2.13.0"],
+        # Ahead-of-time compilation for TPU topologies on any machine (tools/plan.py).
+        "plan": ["jax[tpu]"],
     },
 )

@@ -36,6 +36,7 @@ from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
 from llama_jax.model import abstract, create
+from llama_jax.sampling import SamplingParams
 
 Batch = dict[str, jax.Array]  # each [B, T] int32
 
@@ -250,7 +251,7 @@ def _evaluate(params, *, graphdef, ds, put, n_batches, hooks) -> float:
 
 
 def _finish(config, workdir, model, tokenizer, tokenizer_file):
-    """Params-only export to workdir/export, and a greedy sample from the trained model.
+    """Params-only export to workdir/export, and a sample from the trained model.
 
     Every process takes part (the export is a collective Orbax save); process 0 prints."""
     path = checkpoint.save_params(os.path.join(workdir, "export"), model,
@@ -258,9 +259,14 @@ def _finish(config, workdir, model, tokenizer, tokenizer_file):
     _print(f"Exported parameters to {path}.")
     if config.train.sample_tokens:
         prompt = tokenizer.encode(config.train.sample_prompt, bos=True, eos=False)
-        out = decode.generate(model, [prompt], config.train.sample_tokens)
+        # Nucleus sampling rather than greedy: a small model's greedy output falls into a
+        # repetition loop (e.g. a run of underscores) that hides what it has learnt.
+        params = SamplingParams(temperature=config.train.sample_temperature, top_p=0.95)
+        out = decode.generate(model, [prompt], config.train.sample_tokens, params,
+                              seed=config.train.seed)
         text = tokenizer.decode(out.tokens[0, :out.lengths[0]])
-        _print(f"Greedy sample:\n{config.train.sample_prompt}{text}")
+        _print(f"Sample (temperature {params.temperature}, top-p {params.top_p}):\n"
+               f"{config.train.sample_prompt}{text}")
 
 
 def _print(message: str) -> None:

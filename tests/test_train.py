@@ -162,7 +162,7 @@ def test_tiny_run_learns_below_unigram_entropy(tmp_path, capsys):
     assert final < entropy - 0.7, (final, entropy)
     assert m[200]["eval_loss"] < entropy - 0.4, (m[200], entropy)
     out = capsys.readouterr().out
-    assert "Greedy sample:" in out and "MFU" in out
+    assert "Sample (temperature" in out and "MFU" in out
     assert checkpoint.is_params_checkpoint(os.path.join(tmp_path, "export"))
     assert os.path.isdir(os.path.join(tmp_path, "tensorboard"))
 

@@ -64,7 +64,8 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.train.max_bad_steps = 10  # consecutive non-finite steps that stop the run
     c.train.cpu_peak_tflops = 0.19  # ../shared/bench: 190 GFLOP/s f32 matmul on 2 cores
     c.train.sample_prompt = "def "
-    c.train.sample_tokens = 64  # greedy sample printed at the end; 0 = none
+    c.train.sample_tokens = 64  # sample printed at the end; 0 = none
+    c.train.sample_temperature = 0.8  # 0 = greedy
     return c
 
 

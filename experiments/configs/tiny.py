@@ -4,7 +4,7 @@
 
 Trains on the Python standard library's source (present on every machine, built into a TFDS
 array_record dataset on first use) with a byte tokenizer (no tokenizer training), then prints a
-greedy sample after "def ". `tiny.py:test` is a seconds-long variant for the tests.
+sample after "def ". `tiny.py:test` is a seconds-long variant for the tests.
 
 300 steps × 16 rows × 256 bytes = 1.2M bytes, 4 min 35 s on 2 CPU cores (training 268 s at
 ~4,500 tokens/s): the loss falls from 3.9 at step 10 to 1.7-1.9 nats/byte (held-out 2.3); the

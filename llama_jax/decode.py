@@ -49,6 +49,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from llama_jax import attention
 from llama_jax import model as model_lib
 from llama_jax import sampling as sampling_lib
+from llama_jax import sharding
 from llama_jax.config import ModelConfig
 from llama_jax.sampling import SamplingParams
 
@@ -297,9 +298,6 @@ def loop(weights: Weights, state: DecodeState, sampling, stop_ids, max_new, *,
 # listed are replicated; a listed one is replicated too when the mesh axis does not divide it
 # (e.g. K = 2 kv heads on tensor = 4: every device keeps both, as in Llama 3 70B serving).
 
-_RULES = {"vocab": "tensor", "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"}
-
-
 def make_mesh(data: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
     """A (data, tensor) mesh over the first data × tensor devices."""
     if data * tensor > jax.device_count():
@@ -311,9 +309,8 @@ def make_mesh(data: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
 
 
 def _spec(axes, shape, mesh) -> PartitionSpec:
-    mesh_axes = [_RULES.get(a) for a in axes]
-    return PartitionSpec(*(m if m and n % mesh.shape[m] == 0 else None
-                           for m, n in zip(mesh_axes, shape)))
+    """sharding.RULES without FSDP: weights split over `tensor`, replicated over `data`."""
+    return sharding.spec(axes, shape, mesh, fsdp=False)
 
 
 def shard(model: model_lib.Llama, mesh) -> model_lib.Llama:
@@ -327,9 +324,8 @@ def shard(model: model_lib.Llama, mesh) -> model_lib.Llama:
 
 def cache_shardings(mesh, config) -> dict[str, NamedSharding]:
     """k, v [L, B_data, S, K_tensor, H]; pos, seg [B_data, S]."""
-    kv = _spec(("layers", "batch", "slots", "kv_heads", "head_dim"),
-               (config.n_layers, 0, 0, config.n_kv_heads, config.head_dim), mesh)
-    kv = PartitionSpec(None, "data", None, kv[3], None)
+    heads = _spec(("kv_heads",), (config.n_kv_heads,), mesh)[0]  # None if tensor ∤ K
+    kv = PartitionSpec(None, "data", None, heads, None)
     rows = PartitionSpec("data", None)
     return dict(k=NamedSharding(mesh, kv), v=NamedSharding(mesh, kv),
                 pos=NamedSharding(mesh, rows), seg=NamedSharding(mesh, rows))

@@ -133,10 +133,12 @@ def check(mc: MeshConfig, mesh: Mesh, config, seq_len: int | None = None,
 
 
 def spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh, fsdp: bool = True) -> P:
-    """PartitionSpec of one array from its logical axes (RULES, minus size-1 mesh axes)."""
+    """PartitionSpec of one array from its logical axes (RULES, minus size-1 mesh axes and
+    axes the mesh lacks, so a 2-D (data, tensor) mesh for decoding or conversion works too)."""
     out = []
     for name, size in zip(axes, shape):
-        names = tuple(a for a in RULES[name] if mesh.shape[a] > 1 and (fsdp or a != "data"))
+        names = tuple(a for a in RULES[name]
+                      if mesh.shape.get(a, 1) > 1 and (fsdp or a != "data"))
         if not names or size % math.prod(mesh.shape[a] for a in names):
             names = ()
         out.append(names[0] if len(names) == 1 else (names or None))

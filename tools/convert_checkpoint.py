@@ -133,12 +133,6 @@ def write_hf(directory: str, source, dtype=None, max_shard_bytes: int = 5 * 2**3
         json.dump(dict(bos_token_id=c.bos_id, eos_token_id=c.eos_id), f, indent=2)
 
 
-# --mesh: FSDP over "data" on the model dim D, tensor parallelism over heads, FFN and vocabulary
-# (Megatron-style); where a mesh axis does not divide a dimension, that dimension is replicated.
-MESH_RULES = {"embed": "data", "q_heads": "tensor", "kv_heads": "tensor", "mlp": "tensor",
-              "vocab": "tensor"}
-
-
 def parse_mesh(spec: str):
     """'data:2,tensor:4' -> a jax Mesh over the first 8 devices."""
     import jax
@@ -155,18 +149,16 @@ def parse_mesh(spec: str):
 
 
 def _sharding(mesh, axes, shape):
+    """--mesh places each tensor by sharding.RULES (FSDP over "data", Megatron over "tensor");
+    a dimension a mesh axis does not divide is replicated."""
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding
+
+    from llama_jax import sharding
 
     if mesh is None:
         return jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    spec, used = [], set()
-    for axis, n in zip(axes, shape):
-        m = MESH_RULES.get(axis)
-        ok = m in mesh.shape and m not in used and n % mesh.shape[m] == 0
-        spec.append(m if ok else None)
-        used |= {m} if ok else set()
-    return NamedSharding(mesh, PartitionSpec(*spec))
+    return NamedSharding(mesh, sharding.spec(axes, shape, mesh))
 
 
 def orbax_arrays(source, c: config_lib.ModelConfig, mesh=None) -> dict:

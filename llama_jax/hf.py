@@ -91,7 +91,6 @@ def _check_shape(name, where, actual, expected):
 def read_params(directory: str, c: ModelConfig) -> dict:
     """Reads the safetensors of `directory` into our pure-dict parameter tree (numpy)."""
     st = safetensors_io.ShardedSafetensors(directory)
-    dt = np.dtype(jnp.dtype(c.param_dtype))
     expected = set(tensor_names(c))
     unknown = [k for k in st.keys() if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
                and not (c.tie_embeddings and k == "lm_head.weight")]
@@ -103,20 +102,35 @@ def read_params(directory: str, c: ModelConfig) -> dict:
         raise ValueError(f"{directory}: tensor {missing[0]} is missing ({len(missing)} in all); "
                          "the checkpoint is incomplete or its config.json is wrong.")
 
-    def load(name, hf_shape, to_ours):
-        w = st.get(name)
-        _check_shape(name, directory, w.shape, hf_shape)
-        return np.asarray(to_ours(w), dtype=dt)
+    for name in tensor_names(c):  # shapes from the headers: fail before reading any data
+        _, _, hf_shape, _, _ = _spec_of(c, name)
+        _check_shape(name, directory, st.shape(name), hf_shape)
+    return stack_params(st, c)
 
+
+def _spec_of(c: ModelConfig, name: str) -> _Spec:
+    if name.startswith("model.layers."):
+        suffix = name.split(".", 3)[-1]
+        return next(s for s in _layer_tensors(c) if s[0] == suffix)
+    return next(s for s in _global_tensors(c) if s[0] == name)
+
+
+def stack_params(source, c: ModelConfig) -> dict:
+    """Our pure-dict parameter tree (numpy, c.param_dtype) from any source of HF-named,
+    HF-layout tensors (`source.get(name)`): safetensors here, Meta shards in meta.py."""
+    dt = np.dtype(jnp.dtype(c.param_dtype))
     params: dict = {"layers": {}}
-    for name, path, hf_shape, _, to_ours in _global_tensors(c):
+    for name, path, _, _, to_ours in _global_tensors(c):
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
-        node[path[-1]] = load(name, hf_shape, to_ours)
+        node[path[-1]] = np.asarray(to_ours(source.get(name)), dtype=dt)
     for suffix, path, hf_shape, _, to_ours in _layer_tensors(c):
-        slices = [load(f"model.layers.{i}.{suffix}", hf_shape, to_ours) for i in range(c.n_layers)]
-        params["layers"].setdefault(path[0], {})[path[1]] = np.stack(slices)
+        shape = to_ours(np.empty(hf_shape, np.int8)).shape
+        out = np.empty((c.n_layers, *shape), dt)
+        for i in range(c.n_layers):  # filled layer by layer: no list of copies
+            out[i] = to_ours(source.get(f"model.layers.{i}.{suffix}"))
+        params["layers"].setdefault(path[0], {})[path[1]] = out
     return params
 
 

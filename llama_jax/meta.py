@@ -228,26 +228,8 @@ def np_dtype(name: str) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(name)
 
 
-def stack_params(source, c: ModelConfig) -> dict:
-    """Our pure-dict parameter tree (numpy, c.param_dtype) from a Hugging Face-layout source."""
-    dt = np_dtype(c.param_dtype)
-    params: dict = {"layers": {}}
-    for name, path, _, _, to_ours in hf._global_tensors(c):
-        node = params
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = np.asarray(to_ours(source.get(name)), dtype=dt)
-    for suffix, path, _, _, to_ours in hf._layer_tensors(c):
-        shape = to_ours(np.empty(_hf_shape(c, f"model.layers.0.{suffix}"), np.int8)).shape
-        out = np.empty((c.n_layers, *shape), dt)
-        for i in range(c.n_layers):  # filled layer by layer: no list of copies
-            out[i] = to_ours(source.get(f"model.layers.{i}.{suffix}"))
-        params["layers"].setdefault(path[0], {})[path[1]] = out
-    return params
-
-
 def load_meta(directory: str, **overrides):
     """A Meta checkpoint directory as a `Llama`; `overrides` replace ModelConfig fields."""
     reader = MetaReader(directory)
     c = reader.config.replace(**overrides)
-    return hf.from_params(c, stack_params(reader, c))
+    return hf.from_params(c, hf.stack_params(reader, c))

@@ -207,7 +207,24 @@ class Llama(nnx.Module):
 
     def from_embeddings(self, x, positions=None, segment_ids=None, cache: Cache | None = None):
         """The model after the embedding lookup: x [B, T, D] in the compute dtype."""
-        c = self.config
+        x, new_cache = self.features(x, positions, segment_ids, cache)
+        logits = self.unembed(x)
+        return logits if cache is None else (logits, new_cache)
+
+    def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:
+        """The final-norm output [B, T, D] for tokens [B, T], before the output projection:
+        a loss can then project a few tokens at a time (llama_jax.train.loss_fn)."""
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
+        return self.features(x, positions, segment_ids)[0]
+
+    def unembed(self, x) -> jax.Array:
+        """Logits [..., V] float32 of final-norm outputs x [..., D]."""
+        head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+        return jnp.einsum("...d,dv->...v", x, head.astype(x.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def features(self, x, positions=None, segment_ids=None, cache: Cache | None = None):
+        """(final-norm output [B, T, D], updated cache or None) of embeddings x [B, T, D]."""
         b, t = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -222,11 +239,7 @@ class Llama(nnx.Module):
             x, new_kv = self._layers(x, positions, segment_ids, cache, kv_pos, kv_seg)
         if cache is not None:
             new_cache = dict(k=new_kv[0], v=new_kv[1], pos=kv_pos, seg=kv_seg)
-        x = self.norm(x)
-        head = self.embed[...].T if c.tie_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(x.dtype),
-                            preferred_element_type=jnp.float32)
-        return logits if cache is None else (logits, new_cache)
+        return self.norm(x), new_cache
 
     def _layers(self, x, positions, segment_ids, cache, kv_pos, kv_seg, layers=None):
         """Runs the L stacked layers, by lax.scan or unrolled, with the configured remat.

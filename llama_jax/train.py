@@ -71,20 +71,48 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
                       bad_streak=zero())
 
 
-def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0):
+LOSS_TOKENS = 1024  # tokens per row projected to logits at once in loss_fn
+
+
+def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0, chunk: int = LOSS_TOKENS):
     """Summed (not averaged) masked loss and (sum of cross-entropy, token count).
 
     Sums rather than means so that microbatches and data-parallel shards combine by addition
     and the final division by the total token count weights every token equally.
+
+    The [B, T, V] float32 logits never exist whole (at 128k vocabulary they outweigh the
+    model's activations): the final-norm outputs are projected `chunk` tokens per row at a time
+    under remat, so the backward pass recomputes one chunk's logits at a time.
     """
     model = nnx.merge(graphdef, params)
-    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, T, V] f32
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    x = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, T, D]
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce = jnp.sum((log_z - target_logit) * mask)
-    total = ce + z_loss * jnp.sum(jnp.square(log_z) * mask) if z_loss else ce
+    ce, z = _chunked_cross_entropy(model.unembed, x, batch["targets"], mask, chunk)
+    total = ce + z_loss * z if z_loss else ce
     return total, (ce, jnp.sum(mask))
+
+
+def _chunked_cross_entropy(unembed, x, targets, mask, chunk: int):
+    """(Σ mask·CE, Σ mask·log(Z)²) over x [B, T, D], in n chunks of T/n tokens per row, n the
+    largest divisor of T with T/n >= chunk. Chunk j takes tokens j, j + n, ...: strided, so
+    every data and context shard of T holds an equal part of every chunk (no resharding)."""
+    b, t, d = x.shape
+    n = max(1, t // max(chunk, 1))
+    while t % n:
+        n -= 1
+
+    @jax.checkpoint  # keep only the chunk's x; recompute its logits in the backward pass
+    def part(x, targets, mask):
+        logits = unembed(x)  # [B, T/n, V] f32
+        log_z = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+        return jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask)
+
+    if n == 1:
+        return part(x, targets, mask)
+    split = lambda a: jnp.moveaxis(a.reshape(b, t // n, n, *a.shape[2:]), 2, 0)  # noqa: E731
+    ce, z = jax.lax.map(lambda xs: part(*xs), (split(x), split(targets), split(mask)))
+    return jnp.sum(ce), jnp.sum(z)
 
 
 def _loss_and_grad(s: Step):

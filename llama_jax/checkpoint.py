@@ -6,6 +6,8 @@ Params-only export (stable; `decode.py` and `tools/convert_checkpoint.py` load i
     DIR/params/          Orbax StandardCheckpointer save of
                          nnx.to_pure_dict(nnx.state(model, nnx.Param))
     DIR/tokenizer.model  optional copy of the tokenizer file
+    DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json
+                         optional, carried from a Hugging Face checkpoint by the converter
 
 Training checkpoints (`Manager`) are an Orbax CheckpointManager over `WORKDIR/checkpoints/<step>/`
 with items `state` (the TrainState pytree), `data` (the Grain iterator state) and `meta` (model
@@ -35,6 +37,11 @@ FORMAT = "llama_jax"
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 TOKENIZER_FILE = "tokenizer.model"
+# Files a params export carries beside config.json so that conversion back to Hugging Face
+# gives them out again: the tokenizer (SentencePiece/tiktoken model, or HF's fast-tokenizer
+# files) and the generation defaults.
+CARRIED_FILES = (TOKENIZER_FILE, "tokenizer.json", "tokenizer_config.json",
+                 "special_tokens_map.json", "generation_config.json")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,17 +61,15 @@ def is_params_checkpoint(directory: str) -> bool:
 
 
 def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | None = None,
-                tokenizer_path: str | None = None, overwrite: bool = False) -> str:
+                tokenizer_path: str | None = None, overwrite: bool = False,
+                files: dict[str, str] | None = None) -> str:
     """Writes the model's parameters, config and tokenizer to `directory`; returns it.
 
-    `model` is a Llama, or a pure parameter dict (then `config` is required). The files are
-    written to a sibling temporary directory and renamed into place, so a reader never sees a
-    half-written export.
+    `model` is a Llama, or a pure parameter dict (then `config` is required). `files` maps
+    names of CARRIED_FILES to paths copied in beside config.json. The files are written to a
+    sibling temporary directory and renamed into place, so a reader never sees a half-written
+    export.
     """
-    directory = os.path.abspath(directory)
-    if os.path.exists(directory) and not overwrite:
-        raise FileExistsError(
-            f"{directory} already exists; pass overwrite=True or choose a new directory.")
     if isinstance(model, Llama):
         config = model.config
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
@@ -72,6 +77,28 @@ def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | No
         raise ValueError("save_params got a parameter dict without config=; pass the ModelConfig.")
     else:
         params = model
+
+    def write(path):
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(path, params)
+            ckptr.wait_until_finished()
+
+    files = dict(files or {}, **({TOKENIZER_FILE: tokenizer_path} if tokenizer_path else {}))
+    return write_export(directory, config, write, files=files, overwrite=overwrite)
+
+
+def write_export(directory: str, config: ModelConfig, write_params, *,
+                 files: dict[str, str] | None = None, overwrite: bool = False) -> str:
+    """The params-only export around `write_params(path)`, which writes the Orbax pytree at
+    `path` (collectively, on every process): config.json and the carried files beside it,
+    all in a temporary directory renamed into place at the end."""
+    directory = os.path.abspath(directory)
+    if os.path.exists(directory) and not overwrite:
+        raise FileExistsError(
+            f"{directory} already exists; pass overwrite=True or choose a new directory.")
+    unknown = sorted(set(files or {}) - set(CARRIED_FILES))
+    if unknown:
+        raise ValueError(f"Cannot carry {unknown[0]} in a params export; valid: {CARRIED_FILES}.")
     # One temporary name for all processes: the Orbax save is collective (each process
     # writes its own shards); process 0 alone writes the small files and renames.
     tmp, primary = f"{directory}.tmp", jax.process_index() == 0
@@ -80,14 +107,12 @@ def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | No
         os.makedirs(tmp)
     _barrier("save_params:start")
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-            ckptr.wait_until_finished()
+        write_params(os.path.join(tmp, PARAMS_DIR))
         if primary:
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 json.dump({"format": FORMAT, "model": config.to_dict()}, f, indent=2)
-            if tokenizer_path:
-                shutil.copyfile(tokenizer_path, os.path.join(tmp, TOKENIZER_FILE))
+            for name, path in (files or {}).items():
+                shutil.copyfile(path, os.path.join(tmp, name))
             if os.path.exists(directory):
                 shutil.rmtree(directory)
             os.rename(tmp, directory)
@@ -96,6 +121,13 @@ def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | No
             shutil.rmtree(tmp, ignore_errors=True)
     _barrier("save_params:end")
     return directory
+
+
+def carried_files(directory: str, names=None) -> dict[str, str]:
+    """{name: path} of the CARRIED_FILES (or `names`) present in `directory`."""
+    names = CARRIED_FILES if names is None else names
+    return {n: os.path.join(directory, n) for n in names
+            if os.path.isfile(os.path.join(directory, n))}
 
 
 def _barrier(name: str) -> None:

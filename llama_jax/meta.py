@@ -113,6 +113,7 @@ class MetaReader:
             params = json.load(f)
         tok = os.path.join(directory, "tokenizer.model")
         self.tokenizer = tok if os.path.isfile(tok) else None
+        self.carried = {"tokenizer.model": tok} if self.tokenizer else {}
         vocab = None
         if params.get("vocab_size", -1) <= 0:  # LLaMA 1 and 2 write -1: the tokenizer decides
             if not self.tokenizer:
@@ -128,6 +129,13 @@ class MetaReader:
         self.shards = [{k: (tuple(t.shape), torch_zip.to_numpy(t.reshape(-1)[:0]).dtype)
                         for k, t in torch_zip.load(f).items()} for f in files]
         self._check(params_path)
+        # params.json has no tying field; an export that adds one is believed but checked.
+        hint = params.get("tie_word_embeddings", params.get("tie_embeddings"))
+        if hint is not False and self._output_is_embedding():
+            self.config = self.config.replace(tie_embeddings=True)
+        elif hint:
+            raise ValueError(f"{params_path} says the embeddings are tied but output.weight "
+                             "differs from tok_embeddings.weight; remove the key or fix the weights.")
 
     def _check(self, params_path):
         c, n = self.config, len(self.files)
@@ -152,6 +160,22 @@ class MetaReader:
                         f"{f}: tensor {meta} has shape {shard[meta][0]} but {params_path} "
                         f"with {n} model-parallel shard(s) implies {want}; weights and params.json "
                         "do not match.")
+
+    def _output_is_embedding(self, rows: int = 1024) -> bool:
+        """Meta's model always has its own output.weight; Llama 3.2 1B/3B tie it to the
+        embedding and store a copy there. Bit-equal copies mean tied. Compared shard by shard
+        in blocks of rows when both are split alike, so little is held at once."""
+        (e, _, se), (o, _, so) = self.map["model.embed_tokens.weight"], self.map["lm_head.weight"]
+        if se != so and len(self.files) > 1:  # split unlike (LLaMA 1/2): merged copies
+            a, b = self.get("model.embed_tokens.weight"), self.get("lm_head.weight")
+            return a.tobytes() == b.tobytes()
+        for f in self.files:
+            shard = torch_zip.load(f)
+            a, b = torch_zip.to_numpy(shard[e]), torch_zip.to_numpy(shard[o])
+            if any(a[r:r + rows].tobytes() != b[r:r + rows].tobytes()
+                   for r in range(0, len(a), rows)):
+                return False
+        return True
 
     @property
     def names(self) -> list[str]:

@@ -102,7 +102,8 @@ def write(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
             arr = np.ascontiguousarray(get(name), dtype=dtype)
             if arr.shape != tuple(shape):
                 raise ValueError(f"{name}: produced shape {arr.shape}, declared {tuple(shape)}.")
-            f.write(arr.tobytes())
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # no bytes copy of the tensor
+            del arr  # before the next get: one tensor held at a time, not two
 
 
 class ShardedSafetensors:

@@ -6,17 +6,19 @@
 
 The input format is detected from the directory (`--from` forces it). Every source is read as a
 stream of Hugging Face-named tensors in HF layout ([out, in], half-split RoPE), one at a time:
-safetensors memory-mapped, .pth through `torch.load(mmap=True)`. Hugging Face and Meta outputs are
-written tensor by tensor, so peak memory stays near the largest tensor. Orbax output is the
-stacked parameter tree built shard by shard with `jax.make_array_from_callback` (`--mesh`: each
-device reads only its own shard, nothing is gathered) and saved by one `StandardCheckpointer`
-call, so it holds the model once plus Orbax's write buffers. Output is written to a temporary
-sibling directory and renamed into place only when complete.
+safetensors memory-mapped, .pth through `torch.load(mmap=True)`, Orbax one leaf or one layer
+slice at a time through TensorStore. Every output is written tensor by tensor: Hugging Face and
+Meta files directly, Orbax through `llama_jax.orbax_stream` (each stacked leaf [L, ...] layer by
+layer, `--mesh`: as the shards of the target mesh, nothing gathered), so peak memory stays near
+the largest tensor (tests/test_convert.py measures under 3x). Tokenizer and generation files
+(checkpoint.CARRIED_FILES) travel along, inside the Orbax export too. Output is written to a
+temporary sibling directory and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import shutil
@@ -26,7 +28,7 @@ import time
 import ml_dtypes
 import numpy as np
 
-from llama_jax import checkpoint, hf, io, meta, safetensors_io
+from llama_jax import checkpoint, hf, io, meta, orbax_stream, safetensors_io
 from llama_jax import config as config_lib
 
 FORMATS = ("hf", "meta", "orbax")
@@ -47,8 +49,7 @@ class HFReader:
         except KeyError as e:
             raise ValueError(f"{path} lacks the key {e}; is it a LlamaForCausalLM config?") from None
         self.st = safetensors_io.ShardedSafetensors(directory)
-        tok = os.path.join(directory, "tokenizer.model")
-        self.tokenizer = tok if os.path.isfile(tok) else None
+        self.carried = checkpoint.carried_files(directory)  # tokenizer and generation files
         c, expected = self.config, set(hf.tensor_names(self.config))
         for name in self.st.keys():
             if name not in expected and not name.endswith(hf._IGNORED_SUFFIXES) and not (
@@ -78,36 +79,67 @@ class HFReader:
         return self.st.get(name)
 
 
-class ModelSource:
-    """An in-memory `Llama` (e.g. restored from an Orbax params checkpoint) as a source."""
+class OrbaxReader:
+    """A llama_jax params export as a source, read one leaf (one layer slice) at a time through
+    TensorStore; every leaf's shape is checked against the config on open."""
 
-    def __init__(self, model, tokenizer=None):
-        from flax import nnx
-
-        self.config, self.tokenizer = model.config, tokenizer
-        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-        self._get = {}
-        for name, path, _, to_hf, _ in hf._global_tensors(self.config):
-            self._get[name] = lambda path=path, f=to_hf: f(np.asarray(hf._get(params, path)))
-        for i in range(self.config.n_layers):
-            for suffix, path, _, to_hf, _ in hf._layer_tensors(self.config):
-                self._get[f"model.layers.{i}.{suffix}"] = (
-                    lambda path=path, f=to_hf, i=i: f(np.asarray(hf._get(params["layers"], path)[i])))
-        self._dtype = np.asarray(params["embed"][:0]).dtype
+    def __init__(self, directory: str):
+        if not checkpoint.is_params_checkpoint(directory):
+            raise FileNotFoundError(f"{directory} is not a llama_jax params export (config.json "
+                                    "with format llama_jax and params/).")
+        self.config = c = checkpoint.load_config(directory)
+        self.leaves = orbax_stream.Reader(os.path.join(directory, checkpoint.PARAMS_DIR))
+        self.carried = checkpoint.carried_files(directory)
+        for name in hf.tensor_names(c):
+            path, want = self._leaf(name)[0], _ours_shape(c, name)
+            try:
+                shape = self.leaves.shape(path)
+            except (KeyError, ValueError) as e:
+                raise ValueError(f"{self.where(name)} cannot be read ({e}).") from None
+            if shape != want:
+                raise ValueError(f"{self.where(name)} has shape {shape} but its config.json "
+                                 f"implies {want}; weights and config differ.")
 
     names = property(lambda self: hf.tensor_names(self.config))
+
+    def _leaf(self, name):
+        """(leaf path, layer or None, ours -> HF transform) of an HF tensor name."""
+        _, path, _, to_hf, _ = hf._spec_of(self.config, name)
+        if name.startswith("model.layers."):
+            return ("layers", *path), int(name.split(".")[2]), to_hf
+        return path, None, to_hf
+
+    def where(self, name):
+        return f"{self.leaves.directory}: parameter {'.'.join(self._leaf(name)[0])} ({name})"
 
     def shape(self, name):
         return meta._hf_shape(self.config, name)
 
     def dtype(self, name):
-        return self._dtype
-
-    def where(self, name):
-        return f"parameter for {name}"
+        return self.leaves.dtype(self._leaf(name)[0])
 
     def get(self, name):
-        return self._get[name]()
+        path, layer, to_hf = self._leaf(name)
+        return to_hf(self.leaves.get(path, layer))
+
+
+def _ours_shape(c, name) -> tuple[int, ...]:
+    """Our stacked leaf's shape for an HF tensor name ([L, ...] for a layer tensor)."""
+    _, _, hf_shape, _, to_ours = hf._spec_of(c, name)
+    shape = to_ours(np.empty(hf_shape, np.int8)).shape
+    return (c.n_layers, *shape) if name.startswith("model.layers.") else tuple(shape)
+
+
+def source_config(path: str, fmt: str | None = None) -> config_lib.ModelConfig:
+    """The ModelConfig of a checkpoint directory, from its config file alone (Meta: the
+    vocabulary as params.json states it, ties undecided)."""
+    fmt = fmt or io.detect_format(path)
+    if fmt == "hf":
+        return config_lib.load_hf_config(path)
+    if fmt == "orbax":
+        return checkpoint.load_config(path)
+    with open(os.path.join(path, meta.PARAMS_FILE)) as f:
+        return config_lib.from_meta_params(json.load(f), vocab_size=0)
 
 
 def open_source(path: str, fmt: str | None = None):
@@ -117,7 +149,7 @@ def open_source(path: str, fmt: str | None = None):
     if fmt == "meta":
         return meta.MetaReader(path)
     if fmt == "orbax":
-        return ModelSource(checkpoint.load_params(path), checkpoint.tokenizer_path(path))
+        return OrbaxReader(path)
     raise ValueError(f"Unknown input format {fmt!r}; valid: {', '.join(FORMATS)}.")
 
 
@@ -161,38 +193,39 @@ def _sharding(mesh, axes, shape):
     return NamedSharding(mesh, sharding.spec(axes, shape, mesh))
 
 
-def orbax_arrays(source, c: config_lib.ModelConfig, mesh=None) -> dict:
-    """Our parameter tree as jax Arrays placed on `mesh` (default: one device); each device's
-    shard is read from the source by itself, so no full array is ever gathered."""
-    import jax
+def write_orbax(directory: str, source, c: config_lib.ModelConfig, mesh=None) -> None:
+    """Our parameter tree as an Orbax pytree checkpoint at `directory`, one source tensor at a
+    time: a stacked leaf [L, ...] is written layer by layer, each layer as its mesh shards
+    (default: one device), so neither the model nor a whole leaf is ever held."""
     from flax import nnx
 
     from llama_jax import model as model_lib
 
     variables = nnx.state(model_lib.abstract(c), nnx.Param)
     dt = meta.np_dtype(c.param_dtype)
-    tree: dict = {}
+    with orbax_stream.Writer(directory) as w:
+        for name, path, _, _, to_ours in hf._global_tensors(c):
+            var = hf._get(variables, path)
+            leaf = w.leaf(path, var.shape, dt, _sharding(mesh, var.axes, var.shape))
+            leaf.write(np.asarray(to_ours(source.get(name)), dt))
+        for suffix, path, _, _, to_ours in hf._layer_tensors(c):
+            var = hf._get(variables, ("layers", *path))
+            leaf = w.leaf(("layers", *path), var.shape, dt, _sharding(mesh, var.axes, var.shape),
+                          stacked=True)
+            for i in range(c.n_layers):
+                leaf.write(np.asarray(to_ours(source.get(f"model.layers.{i}.{suffix}")), dt), i)
 
-    def place(path, read):
-        var = hf._get(variables, path)
-        node = tree
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = jax.make_array_from_callback(
-            tuple(var.shape), _sharding(mesh, var.axes, var.shape), read)
 
-    for name, path, _, _, to_ours in hf._global_tensors(c):
-        place(path, lambda idx, n=name, f=to_ours: np.asarray(f(source.get(n))[idx], dt))
-    for suffix, path, _, _, to_ours in hf._layer_tensors(c):
-        def read(idx, suffix=suffix, f=to_ours):
-            layers = range(c.n_layers)[idx[0]]
-            first = np.asarray(f(source.get(f"model.layers.{layers[0]}.{suffix}"))[idx[1:]], dt)
-            out = np.empty((len(layers), *first.shape), dt)
-            for j, i in enumerate(layers):  # filled layer by layer: no list of copies
-                out[j] = first if j == 0 else f(source.get(f"model.layers.{i}.{suffix}"))[idx[1:]]
-            return out
-        place(("layers", *path), read)
-    return tree
+def _return_freed_memory() -> None:
+    """Makes freed tensor buffers go back to the OS at once. glibc serves allocations under its
+    mmap threshold from the heap and raises that threshold (up to 32 MB) each time a larger
+    mapping is freed, after which freed tensors stay in the heap: RSS measured 5-8x the largest
+    tensor streaming Orbax -> HF. Fixed at 1 MiB (mallopt M_MMAP_THRESHOLD), every tensor-sized
+    buffer is its own mapping, unmapped when freed. A no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 2**20)  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str | None = None,
@@ -212,22 +245,24 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
         raise FileExistsError(f"{dst} already exists and is not empty; choose another --output "
                               "or pass --overwrite.")
     out_dt = DTYPES.get(dtype)
+    _return_freed_memory()
     source = open_source(src, from_)
     if to == "orbax":
         dt_name = _DTYPE_NAMES[np.dtype(out_dt or source.dtype(source.names[0]))]
         c = source.config.replace(param_dtype=dt_name, dtype=dt_name)
-        params = orbax_arrays(source, c, mesh)
-        checkpoint.save_params(dst, params, config=c, tokenizer_path=source.tokenizer,
-                               overwrite=True)
+        checkpoint.write_export(dst, c, lambda path: write_orbax(path, source, c, mesh),
+                                files=source.carried, overwrite=True)
         return dst
     with hf.atomic_directory(dst, overwrite=overwrite) as tmp:
         if to == "hf":
             write_hf(tmp, source, out_dt)
+            carried = source.carried  # the source's generation_config.json replaces ours
         else:
             meta.write_meta(tmp, source, model_parallel=model_parallel, dtype=out_dt,
                             embedding_split=embedding_split)
-        if source.tokenizer:
-            shutil.copyfile(source.tokenizer, os.path.join(tmp, "tokenizer.model"))
+            carried = {k: v for k, v in source.carried.items() if k == checkpoint.TOKENIZER_FILE}
+        for name, path in carried.items():
+            shutil.copyfile(path, os.path.join(tmp, name))
     return dst
 
 

@@ -102,6 +102,67 @@ def test_mesh_sharded_orbax_output(tmp_path):
         cc.convert(str(tmp_path / "hf"), str(tmp_path / "x"), to="orbax", mesh="data:3,tensor:3")
 
 
+def test_rope_scaling_factor_is_honoured(tmp_path):
+    """Llama 3.2 scales RoPE by 32 where Meta's reference (llama-models 0.3.0 `apply_scaling`)
+    hard-codes 8: our RoPE follows the config's factor, matching transformers at 32 and not at
+    8, and the factor survives HF -> Meta -> HF."""
+    hf = str(tmp_path / "hf")
+    _, ref = make_hf(hf, num_key_value_heads=2, rope_parameters=dict(_LLAMA3, factor=32.0))
+    assert_close(ours(hf), ref)
+    as8 = llama_jax.load(hf, rope_scaling=llama_jax.RopeScaling(8.0, 1.0, 4.0, 16))
+    assert np.abs(np.asarray(as8(jnp.asarray(TOKENS))) - ref).max() > 1e-3 * np.abs(ref).max()
+    make_hf(str(tmp_path / "hf32"), rope_parameters=dict(
+        _LLAMA3, factor=32.0, original_max_position_embeddings=8192))
+    cc.convert(str(tmp_path / "hf32"), str(tmp_path / "meta"), to="meta")
+    assert json.load(open(tmp_path / "meta" / "params.json"))["rope_scaling_factor"] == 32.0
+    cc.convert(str(tmp_path / "meta"), str(tmp_path / "hf2"), to="hf")
+    assert json.load(open(tmp_path / "hf2" / "config.json"))["rope_scaling"]["factor"] == 32.0
+
+
+def _hf_tokenizer_files(directory):
+    """A tiny fast tokenizer saved by transformers, plus HF's other carried files."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<s>", "</s>", "<unk>", "hello", "world", "llama"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(directory)
+    json.dump({"bos_token": "<s>", "eos_token": "</s>"},
+              open(os.path.join(directory, "special_tokens_map.json"), "w"))
+    json.dump({"bos_token_id": 0, "eos_token_id": [1, 2], "temperature": 0.6, "top_p": 0.9,
+               "do_sample": True}, open(os.path.join(directory, "generation_config.json"), "w"))
+    with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+        f.write(bytes(range(256)))  # carried as bytes, never parsed on the way
+
+
+def test_tokenizer_and_generation_files_carried(tmp_path):
+    """HF -> Orbax -> HF gives back tokenizer.json, tokenizer_config.json,
+    special_tokens_map.json, generation_config.json and tokenizer.model byte for byte (the
+    Orbax export keeps them beside its config.json), transformers reads them; Meta output
+    carries tokenizer.model only, and Meta -> HF brings it back."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    make_hf(str(tmp_path / "hf"), num_key_value_heads=2)
+    _hf_tokenizer_files(str(tmp_path / "hf"))
+    cc.convert(str(tmp_path / "hf"), str(tmp_path / "orbax"), to="orbax")
+    cc.convert(str(tmp_path / "orbax"), str(tmp_path / "hf2"), to="hf")
+    for name in llama_jax.checkpoint.CARRIED_FILES:
+        original = (tmp_path / "hf" / name).read_bytes()
+        assert (tmp_path / "orbax" / name).read_bytes() == original, name
+        assert (tmp_path / "hf2" / name).read_bytes() == original, name
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf2"))("hello llama")["input_ids"] == [3, 5]
+    assert GenerationConfig.from_pretrained(str(tmp_path / "hf2")).temperature == 0.6
+    assert llama_jax.checkpoint.tokenizer_path(str(tmp_path / "orbax")) is not None
+    cc.convert(str(tmp_path / "orbax"), str(tmp_path / "meta"), to="meta")
+    assert sorted(os.listdir(tmp_path / "meta")) == [
+        "consolidated.00.pth", "params.json", "tokenizer.model"]
+    cc.convert(str(tmp_path / "meta"), str(tmp_path / "hf3"), to="hf")
+    assert (tmp_path / "hf3" / "tokenizer.model").read_bytes() == bytes(range(256))
+    assert json.load(open(tmp_path / "hf3" / "generation_config.json"))["eos_token_id"] == 2
+
+
 def _tensors(directory):
     from safetensors.torch import load_file
     out = {}
@@ -207,6 +268,10 @@ META_BAD = {
     "vocab_unknown": (lambda d: json.dump(dict(json.load(open(d / "params.json")), vocab_size=-1),
                                           open(d / "params.json", "w")),
                       "vocab_size -1 and .*tokenizer.model is missing"),
+    "tie_claimed": (lambda d: json.dump(dict(json.load(open(d / "params.json")),
+                                             tie_word_embeddings=True),
+                                        open(d / "params.json", "w")),
+                    "says the embeddings are tied but output.weight differs"),
 }
 
 

@@ -100,6 +100,7 @@ def test_meta_to_orbax_matches_reference(fairscale_world, tmp_path, style):
     assert_close(np.asarray(llama_jax.load(str(tmp_path / "meta"))(jnp.asarray(TOKENS))),
                  ref_logits(model))
     cc.convert(str(tmp_path / "meta"), str(tmp_path / "orbax"), to="orbax")
+    assert not checkpoint.load_config(str(tmp_path / "orbax")).tie_embeddings
     assert_close(np.asarray(llama_jax.load(str(tmp_path / "orbax"))(jnp.asarray(TOKENS))),
                  ref_logits(model))
 
@@ -115,6 +116,37 @@ def test_orbax_to_meta_loads_in_reference(fairscale_world, tmp_path, style):
         style == "llama3.1")
     model, _ = reference(json.load(open(tmp_path / "meta" / "params.json")), sd)
     assert_close(ref_logits(model), np.asarray(ours(jnp.asarray(TOKENS))))
+
+
+def test_tied_embeddings(fairscale_world, tmp_path):
+    """Llama 3.2 1B/3B tie the output to the embedding; Meta's checkpoint stores a copy as
+    output.weight. Read as tied: the Orbax export has no lm_head and gives the reference's
+    logits, and its 2-way Meta and Hugging Face outputs are tied too (transformers loads with
+    no missing keys). Written back, Meta's reference loads it and gives the same logits."""
+    from transformers import LlamaForCausalLM
+
+    params = PARAMS["llama3.1"]
+    _, sd = reference(params, seed=11)
+    sd["output.weight"] = sd["tok_embeddings.weight"].clone()
+    model, _ = reference(params, sd)
+    write_meta_like_meta(str(tmp_path / "meta"), params, sd)
+    cc.convert(str(tmp_path / "meta"), str(tmp_path / "orbax"), to="orbax")
+    assert checkpoint.load_config(str(tmp_path / "orbax")).tie_embeddings
+    assert not os.path.exists(tmp_path / "orbax" / "params" / "lm_head")
+    assert_close(np.asarray(llama_jax.load(str(tmp_path / "orbax"))(jnp.asarray(TOKENS))),
+                 ref_logits(model))
+    cc.convert(str(tmp_path / "orbax"), str(tmp_path / "meta2"), to="meta", model_parallel=2)
+    cc.convert(str(tmp_path / "meta2"), str(tmp_path / "hf"), to="hf")
+    assert json.load(open(tmp_path / "hf" / "config.json"))["tie_word_embeddings"] is True
+    hf, info = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    with torch.no_grad():
+        assert_close(hf.eval()(torch.as_tensor(TOKENS)).logits.float().numpy(), ref_logits(model))
+    cc.convert(str(tmp_path / "hf"), str(tmp_path / "meta3"), to="meta")
+    sd3 = torch.load(str(tmp_path / "meta3" / "consolidated.00.pth"), weights_only=True)
+    assert torch.equal(sd3["output.weight"], sd3["tok_embeddings.weight"])
+    back, _ = reference(json.load(open(tmp_path / "meta3" / "params.json")), sd3)
+    assert_close(ref_logits(back), ref_logits(model))
 
 
 def test_two_way_model_parallel(fairscale_world, tmp_path):

@@ -168,13 +168,13 @@ def _flash_bwd(block, res, d_out):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def chunked_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *, block: int = BLOCK):
+def chunked_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *, block: int = 0):
     """Equals dot_product_attention(q, k, v, attention_mask(q_pos, q_seg, k_pos, k_seg)) in
     value and gradient, in O(T · block) memory. q [B, T, N, H]; k, v [B, S, K, H]; positions
-    and segment ids [B, T] / [B, S] (keys default to the queries')."""
+    and segment ids [B, T] / [B, S] (keys default to the queries'); block 0 = BLOCK."""
     k_pos = q_pos if k_pos is None else k_pos
     k_seg = q_seg if k_seg is None else k_seg
-    return _flash(q, k, v, q_pos, q_seg, k_pos, k_seg, block)
+    return _flash(q, k, v, q_pos, q_seg, k_pos, k_seg, block or BLOCK)
 
 
 def reference_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None):

@@ -29,7 +29,7 @@ import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llama_jax import attention
 from llama_jax import model as model_lib
@@ -60,14 +60,19 @@ def _varying(x, axis):
 
 
 def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int = 0,
-                    repeats: int = 1, context_impl: str | None = None, axis: str = "pipeline"):
+                    repeats: int = 1, context_impl: str | None = None,
+                    attention_impl: str = "reference", axis: str = "pipeline"):
     """Runs model.layers on x [B, T, D] as an S-stage pipeline; returns [B, T, D].
 
     A drop-in for the model's own layer loop (installed through llama_jax.model.hooks).
-    Microbatch m takes rows m, m+M, ...: with B sharded over `data`, every data rank keeps an
-    equal share of every microbatch. With `context_impl`, the shard_map is manual over
-    `context` too (tokens split) and attention runs that context-parallel variant directly:
-    Shardy does not nest a context shard_map inside the pipeline one.
+    Rows are cut into M microbatches within each data rank's block (`_micro`), so every data
+    rank keeps an equal share of every microbatch. With `context_impl`, the shard_map is
+    manual over `context` too (tokens split) and attention runs that context-parallel variant
+    directly: Shardy does not nest a context shard_map inside the pipeline one.
+    `attention_impl` (a key of attention.IMPLS) is the attention of every stage, or of each
+    rank's gathered keys. When S divides M, the result leaves with its rows split over the
+    pipeline stages too (each stage keeps M/S microbatches), so the final norm, the logits and
+    the loss after the pipeline run once per row rather than once per stage.
     """
     c = model.config
     stages, m_count = mesh.shape[axis], microbatches or mesh.shape[axis]
@@ -78,30 +83,63 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
     per_piece = c.n_layers // (stages * repeats)
     # layer (r·S + s)·L/(R·S) + j  ->  [R, S, L/(R·S), ...]; stage s keeps [:, s]
     params = jax.tree.map(lambda a: a.reshape(repeats, stages, per_piece, *a.shape[1:]), params)
-    rows = x.shape[0] // m_count
-    micro = lambda a: a.reshape(rows, m_count, *a.shape[1:]).swapaxes(0, 1)  # noqa: E731
-    unmicro = lambda a: a.swapaxes(0, 1).reshape(-1, *a.shape[2:])  # noqa: E731
-
+    blocks = mesh.shape["data"] if x.shape[0] % (mesh.shape["data"] * m_count) == 0 else 1
+    micro = functools.partial(_micro, blocks=blocks, m_count=m_count)
+    scatter = m_count % stages == 0
     cp = "context" if context_impl else None
-    attn = cp and functools.partial(attention.CONTEXT_IMPLS[context_impl], axis=cp)
+    # Rows over data in and out, and at every block boundary inside the stages: left to
+    # itself, XLA shards D of the activations over data like the FSDP weights and keeps
+    # every row on every device (the same trap as sharding.hooks' activation constraint).
+    rows_out = ("data", axis) if scatter and blocks > 1 else "data"
+    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data", cp, None)))
+
+    attn = (functools.partial(attention.CONTEXT_IMPLS[context_impl], axis=cp,
+                              local=attention_impl) if cp else
+            None if attention_impl == "reference" else attention.IMPLS[attention_impl])
 
     def stage_fn(params, xs, ps, ss):
-        with model_lib.hooks(attention=attn):
-            return _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis)
+        rows = lambda a: jax.lax.with_sharding_constraint(a, P("data"))  # noqa: E731 - [B/M, ..]
+        with model_lib.hooks(attention=attn, activations=rows):
+            outs = _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis)
+        if scatter:  # stage s keeps microbatches [s·M/S, (s+1)·M/S) of the last stage's
+            return jax.lax.psum_scatter(outs, axis, scatter_dimension=0, tiled=True)
+        return jax.lax.psum(outs, axis)
     tokens = P(None, None, cp)  # [M, B/M, T, ...]
     out = jax.shard_map(stage_fn, mesh=attention.context_mesh(mesh),
-                        in_specs=(P(None, axis), tokens, tokens, tokens), out_specs=tokens,
+                        in_specs=(P(None, axis), tokens, tokens, tokens),
+                        out_specs=P(axis, None, cp) if scatter else tokens,
                         axis_names={axis, cp} - {None})(
         params, micro(x), micro(positions), micro(segment_ids))
-    return unmicro(out)
+    out = _unmicro(out, blocks)
+    return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(rows_out, cp, None)))
+
+
+def _micro(a, *, blocks, m_count):
+    """[B, ...] -> [M, B/M, ...]: row (d·M + m)·B/(D·M) + j goes to microbatch m, D = `blocks`
+    contiguous row blocks (the data ranks' shards): each microbatch takes an equal contiguous
+    slice of every data rank's rows, so the reshapes move nothing between devices."""
+    b = a.shape[0]
+    a = a.reshape(blocks, m_count, b // (blocks * m_count), *a.shape[1:]).swapaxes(0, 1)
+    return a.reshape(m_count, b // m_count, *a.shape[3:])
+
+
+def _unmicro(a, blocks):
+    """The inverse of _micro: [M, B/M, ...] -> [B, ...]. With M split over the pipeline
+    stages, the rows come out split over (data, pipeline) in this order, contiguously."""
+    m_count, rows = a.shape[:2]
+    a = a.reshape(m_count, blocks, rows // blocks, *a.shape[2:]).swapaxes(0, 1)
+    return a.reshape(m_count * rows, *a.shape[3:])
 
 
 def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
     """The per-stage loop (inside shard_map). xs [M, B/M, T, D]; params leaves [R, 1, L', ...].
+    Returns [M, B/M, T, D]: the last stage's outputs, zeros on the other stages.
 
-    Only what the next step needs is carried (the activation from the previous stage and, for
-    R > 1, stage 0's returning microbatches); outputs leave as scan outputs, so the residuals
-    autodiff keeps grow linearly with M, not as M².
+    Only what the next step needs is carried: the activation from the previous stage, the
+    output buffer (written in place, one microbatch per step on the last stage) and, for
+    R > 1, stage 0's returning microbatches. With remat, each step's stage is one checkpoint:
+    the backward pass keeps only the stage's input per step (not every layer's) and recomputes
+    the stage, inside which the model's own per-layer remat applies again.
     """
     m_count, s = xs.shape[0], jax.lax.axis_index(axis)
     items = repeats * m_count
@@ -109,25 +147,30 @@ def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
     ring = [(i, (i + 1) % stages) for i in range(stages)]
     zeros = _varying(jnp.zeros_like(xs), axis)
 
+    def stage(x_in, pos, seg, r, params):  # params whole: a slice by r would be saved per step
+        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], params))
+        return model._layers(x_in, pos, seg, None, None, None, layers=block)[0]
+    if model.config.remat != "none":
+        stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
+
     def step(carry, t):
-        held, loop = carry  # held: what the previous stage sent; loop: stage 0's returns
+        held, loop, outs = carry  # held: what the previous stage sent; loop: stage 0's returns
         w = jnp.clip(t - s, 0, items - 1)  # work item; out of range = idle (result unused)
         r, m = w // m_count, w % m_count
         first = xs[m] if loop is None else jnp.where(r == 0, xs[m], loop[m])
         x_in = jnp.where(s == 0, first, held)
-        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], params))
-        y, _ = model._layers(x_in, ps[m], ss[m], None, None, None, layers=block)
+        y = stage(x_in, ps[m], ss[m], r, params)
         sent = jax.lax.ppermute(y, axis, ring)
+        # the last stage finishes microbatch m of the last repeat at step (R − 1)·M + m + S − 1
+        done = (s == stages - 1) & (t - s >= (repeats - 1) * m_count) & (t - s < items)
+        outs = outs.at[m].set(jnp.where(done, y, outs[m]))
         if loop is not None:  # stage 0 now holds item t − (S − 1): keep it for its next repeat
             back = t - (stages - 1)
             m_back = jnp.clip(back, 0, items - 1) % m_count
             keep = (s == 0) & (back >= 0) & (back < items)
             loop = loop.at[m_back].set(jnp.where(keep, sent, loop[m_back]))
-        return (sent, loop), y
+        return (sent, loop, outs), None
 
-    carry = (zeros[0], zeros if repeats > 1 else None)
-    _, ys = jax.lax.scan(step, carry, jnp.arange(items + stages - 1))
-    # the last stage finishes microbatch m of the last repeat at step (R − 1)·M + m + S − 1
-    done = (repeats - 1) * m_count + stages - 1
-    outs = jnp.where(s == stages - 1, ys[done:done + m_count], 0.0)
-    return jax.lax.psum(outs, axis)
+    carry = (zeros[0], zeros if repeats > 1 else None, zeros)
+    (_, _, outs), _ = jax.lax.scan(step, carry, jnp.arange(items + stages - 1))
+    return outs

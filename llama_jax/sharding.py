@@ -61,6 +61,7 @@ class MeshConfig:
     tensor: int = 1
     fsdp: bool = True                    # False: parameters replicated over `data`
     context_impl: str = "all_gather"     # or "ring" (attention.CONTEXT_IMPLS)
+    attention: str = "reference"         # or "chunked": flash-style, O(T) memory (attention.IMPLS)
     microbatches: int = 0                # pipeline microbatches M; 0 = the stage count S
     repeats: int = 1                     # circular pipeline repeats R; 1 = GPipe
 
@@ -123,6 +124,9 @@ def check(mc: MeshConfig, mesh: Mesh, config, seq_len: int | None = None,
     if mesh.shape["pipeline"] > 1:
         stages = mesh.shape["pipeline"]
         pipeline.check(config.n_layers, stages, mc.repeats, mc.microbatches or stages, batch)
+    if mc.attention not in attention.IMPLS:
+        raise ValueError(f"Unknown mesh.attention {mc.attention!r}; valid: "
+                         f"{', '.join(attention.IMPLS)}.")
     if mc.context_impl not in attention.CONTEXT_IMPLS:
         raise ValueError(f"Unknown mesh.context_impl {mc.context_impl!r}; valid: "
                          f"{', '.join(attention.CONTEXT_IMPLS)}.")
@@ -247,10 +251,14 @@ def hooks(mesh: Mesh, mc: MeshConfig):
     attn = layers = None
     cp = mc.context_impl if mesh.shape["context"] > 1 else None
     if cp:
-        attn = functools.partial(attention.context_parallel_attention, mesh=mesh, impl=cp)
+        attn = functools.partial(attention.context_parallel_attention, mesh=mesh, impl=cp,
+                                 local=mc.attention)
+    elif mc.attention != "reference":
+        attn = attention.IMPLS[mc.attention]
     if mesh.shape["pipeline"] > 1:
         layers = functools.partial(pipeline.pipeline_layers, mesh=mesh, context_impl=cp,
-                                   microbatches=mc.microbatches, repeats=mc.repeats)
+                                   microbatches=mc.microbatches, repeats=mc.repeats,
+                                   attention_impl=mc.attention)
     # block boundaries: without this XLA may shard D of the activations over data like the
     # FSDP weights instead of gathering the weights (half the tokens/s in tools/bench_mesh.py)
     x_sharding = NamedSharding(mesh, P("data", "context", None))

@@ -74,7 +74,7 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
 LOSS_TOKENS = 1024  # tokens per row projected to logits at once in loss_fn
 
 
-def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0, chunk: int = LOSS_TOKENS):
+def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0, chunk: int = 0):
     """Summed (not averaged) masked loss and (sum of cross-entropy, token count).
 
     Sums rather than means so that microbatches and data-parallel shards combine by addition
@@ -82,12 +82,13 @@ def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0, chunk: int = LO
 
     The [B, T, V] float32 logits never exist whole (at 128k vocabulary they outweigh the
     model's activations): the final-norm outputs are projected `chunk` tokens per row at a time
-    under remat, so the backward pass recomputes one chunk's logits at a time.
+    (0 = LOSS_TOKENS) under remat, so the backward pass recomputes one chunk's logits at a time.
     """
     model = nnx.merge(graphdef, params)
     x = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, T, D]
     mask = batch["loss_mask"].astype(jnp.float32)
-    ce, z = _chunked_cross_entropy(model.unembed, x, batch["targets"], mask, chunk)
+    ce, z = _chunked_cross_entropy(model.unembed, x, batch["targets"], mask,
+                                   chunk or LOSS_TOKENS)
     total = ce + z_loss * z if z_loss else ce
     return total, (ce, jnp.sum(mask))
 

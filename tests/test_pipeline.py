@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import model, pipeline, sharding
+from llama_jax import attention, model, pipeline, sharding, train
 from mesh_setup import CFG, batches, reference, rel, run_sharded
 from mesh_setup import fast_compiles  # noqa: F401 - autouse fixture
 
@@ -53,6 +53,19 @@ def test_circular_pipeline_with_accumulation_remat_and_unrolled_layers():
     config = CFG.replace(remat="full", scan_layers=False)
     mc = sharding.MeshConfig(2, 2, 1, 2, repeats=2, microbatches=4)
     losses, params, _ = run_sharded(mc, steps=2, config=config, microbatches=2)
+    ref_losses, ref_params = reference()
+    np.testing.assert_allclose(losses, ref_losses[:2], rtol=1e-5)
+    assert rel(params[1], ref_params[1]) <= 1e-5
+
+
+def test_pipeline_context_chunked_attention_and_loss_equal_one_device(monkeypatch):
+    """GPipe over 2 stages x context 2 x tensor 2 with the chunked attention (several key
+    blocks: BLOCK 4) and the chunked loss (4 tokens per chunk), against one device: the
+    memory-saving paths of the 405B recipes change nothing but memory."""
+    monkeypatch.setattr(attention, "BLOCK", 4)
+    monkeypatch.setattr(train, "LOSS_TOKENS", 4)
+    mc = sharding.MeshConfig(1, 2, 2, 2, attention="chunked", microbatches=4)
+    losses, params, _ = run_sharded(mc, steps=2)
     ref_losses, ref_params = reference()
     np.testing.assert_allclose(losses, ref_losses[:2], rtol=1e-5)
     assert rel(params[1], ref_params[1]) <= 1e-5

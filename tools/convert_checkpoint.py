@@ -268,7 +268,8 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
 
 def benchmark_convert(size_gb: float = 1.0, workdir: str | None = None) -> list[dict]:
     """Rows of MB/s and peak RSS (VmHWM, memory-mapped input pages included) converting a
-    random-init bf16 checkpoint of ~size_gb GB HF -> Orbax, HF -> Meta and Meta -> Orbax, each
+    random-init bf16 checkpoint of ~size_gb GB HF -> Orbax, HF -> Meta, Meta -> Orbax and
+    Orbax -> HF, each
     in a fresh process. A temporary workdir is deleted afterwards; a given one keeps the input."""
     import subprocess
     import tempfile
@@ -293,7 +294,8 @@ def benchmark_convert(size_gb: float = 1.0, workdir: str | None = None) -> list[
     try:
         for name, src, dst, to in [("hf_to_orbax", "hf", "orbax_from_hf", "orbax"),
                                    ("hf_to_meta", "hf", "meta", "meta"),
-                                   ("meta_to_orbax", "meta", "orbax_from_meta", "orbax")]:
+                                   ("meta_to_orbax", "meta", "orbax_from_meta", "orbax"),
+                                   ("orbax_to_hf", "orbax_from_hf", "hf_from_orbax", "hf")]:
             out = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), f"--input={os.path.join(workdir, src)}",
                  f"--output={os.path.join(workdir, dst)}", f"--to={to}", "--overwrite",

@@ -90,8 +90,11 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
     # Rows over data in and out, and at every block boundary inside the stages: left to
     # itself, XLA shards D of the activations over data like the FSDP weights and keeps
     # every row on every device (the same trap as sharding.hooks' activation constraint).
+    # Between stages (inputs, sends, saved stage inputs, outputs) T is also split over
+    # `tensor` (Megatron's sequence parallelism, Korthikanti et al. 2022, for what is kept).
     rows_out = ("data", axis) if scatter and blocks > 1 else "data"
-    x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data", cp, None)))
+    parked = NamedSharding(mesh, P("data", (cp, "tensor") if cp else "tensor", None))
+    x = jax.lax.with_sharding_constraint(x, parked)
 
     attn = (functools.partial(attention.CONTEXT_IMPLS[context_impl], axis=cp,
                               local=attention_impl) if cp else
@@ -101,9 +104,7 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
         rows = lambda a: jax.lax.with_sharding_constraint(a, P("data"))  # noqa: E731 - [B/M, ..]
         with model_lib.hooks(attention=attn, activations=rows):
             outs = _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis)
-        if scatter:  # stage s keeps microbatches [s·M/S, (s+1)·M/S) of the last stage's
-            return jax.lax.psum_scatter(outs, axis, scatter_dimension=0, tiled=True)
-        return jax.lax.psum(outs, axis)
+        return _fan_out(outs, stages, axis) if scatter else jax.lax.psum(outs, axis)
     tokens = P(None, None, cp)  # [M, B/M, T, ...]
     out = jax.shard_map(stage_fn, mesh=attention.context_mesh(mesh),
                         in_specs=(P(None, axis), tokens, tokens, tokens),
@@ -131,6 +132,24 @@ def _unmicro(a, blocks):
     return a.reshape(m_count * rows, *a.shape[3:])
 
 
+def _fan_out(outs, stages, axis):
+    """The last stage's outs [M, ...] -> chunk s [M/S, ...] on stage s, by S − 1 ppermutes
+    from the last stage (a psum_scatter over the partly manual mesh gathers the auto-sharded
+    rows first: M·B/M·T·D per device)."""
+    chunks = outs.reshape(stages, outs.shape[0] // stages, *outs.shape[1:])
+    s = jax.lax.axis_index(axis)
+    mine = chunks[stages - 1]
+    for j in range(stages - 1):
+        got = jax.lax.ppermute(chunks[j], axis, [(stages - 1, j)])
+        mine = jnp.where(s == j, got, mine)
+    return mine
+
+
+def _park(a, lead=0):
+    """[(lead dims), B', T, D] with rows over data and T over tensor (auto axes in shard_map)."""
+    return jax.lax.with_sharding_constraint(a, P(*(None,) * lead, "data", "tensor"))
+
+
 def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
     """The per-stage loop (inside shard_map). xs [M, B/M, T, D]; params leaves [R, 1, L', ...].
     Returns [M, B/M, T, D]: the last stage's outputs, zeros on the other stages.
@@ -145,11 +164,13 @@ def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
     items = repeats * m_count
     params = jax.tree.map(lambda a: a[:, 0], params)  # [R, L/(R·S), ...]
     ring = [(i, (i + 1) % stages) for i in range(stages)]
+    xs = _park(xs, lead=1)
     zeros = _varying(jnp.zeros_like(xs), axis)
 
     def stage(x_in, pos, seg, r, params):  # params whole: a slice by r would be saved per step
         block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], params))
-        return model._layers(x_in, pos, seg, None, None, None, layers=block)[0]
+        x = jax.lax.with_sharding_constraint(x_in, P("data"))  # gathers T over tensor
+        return _park(model._layers(x, pos, seg, None, None, None, layers=block)[0])
     if model.config.remat != "none":
         stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
 
@@ -158,7 +179,7 @@ def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
         w = jnp.clip(t - s, 0, items - 1)  # work item; out of range = idle (result unused)
         r, m = w // m_count, w % m_count
         first = xs[m] if loop is None else jnp.where(r == 0, xs[m], loop[m])
-        x_in = jnp.where(s == 0, first, held)
+        x_in = _park(jnp.where(s == 0, first, held))  # the only activation kept per step
         y = stage(x_in, ps[m], ss[m], r, params)
         sent = jax.lax.ppermute(y, axis, ring)
         # the last stage finishes microbatch m of the last repeat at step (R − 1)·M + m + S − 1

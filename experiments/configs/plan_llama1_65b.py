@@ -17,5 +17,6 @@ def get_config(arg: str = ""):
     with c.unlocked():
         if "mesh" not in c:  # common.base has one once the sharding change is in
             c.mesh = {}
-        c.mesh.update(data=256, pipeline=1, context=1, tensor=8)
+        c.mesh.update(data=256, pipeline=1, context=1, tensor=8,
+                      attention="chunked")  # §2.4: xformers memory-efficient attention
     return c

@@ -21,5 +21,6 @@ def get_config(arg: str = ""):
         c.data.seq_len, c.data.global_batch = 131072, 128
         if "mesh" not in c:  # common.base has one once the sharding change is in
             c.mesh = {}
-        c.mesh.update(data=8, pipeline=16, context=16, tensor=8, microbatches=16)
+        c.mesh.update(data=8, pipeline=16, context=16, tensor=8, microbatches=16,
+                      attention="chunked")  # local queries vs gathered keys, blockwise
     return c

@@ -21,5 +21,6 @@ def get_config(arg: str = ""):
         c.model.n_layers = 128  # 126 + 2: equal stages (see above)
         if "mesh" not in c:  # common.base has one once the sharding change is in
             c.mesh = {}
-        c.mesh.update(data=64, pipeline=16, context=1, tensor=8, microbatches=16)
+        c.mesh.update(data=64, pipeline=16, context=1, tensor=8, microbatches=16,
+                      attention="chunked")  # flash attention, as Meta trained (§3.3.4)
     return c

@@ -19,6 +19,7 @@ training. One process writes: the converter runs as one; --mesh shards are all a
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import time
@@ -75,13 +76,17 @@ class LeafWriter:
         if tuple(value.shape) != tuple(expected):
             raise ValueError(f"{self.store.kvstore.path}: got shape {value.shape}, the leaf "
                              f"needs {tuple(expected)}.")
+        chunks = self.chunks if layer is None else self.chunks[1:]
         for region in self.regions:
             if layer is not None and not region[0][0] <= layer < region[0][1]:
                 continue
             rest = region if layer is None else region[1:]
-            index = tuple(slice(a, b) for a, b in rest)
-            target = self.store[index] if layer is None else self.store[(layer, *index)]
-            target.write(value[index]).result()  # waited on: one slice in flight at a time
+            # Chunk by chunk, each copied contiguous and waited on: TensorStore stages a write
+            # whole before encoding it, so one call per region held the region twice over.
+            for start in itertools.product(*(range(a, b, c) for (a, b), c in zip(rest, chunks))):
+                index = tuple(slice(a, min(a + c, b)) for a, c, (_, b) in zip(start, chunks, rest))
+                target = self.store[index] if layer is None else self.store[(layer, *index)]
+                target.write(np.ascontiguousarray(value[index])).result()
 
 
 class Writer:

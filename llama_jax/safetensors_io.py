@@ -99,11 +99,21 @@ def write(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
         for name, (shape, dtype) in specs.items():
-            arr = np.ascontiguousarray(get(name), dtype=dtype)
+            arr = np.asarray(get(name))
             if arr.shape != tuple(shape):
                 raise ValueError(f"{name}: produced shape {arr.shape}, declared {tuple(shape)}.")
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))  # no bytes copy of the tensor
+            _write_array(f, arr, np.dtype(dtype))
             del arr  # before the next get: one tensor held at a time, not two
+
+
+def _write_array(f, arr: np.ndarray, dtype: np.dtype, block_bytes: int = 2**20) -> None:
+    """Writes arr's bytes as `dtype` in C order, a block of rows at a time: a transposed view
+    (our [in, out] as HF's [out, in]) is copied contiguous one block at a time, never whole."""
+    flat = arr.reshape(1, -1) if arr.ndim < 2 else arr
+    rows = max(1, block_bytes // max(1, flat[0].size * dtype.itemsize))
+    for r in range(0, len(flat), rows):
+        block = np.ascontiguousarray(flat[r:r + rows], dtype=dtype)
+        f.write(memoryview(block.reshape(-1).view(np.uint8)))  # no bytes copy of the block
 
 
 class ShardedSafetensors:

@@ -102,16 +102,16 @@ def _chunked_cross_entropy(unembed, x, targets, mask, chunk: int):
     while t % n:
         n -= 1
 
-    @jax.checkpoint  # keep only the chunk's x; recompute its logits in the backward pass
     def part(x, targets, mask):
         logits = unembed(x)  # [B, T/n, V] f32
         log_z = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
         return jnp.sum((log_z - target_logit) * mask), jnp.sum(jnp.square(log_z) * mask)
 
-    if n == 1:
+    if n == 1:  # short rows: one projection, no recompute
         return part(x, targets, mask)
     split = lambda a: jnp.moveaxis(a.reshape(b, t // n, n, *a.shape[2:]), 2, 0)  # noqa: E731
+    part = jax.checkpoint(part)  # keep only each chunk's x; its logits are recomputed
     ce, z = jax.lax.map(lambda xs: part(*xs), (split(x), split(targets), split(mask)))
     return jnp.sum(ce), jnp.sum(z)
 

@@ -225,8 +225,9 @@ def write_meta(directory: str, source, *, model_parallel: int = 1, dtype=None,
     writers = [torch_zip.Writer(os.path.join(directory, f"consolidated.{r:02d}.pth"),
                                 {m: (shard_shape(_hf_shape(c, h), s, n), dt_of(h))
                                  for m, h, _, s in table}) for r in range(n)]
+    order = {name: i for i, name in enumerate(source.names)}  # the order the source reads best
     try:
-        for meta, hf_name, rope, split in table:
+        for meta, hf_name, rope, split in sorted(table, key=lambda t: order[t[1]]):
             w = np.asarray(source.get(hf_name), dtype=dt_of(hf_name))
             if rope:
                 w = rope_permute(w, rope, to_half_split=False)

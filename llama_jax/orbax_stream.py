@@ -168,7 +168,7 @@ class Reader:
         self.driver = "zarr3" if meta.get("use_zarr3") else "zarr"
         self.paths = [tuple(k["key"] for k in v["key_metadata"])
                       for v in meta["tree_metadata"].values()]
-        self._open = {}
+        self._open, self._cached = {}, (None, None)
 
     def _store(self, path: tuple[str, ...]):
         if path not in self._open:
@@ -189,6 +189,23 @@ class Reader:
     def dtype(self, path) -> np.dtype:
         return np.dtype(self._store(path).dtype.numpy_dtype)
 
+    def layers_per_chunk(self, path) -> int:
+        """1 for our layer-chunked leaves; L for Orbax's own saves (a chunk per shard)."""
+        return int(self._store(path).chunk_layout.read_chunk.shape[0])
+
     def get(self, path, layer: int | None = None) -> np.ndarray:
         store = self._store(path)
-        return (store if layer is None else store[layer]).read().result()
+        if layer is None or self.layers_per_chunk(path) == 1:
+            return (store if layer is None else store[layer]).read().result()
+        # A chunk spans layers: decode the leaf once and serve its layers from it (callers then
+        # go leaf by leaf, see `leaf_major`), rather than decode it again for every layer.
+        if self._cached[0] != path:
+            self._cached = (None, None)  # let go of the previous leaf before reading the next
+            self._cached = (path, store.read().result())
+        return self._cached[1][layer]
+
+    @property
+    def leaf_major(self) -> bool:
+        """Whether some stacked leaf must be read whole, so layers are best taken leaf by leaf
+        (all of L for one leaf, then the next) instead of layer by layer."""
+        return any(p[0] == "layers" and self.layers_per_chunk(p) > 1 for p in self.paths)

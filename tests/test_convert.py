@@ -152,7 +152,8 @@ def test_tokenizer_and_generation_files_carried(tmp_path):
         original = (tmp_path / "hf" / name).read_bytes()
         assert (tmp_path / "orbax" / name).read_bytes() == original, name
         assert (tmp_path / "hf2" / name).read_bytes() == original, name
-    assert AutoTokenizer.from_pretrained(str(tmp_path / "hf2"))("hello llama")["input_ids"] == [3, 5]
+    tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "hf2"))
+    assert tokenizer("hello llama")["input_ids"] == [3, 5]
     assert GenerationConfig.from_pretrained(str(tmp_path / "hf2")).temperature == 0.6
     assert llama_jax.checkpoint.tokenizer_path(str(tmp_path / "orbax")) is not None
     cc.convert(str(tmp_path / "orbax"), str(tmp_path / "meta"), to="meta")
@@ -209,6 +210,24 @@ def test_hf_to_sharded_orbax_to_hf_bit_exact(tmp_path):
         assert b[k].dtype == torch.bfloat16 and torch.equal(a[k].view(torch.int16),
                                                             b[k].view(torch.int16)), k
     assert json.load(open(tmp_path / "hf2" / "config.json"))["tie_word_embeddings"] is True
+
+
+def test_orbax_saved_export_to_hf(tmp_path):
+    """An export Orbax saved itself (save_params: OCDBT, one chunk spanning all layers) is read
+    leaf by leaf, each leaf decoded once, and gives transformers the model's logits."""
+    from transformers import LlamaForCausalLM
+
+    model = llama_jax.create(llama_jax.ModelConfig(vocab_size=256, dim=64, n_layers=3, n_heads=4,
+                                                   n_kv_heads=2, ffn_dim=96), seed=2)
+    llama_jax.checkpoint.save_params(str(tmp_path / "orbax"), model)
+    source = cc.OrbaxReader(str(tmp_path / "orbax"))
+    assert source.leaves.leaf_major
+    wq = [n for n in source.names if n.endswith("q_proj.weight")]
+    assert source.names.index(wq[-1]) - source.names.index(wq[0]) == 2  # all L together
+    cc.convert(str(tmp_path / "orbax"), str(tmp_path / "hf"), to="hf")
+    hf, info = LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert_close(hf_logits(hf.eval()), np.asarray(model(jnp.asarray(TOKENS))))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -100,7 +100,15 @@ class OrbaxReader:
                 raise ValueError(f"{self.where(name)} has shape {shape} but its config.json "
                                  f"implies {want}; weights and config differ.")
 
-    names = property(lambda self: hf.tensor_names(self.config))
+    @property
+    def names(self) -> list[str]:
+        """File order, or leaf by leaf when a leaf is stored in chunks spanning layers (an
+        export Orbax saved itself), so each such leaf is decoded once."""
+        names = hf.tensor_names(self.config)
+        if not self.leaves.leaf_major:
+            return names
+        return sorted(names, key=lambda n: (n.startswith("model.layers."),
+                                            n.split(".", 3)[-1], self._leaf(n)[1] or 0))
 
     def _leaf(self, name):
         """(leaf path, layer or None, ours -> HF transform) of an HF tensor name."""
@@ -156,7 +164,7 @@ def open_source(path: str, fmt: str | None = None):
 def write_hf(directory: str, source, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
     """config.json, generation_config.json and (sharded) safetensors, tensor by tensor."""
     c = source.config
-    specs = {n: (source.shape(n), dtype or source.dtype(n)) for n in hf.tensor_names(c)}
+    specs = {n: (source.shape(n), dtype or source.dtype(n)) for n in source.names}
     hf._write_shards(directory, specs, source.get, max_shard_bytes)
     torch_dtype = _DTYPE_NAMES[np.dtype(dtype or source.dtype(hf.tensor_names(c)[0]))]
     with open(os.path.join(directory, "config.json"), "w") as f:
@@ -269,8 +277,8 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
 def benchmark_convert(size_gb: float = 1.0, workdir: str | None = None) -> list[dict]:
     """Rows of MB/s and peak RSS (VmHWM, memory-mapped input pages included) converting a
     random-init bf16 checkpoint of ~size_gb GB HF -> Orbax, HF -> Meta, Meta -> Orbax and
-    Orbax -> HF, each
-    in a fresh process. A temporary workdir is deleted afterwards; a given one keeps the input."""
+    Orbax -> HF, each in a fresh process. A temporary workdir is deleted afterwards; a given one
+    keeps the input."""
     import subprocess
     import tempfile
 

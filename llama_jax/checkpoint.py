@@ -4,7 +4,9 @@ Params-only export (stable; `decode.py` and `tools/convert_checkpoint.py` load i
 
     DIR/config.json      {"format": "llama_jax", "model": ModelConfig.to_dict()}
     DIR/params/          Orbax StandardCheckpointer save of
-                         nnx.to_pure_dict(nnx.state(model, nnx.Param))
+                         nnx.to_pure_dict(nnx.state(model, nnx.Param)); the converter writes
+                         the same pytree in Orbax's non-OCDBT layout, chunked by layer
+                         (`orbax_stream`), which Orbax restores alike
     DIR/tokenizer.model  optional copy of the tokenizer file
     DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json
                          optional, carried from a Hugging Face checkpoint by the converter

@@ -32,7 +32,8 @@ from orbax.checkpoint._src.metadata import sharding as sharding_metadata
 
 _COMPRESSOR = {"id": "zstd", "level": 1}  # what Orbax writes (tensorstore_utils.py)
 # One slice is in flight at a time anyway; fewer TensorStore threads mean fewer malloc arenas
-# holding freed chunk buffers (RSS measured 8x the largest tensor with the defaults, 2x here).
+# holding freed chunk buffers (HF -> Orbax RSS measured 8x the largest tensor with the defaults,
+# 2x with these limits).
 _CONTEXT = ts.Context({"data_copy_concurrency": {"limit": 1}, "file_io_concurrency": {"limit": 1}})
 _HANDLER = ("orbax.checkpoint._src.handlers.standard_checkpoint_handler."
             "StandardCheckpointHandler")

@@ -16,18 +16,11 @@ How a batch of prompts of different lengths runs (positions and masks as in atte
   `lax.while_loop` until every row has emitted a stop token or max_new_tokens): one compiled
   pair per (batch, P bucket, new-token bucket), no host round trip per token.
 
-Speed (XLA:CPU, batch 1 is memory-bound): `forward` is model.Llama's math over `Weights`, the
-parameters re-laid once by `prepare` — one buffer per layer instead of slices of the stacked
-[L, ...] arrays (a slice inside a jitted loop is a copy on XLA:CPU: decoding through the
-model's stacked layers ran 2.5× slower per token on the bench shape), and 2-D projections so no
-weight is transposed per token. The cache is written with one scatter per layer into the
-stacked buffer, in place; prefill computes only the last token's logits.
-
 Determinism: step t samples with `fold_in(PRNGKey(seed), t)`, so a seed fixes the output.
 
-Sharding: `shard(model, mesh)` places weights by their logical axes (heads, mlp and vocab
-over `tensor`), the batch and the cache go over `data` and the cache's kv heads over
-`tensor` (replicated when `tensor` does not divide K).
+The pieces live beside this file: decode_forward.py (`Weights`, `prepare`, `forward`: the
+model's math over the cache, laid out for XLA:CPU's matrix-vector speed) and decode_setup.py
+(dtype, mesh placement, padding, input checks). Their public names are re-exported here.
 
 Axis letters: B batch, P prompt bucket, N new-token buffer, S cache slots, V vocab,
 K kv heads, H head dim, L layers.
@@ -43,17 +36,21 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from llama_jax import attention
 from llama_jax import model as model_lib
 from llama_jax import sampling as sampling_lib
-from llama_jax import sharding
-from llama_jax.config import ModelConfig
+from llama_jax.decode_forward import Weights, forward, prepare
+from llama_jax.decode_setup import (MAX_STOP_IDS, bucket, cache_shardings, check_inputs,
+                                    check_vocab, make_mesh, pad_batch, shard, stop_array,
+                                    with_dtype)
 from llama_jax.sampling import SamplingParams
 
-MAX_STOP_IDS = 8  # stop ids are padded to this many (with -1) so their count does not recompile
+__all__ = ["Weights", "prepare", "forward", "MAX_STOP_IDS", "bucket", "cache_shardings",
+           "check_inputs", "check_vocab", "make_mesh", "shard", "with_dtype", "DecodeState",
+           "GenerateOutput", "prefill", "decode_step", "start", "loop", "generate", "TRACES"]
+
+_pad_batch = pad_batch  # the name tests and older callers use
 TRACES = {"start": 0, "loop": 0, "decode_step": 0}  # Python-side trace counters, read by tests
 # The current generate() call's stream callback. The compiled loop calls `_stream` (one static
 # function, so a new callback does not recompile), which forwards here.
@@ -63,95 +60,6 @@ _STREAM_TARGET: list[Callable | None] = [None]
 def _stream(step, tokens, lengths):
     if _STREAM_TARGET[0] is not None:
         _STREAM_TARGET[0](step, tokens, lengths)
-
-
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["embed", "norm", "head",
-                                                                  "layers"], meta_fields=["config"])
-@dataclasses.dataclass(frozen=True)
-class Weights:
-    """The model's parameters laid out for decoding (`prepare(model)`), in the compute dtype.
-
-    The stacked [L, ...] layer parameters are split into one dict per layer: a layer's weight
-    slice inside a jitted loop is a copy on XLA:CPU, a separate buffer is not. Projections are 2-D so every matmul reads its weight as stored:
-    wq [D, N*H], wk / wv [D, K*H], wo [N*H, D], w_gate / w_up [D, F], w_down [F, D],
-    attn_norm / mlp_norm [D]. embed [V, D]; head [V, D] (the embedding when tied); norm [D].
-    """
-
-    config: ModelConfig
-    embed: jax.Array
-    norm: jax.Array
-    head: jax.Array
-    layers: tuple[dict[str, jax.Array], ...]
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _split_layers(graphdef, state):
-    model = nnx.merge(graphdef, state)
-    c = model.config
-    dt = jnp.dtype(c.dtype)
-    a, m = model.layers.attn, model.layers.mlp
-    stacked = dict(
-        attn_norm=model.layers.attn_norm.scale[...], mlp_norm=model.layers.mlp_norm.scale[...],
-        wq=a.wq[...].reshape(c.n_layers, c.dim, -1), wk=a.wk[...].reshape(c.n_layers, c.dim, -1),
-        wv=a.wv[...].reshape(c.n_layers, c.dim, -1), wo=a.wo[...].reshape(c.n_layers, -1, c.dim),
-        w_gate=m.w_gate[...], w_up=m.w_up[...], w_down=m.w_down[...])
-    layers = tuple({k: w[i].astype(dt) for k, w in stacked.items()} for i in range(c.n_layers))
-    head = model.embed[...] if c.tie_embeddings else model.lm_head[...].T
-    return model.embed[...].astype(dt), model.norm.scale[...].astype(dt), head.astype(dt), layers
-
-
-def prepare(model: model_lib.Llama) -> Weights:
-    """The decoding layout of a model's parameters (a copy; shardings carry over)."""
-    embed, norm, head, layers = _split_layers(*nnx.split(model))
-    return Weights(model.config, embed, norm, head, layers)
-
-
-# ----------------------------------------------------------------------------------------------
-# The forward pass over the cache.
-
-
-def _rms_norm(x, scale, eps):
-    """As model.RMSNorm: normalise in float32, scale in the compute dtype."""
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return y.astype(x.dtype) * scale[None, None, :]
-
-
-def forward(w: Weights, tokens, positions, segments, cache, logits_at=None):
-    """The model on tokens [B, T] at positions [B, T] over the cache: (logits [B, T, V] f32, cache).
-
-    Each real token's k/v goes to slot = its position in place (segment 0, padding, is not
-    written); the math is model.Llama's, layers unrolled over `Weights.layers`. logits_at [B]:
-    only the logits at these indices of T, [B, 1, V] (prefill needs the last token's only).
-    """
-    c, (b, t) = w.config, tokens.shape
-    n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
-    slots = jnp.where(segments != 0, positions, cache["pos"].shape[1])  # S: dropped
-    rows = jnp.arange(b)[:, None]
-    kv_pos = cache["pos"].at[rows, slots].set(positions, mode="drop")
-    kv_seg = cache["seg"].at[rows, slots].set(segments, mode="drop")
-    mask = attention.attention_mask(positions, segments, kv_pos, kv_seg)
-    inv_freq = model_lib.rope_frequencies(c)
-    ck, cv = cache["k"], cache["v"]
-    x = jnp.take(w.embed, tokens, axis=0)
-    for i, p in enumerate(w.layers):
-        with jax.named_scope(f"layer_{i}"):
-            y = _rms_norm(x, p["attn_norm"], c.norm_eps)
-            q = model_lib.apply_rope((y @ p["wq"]).reshape(b, t, n, h), positions, inv_freq)
-            kk = model_lib.apply_rope((y @ p["wk"]).reshape(b, t, k, h), positions, inv_freq)
-            ck = ck.at[i, rows, slots].set(kk.astype(ck.dtype), mode="drop")
-            cv = cv.at[i, rows, slots].set((y @ p["wv"]).reshape(b, t, k, h).astype(cv.dtype),
-                                           mode="drop")
-            out = attention.dot_product_attention(q, ck[i].astype(x.dtype), cv[i].astype(x.dtype),
-                                                  mask)
-            x = x + out.reshape(b, t, n * h) @ p["wo"]
-            y = _rms_norm(x, p["mlp_norm"], c.norm_eps)
-            x = x + (jax.nn.silu(y @ p["w_gate"]) * (y @ p["w_up"])) @ p["w_down"]
-    if logits_at is not None:
-        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
-    x = _rms_norm(x, w.norm, c.norm_eps)
-    logits = jnp.einsum("btd,vd->btv", x, w.head, preferred_element_type=jnp.float32)
-    return logits, dict(k=ck, v=cv, pos=kv_pos, seg=kv_seg)
 
 
 @jax.tree_util.register_dataclass
@@ -192,11 +100,6 @@ class GenerateOutput:
 
     def ids(self, b: int) -> list[int]:
         return self.tokens[b, :self.lengths[b]].tolist()
-
-
-def bucket(n: int, minimum: int = 16) -> int:
-    """The power of two >= max(n, minimum): lengths that share a bucket share a compile."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,95 +197,7 @@ def loop(weights: Weights, state: DecodeState, sampling, stop_ids, max_new, *,
 
 
 # ----------------------------------------------------------------------------------------------
-# Sharding: a small logical -> mesh axis table (sharding.py may later own it). Logical axes not
-# listed are replicated; a listed one is replicated too when the mesh axis does not divide it
-# (e.g. K = 2 kv heads on tensor = 4: every device keeps both, as in Llama 3 70B serving).
-
-def make_mesh(data: int = 1, tensor: int = 1) -> jax.sharding.Mesh:
-    """A (data, tensor) mesh over the first data × tensor devices."""
-    if data * tensor > jax.device_count():
-        raise ValueError(f"A {data}×{tensor} mesh needs {data * tensor} devices but only "
-                         f"{jax.device_count()} exist; choose data × tensor <= the device count.")
-    auto = jax.sharding.AxisType.Auto
-    return jax.make_mesh((data, tensor), ("data", "tensor"), axis_types=(auto, auto),
-                         devices=jax.devices()[:data * tensor])
-
-
-def _spec(axes, shape, mesh) -> PartitionSpec:
-    """sharding.RULES without FSDP: weights split over `tensor`, replicated over `data`."""
-    return sharding.spec(axes, shape, mesh, fsdp=False)
-
-
-def shard(model: model_lib.Llama, mesh) -> model_lib.Llama:
-    """The model with each parameter placed on `mesh` by its logical `axes` metadata."""
-    graphdef, state = nnx.split(model)
-    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    shardings = jax.tree.map(
-        lambda v: NamedSharding(mesh, _spec(v.axes, v.shape, mesh)), state, is_leaf=is_var)
-    return nnx.merge(graphdef, jax.device_put(state, shardings))
-
-
-def cache_shardings(mesh, config) -> dict[str, NamedSharding]:
-    """k, v [L, B_data, S, K_tensor, H]; pos, seg [B_data, S]."""
-    heads = _spec(("kv_heads",), (config.n_kv_heads,), mesh)[0]  # None if tensor ∤ K
-    kv = PartitionSpec(None, "data", None, heads, None)
-    rows = PartitionSpec("data", None)
-    return dict(k=NamedSharding(mesh, kv), v=NamedSharding(mesh, kv),
-                pos=NamedSharding(mesh, rows), seg=NamedSharding(mesh, rows))
-
-
-def with_dtype(model: model_lib.Llama, dtype: str) -> model_lib.Llama:
-    """A copy of the model with parameters and compute in `dtype` ("float32", "bfloat16")."""
-    config = model.config.replace(dtype=dtype, param_dtype=dtype)
-    graphdef, _ = nnx.split(model_lib.abstract(config))
-    state = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model))
-    return nnx.merge(graphdef, state)
-
-
-# ----------------------------------------------------------------------------------------------
 # The entry point.
-
-
-def check_inputs(config, prompts, max_new_tokens, sampling, stop_ids, max_len) -> None:
-    """Raises ValueError, one sentence each, before anything is compiled."""
-    if not prompts:
-        raise ValueError("No prompts given; pass at least one list of token ids.")
-    for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise ValueError(f"Prompt {i} is empty; every prompt needs at least one token "
-                             "(e.g. the BOS id).")
-        bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
-        if bad:
-            raise ValueError(f"Prompt {i} has token id {bad[0]} outside the model's vocabulary "
-                             f"[0, {config.vocab_size}); check the tokenizer matches the model.")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > max_len:
-        raise ValueError(
-            f"A prompt of {longest} tokens plus {max_new_tokens} new tokens does not fit the "
-            f"cache of {max_len} slots; shorten the prompt, lower max_new_tokens or raise max_len.")
-    if len(stop_ids) > MAX_STOP_IDS:
-        raise ValueError(f"At most {MAX_STOP_IDS} stop ids are supported, got {len(stop_ids)}.")
-    sampling.validate(config.vocab_size)
-
-
-def _pad_batch(prompts, p: int, multiple: int):
-    """Prompts right-padded to tokens [B, P] with lengths [B]; B rounded up to `multiple`
-    (the data axis) with one-token filler rows."""
-    b = -(-len(prompts) // multiple) * multiple
-    tokens, lengths = np.zeros((b, p), np.int32), np.ones((b,), np.int32)
-    for i, x in enumerate(prompts):
-        tokens[i, :len(x)], lengths[i] = x, len(x)
-    return jnp.asarray(tokens), jnp.asarray(lengths)
-
-
-def check_vocab(tokenizer_vocab_size: int, config: ModelConfig) -> None:
-    """A tokenizer must have exactly the model's vocabulary (else ids mean other tokens)."""
-    if tokenizer_vocab_size != config.vocab_size:
-        raise ValueError(
-            f"The tokenizer has {tokenizer_vocab_size} tokens but the checkpoint's vocabulary "
-            f"has {config.vocab_size}; use the tokenizer the checkpoint was trained with.")
 
 
 def generate(model: model_lib.Llama | Weights, prompts: Sequence[Sequence[int]],
@@ -410,13 +225,11 @@ def generate(model: model_lib.Llama | Weights, prompts: Sequence[Sequence[int]],
     max_len = max_len or config.max_seq_len
     check_inputs(config, prompts, max_new_tokens, sampling, stop_ids, max_len)
     n_rows, p, n = len(prompts), bucket(max(len(x) for x in prompts)), bucket(max_new_tokens)
-    tokens, lengths = _pad_batch(prompts, p, 1 if mesh is None else mesh.shape["data"])
+    tokens, lengths = pad_batch(prompts, p, 1 if mesh is None else mesh.shape["data"])
     if mesh is not None:
         rows = NamedSharding(mesh, PartitionSpec("data"))
         tokens, lengths = jax.device_put(tokens, rows), jax.device_put(lengths, rows)
-    stops = np.full((MAX_STOP_IDS,), -1, np.int32)
-    stops[:len(stop_ids)] = stop_ids
-    args = (sampling.arrays(), jnp.asarray(stops), jnp.int32(max_new_tokens))
+    args = (sampling.arrays(), jnp.asarray(stop_array(stop_ids)), jnp.int32(max_new_tokens))
     t0 = time.perf_counter()
     state = start(model, tokens, lengths, jax.random.PRNGKey(seed), *args,
                   cache_len=min(p + n, max_len), n_buffer=n, mesh=mesh)

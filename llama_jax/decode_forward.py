@@ -1,0 +1,160 @@
+"""The model's math over a KV cache, on parameters laid out for decoding (`prepare`).
+
+`forward` is model.Llama's math (pre-norm blocks, RoPE, GQA attention, SwiGLU) over `Weights`,
+the parameters re-laid once by `prepare`, because XLA:CPU decodes at batch 1 as fast as it
+reads the weights and the model's own layout makes it read them slowly:
+- One buffer per layer instead of slices of the stacked [L, ...] arrays: a slice inside a
+  jitted loop is a copy on XLA:CPU (decoding through the stacked layers ran 2.5× slower).
+- 2-D projections [D_in, D_out], so no weight is transposed per token.
+- Every projection cut into `pieces` column blocks, each its own buffer: Eigen runs a
+  matrix-vector product (batch 1) on one thread whatever the pool size
+  (TensorContractionThreadPool: `if (n == 1) num_threads = 1`), but XLA's thunk executor
+  runs independent dots side by side, so two blocks keep both cores reading memory.
+  Measured on the bench shape, batch 1 f32: see BENCHMARKS.md.
+
+The cache is written with one scatter per layer into the stacked buffer, in place; prefill
+computes only the last token's logits.
+
+Axis letters: B batch, T tokens, S cache slots, D model dim, F ffn dim, N query heads,
+K kv heads, H head dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax import attention
+from llama_jax import model as model_lib
+from llama_jax.config import ModelConfig
+
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["embed", "norm", "head",
+                                                                  "layers"], meta_fields=["config"])
+@dataclasses.dataclass(frozen=True)
+class Weights:
+    """The model's parameters laid out for decoding (`prepare(model)`), in the compute dtype.
+
+    layers: one dict per layer (a separate buffer each, see the module doc): attn_norm,
+    mlp_norm [D]; projections as tuples of column blocks whose concatenation is wq [D, N*H],
+    wk / wv [D, K*H], wo [N*H, D], w_gate / w_up [D, F], w_down [F, D].
+    embed [V, D]; head: tuple of row blocks of the output embedding [V, D] (the input
+    embedding when tied); norm [D].
+    """
+
+    config: ModelConfig
+    embed: jax.Array
+    norm: jax.Array
+    head: tuple[jax.Array, ...]
+    layers: tuple[dict, ...]
+
+
+def _blocks(w, pieces: int, axis: int) -> tuple[jax.Array, ...]:
+    """w cut into `pieces` equal blocks along `axis` (fewer if the axis does not divide)."""
+    n = w.shape[axis]
+    pieces = max(p for p in range(1, pieces + 1) if n % p == 0)
+    return tuple(jnp.split(w, pieces, axis=axis))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3))
+def _relayout(graphdef, state, pieces: int, weight_dtype):
+    model = nnx.merge(graphdef, state)
+    c = model.config
+    dt, wdt = jnp.dtype(c.dtype), jnp.dtype(weight_dtype or c.dtype)
+    a, m = model.layers.attn, model.layers.mlp
+    stacked = dict(
+        wq=a.wq[...].reshape(c.n_layers, c.dim, -1), wk=a.wk[...].reshape(c.n_layers, c.dim, -1),
+        wv=a.wv[...].reshape(c.n_layers, c.dim, -1), wo=a.wo[...].reshape(c.n_layers, -1, c.dim),
+        w_gate=m.w_gate[...], w_up=m.w_up[...], w_down=m.w_down[...])
+    norms = dict(attn_norm=model.layers.attn_norm.scale[...],
+                 mlp_norm=model.layers.mlp_norm.scale[...])
+    layers = tuple(
+        {**{k: w[i].astype(dt) for k, w in norms.items()},
+         **{k: _blocks(w[i].astype(wdt), pieces, axis=1) for k, w in stacked.items()}}
+        for i in range(c.n_layers))
+    head = model.embed[...] if c.tie_embeddings else model.lm_head[...].T
+    return (model.embed[...].astype(dt), model.norm.scale[...].astype(dt),
+            _blocks(head.astype(wdt), pieces, axis=0), layers)
+
+
+def prepare(model: model_lib.Llama, pieces: int | None = None, weight_dtype=None) -> Weights:
+    """The decoding layout of a model's parameters (a copy; shardings carry over).
+
+    pieces: column blocks per projection; default 2 on one device (both cores of a CPU
+    work on a batch-1 matvec) and 1 for a sharded model (its blocks would need resharding).
+    """
+    if pieces is None:
+        sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(nnx.state(model)))
+        pieces = 1 if sharded else 2
+    embed, norm, head, layers = _relayout(*nnx.split(model), pieces, weight_dtype)
+    return Weights(model.config, embed, norm, head, layers)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward pass over the cache.
+
+
+def _rms_norm(x, scale, eps):
+    """As model.RMSNorm: normalise in float32, scale in the compute dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return y.astype(x.dtype) * scale[None, None, :]
+
+
+def _project(x, blocks):
+    """x [B, T, D_in] @ the concatenation of the column blocks [D_in, D_out_i]."""
+    ys = [(x @ w).astype(x.dtype) for w in blocks]
+    return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
+
+
+def _layer(c: ModelConfig, p, x, positions, inv_freq, mask, where, ck, cv):
+    """Block `where[0]` on x [B, T, D]: (x, ck, cv) with its k/v written to the cache
+    ck, cv [L, B, S, K, H] at where = (layer, rows [B, 1], slots [B, T])."""
+    b, t, _ = x.shape
+    n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
+    i = where[0]
+    y = _rms_norm(x, p["attn_norm"], c.norm_eps)
+    q = model_lib.apply_rope(_project(y, p["wq"]).reshape(b, t, n, h), positions, inv_freq)
+    kk = model_lib.apply_rope(_project(y, p["wk"]).reshape(b, t, k, h), positions, inv_freq)
+    vv = _project(y, p["wv"]).reshape(b, t, k, h)
+    ck = ck.at[where].set(kk.astype(ck.dtype), mode="drop")
+    cv = cv.at[where].set(vv.astype(cv.dtype), mode="drop")
+    out = attention.dot_product_attention(q, ck[i].astype(x.dtype), cv[i].astype(x.dtype), mask)
+    x = x + _project(out.reshape(b, t, n * h), p["wo"])
+    y = _rms_norm(x, p["mlp_norm"], c.norm_eps)
+    gated = jax.nn.silu(_project(y, p["w_gate"])) * _project(y, p["w_up"])
+    return x + _project(gated, p["w_down"]), ck, cv
+
+
+def forward(w: Weights, tokens, positions, segments, cache, logits_at=None):
+    """The model on tokens [B, T] at positions [B, T] over the cache: (logits [B, T, V] f32, cache).
+
+    Each real token's k/v goes to slot = its position in place (segment 0, padding, is not
+    written); the math is model.Llama's, layers unrolled over `Weights.layers`. logits_at [B]:
+    only the logits at these indices of T, [B, 1, V] (prefill needs the last token's only).
+    """
+    c, b = w.config, tokens.shape[0]
+    slots = jnp.where(segments != 0, positions, cache["pos"].shape[1])  # S: dropped
+    rows = jnp.arange(b)[:, None]
+    kv_pos = cache["pos"].at[rows, slots].set(positions, mode="drop")
+    kv_seg = cache["seg"].at[rows, slots].set(segments, mode="drop")
+    mask = attention.attention_mask(positions, segments, kv_pos, kv_seg)
+    inv_freq = model_lib.rope_frequencies(c)
+    ck, cv = cache["k"], cache["v"]
+    x = jnp.take(w.embed, tokens, axis=0)
+    for i, p in enumerate(w.layers):
+        with jax.named_scope(f"layer_{i}"):
+            x, ck, cv = _layer(c, p, x, positions, inv_freq, mask, (i, rows, slots), ck, cv)
+    if logits_at is not None:
+        x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
+    x = _rms_norm(x, w.norm, c.norm_eps)
+    logits = [jnp.einsum("btd,vd->btv", x, h, preferred_element_type=jnp.float32)
+              for h in w.head]
+    logits = logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=-1)
+    return logits, dict(k=ck, v=cv, pos=kv_pos, seg=kv_seg)

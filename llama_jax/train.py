@@ -60,7 +60,9 @@ class Step:
 
     graphdef: Any  # nnx.GraphDef of the Llama, from nnx.split(model, nnx.Param)
     tx: optax.GradientTransformation
-    schedule: Callable[[jax.Array], jax.Array]  # step -> learning rate, for logging only
+    # Update count -> learning rate, for logging only. The optimizer counts applied updates
+    # (a skipped step keeps its state), so the rate it applies is schedule(step - skipped).
+    schedule: Callable[[jax.Array], jax.Array]
     z_loss: float = 0.0  # PaLM's auxiliary loss z_loss * log(Z)^2 (Chowdhery et al. 2022, §5)
     microbatches: int = 1
 
@@ -141,8 +143,8 @@ def train_step(state: TrainState, batch: Batch, s: Step) -> tuple[TrainState, di
     new = TrainState(step=state.step + 1, params=keep(params, state.params),
                      opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + bad,
                      bad_streak=(state.bad_streak + 1) * bad)
-    metrics = dict(loss=loss, grad_norm=grad_norm, lr=s.schedule(state.step), tokens=n,
-                   skipped=bad, bad_streak=new.bad_streak)
+    metrics = dict(loss=loss, grad_norm=grad_norm, lr=s.schedule(state.step - state.skipped),
+                   tokens=n, skipped=bad, bad_streak=new.bad_streak)
     return new, metrics
 
 

@@ -98,6 +98,28 @@ def test_non_finite_step_is_skipped_and_counted(small):
     assert not np.array_equal(before[0]["embed"], state.params["embed"])
 
 
+def test_logged_lr_is_the_applied_one_after_skipped_steps(small):
+    """Skipped steps do not advance the optimizer's schedule; the logged rate must follow it:
+    with SGD, the parameter change of the next good step is exactly lr × gradient."""
+    graphdef, params, _, _ = small
+    schedule = optax.linear_schedule(1e-2, 1e-1, 10)  # a different rate at every step
+    tx = optax.sgd(schedule)
+    batch = _batch(np.random.default_rng(4))
+    state = train.init_state(jax.tree.map(jnp.copy, params), tx)
+    for _ in range(2):
+        state, _ = train.train_step(state, batch, train.Step(graphdef, tx, schedule,
+                                                             z_loss=float("nan")))
+    before = np.array(state.params["embed"])
+    n = batch["loss_mask"].sum()
+    grad = np.array(jax.grad(lambda p: train.loss_fn(p, graphdef, batch)[0] / n)(state.params)
+                    ["embed"])
+    state, metrics = train.train_step(state, batch, train.Step(graphdef, tx, schedule))
+    lr = float(metrics["lr"])
+    np.testing.assert_allclose(lr, schedule(0), rtol=1e-6)  # not schedule(2): two were skipped
+    np.testing.assert_allclose(before - np.array(state.params["embed"]), lr * grad,
+                               rtol=1e-4, atol=1e-8)  # f32 rounding of the difference
+
+
 def test_microbatches_match_one_batch(small):
     graphdef, params, _, schedule = small
     batch = _batch(np.random.default_rng(2))

@@ -18,6 +18,11 @@ gradients are exactly zero. Autodiff of the loop gives the backward pipeline (re
 ppermutes); the model's scan and remat settings apply inside each stage, and gradient
 accumulation (llama_jax.optim) wraps the whole pipelined step.
 
+Memory (what made Llama 3 405B's layouts fit 80 GB, see the README's plan table): with remat,
+each loop step is one checkpoint, so the backward pass keeps one stage input per step, not one
+per layer; activations between stages are kept with T split over `tensor` (sequence-parallel
+storage); the outputs go into an in-place buffer and leave spread over the stages.
+
 Axis letters: B batch, T length, D model dim, L layers; S stages, R repeats, M microbatches.
 """
 
@@ -61,7 +66,8 @@ def _varying(x, axis):
 
 def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int = 0,
                     repeats: int = 1, context_impl: str | None = None,
-                    attention_impl: str = "reference", axis: str = "pipeline"):
+                    attention_impl: str = "reference", weight_spec=None,
+                    axis: str = "pipeline"):
     """Runs model.layers on x [B, T, D] as an S-stage pipeline; returns [B, T, D].
 
     A drop-in for the model's own layer loop (installed through llama_jax.model.hooks).
@@ -73,6 +79,12 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
     rank's gathered keys. When S divides M, the result leaves with its rows split over the
     pipeline stages too (each stage keeps M/S microbatches), so the final norm, the logits and
     the loss after the pipeline run once per row rather than once per stage.
+
+    `weight_spec(axes, shape) -> PartitionSpec` (axes and shape of one layer's weight), when
+    given, is where each stage's weights are gathered to once per step (FSDP shards gathered
+    over data before the schedule, their gradients reduce-scattered once after it), rather
+    than at every use in every step: the Llama 3 paper's FSDP does not reshard the weights
+    between the pipeline's microbatches (§3.3.2).
     """
     c = model.config
     stages, m_count = mesh.shape[axis], microbatches or mesh.shape[axis]
@@ -100,7 +112,17 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
                               local=attention_impl) if cp else
             None if attention_impl == "reference" else attention.IMPLS[attention_impl])
 
+    axes = [v.axes for v in jax.tree.leaves(  # in the order of jax.tree.leaves(params)
+        nnx.state(model.layers), is_leaf=lambda v: isinstance(v, nnx.Variable))]
+
+    def gather(a, ax):  # a [R, 1, L', ...]: the spec of the [...] part
+        return jax.lax.with_sharding_constraint(
+            a, P(None, None, None, *weight_spec(ax[1:], a.shape[3:])))
+
     def stage_fn(params, xs, ps, ss):
+        if weight_spec is not None:
+            leaves, treedef = jax.tree.flatten(params)
+            params = treedef.unflatten([gather(a, ax) for a, ax in zip(leaves, axes)])
         rows = lambda a: jax.lax.with_sharding_constraint(a, P("data"))  # noqa: E731 - [B/M, ..]
         with model_lib.hooks(attention=attn, activations=rows):
             outs = _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis)

@@ -10,8 +10,9 @@ SPMD partitioner and buffer assignment for the target:
 - TPU: devices of a libtpu topology description, compiled by the TPU compiler itself.
 - GPU (nodes of 8 H100 / H200): simulated devices of the CPU backend in a subprocess, so an
   estimate: the shapes, shardings and collectives are the real program's, XLA:GPU's fusions and
-  buffer reuse are not. Over 256 GPUs the data axis is compiled smaller with the same rows per
-  data rank; parameter and optimizer bytes are still computed for the full mesh.
+  buffer reuse are not. Over MAX_SIMULATED devices a smaller stand-in mesh is compiled with the
+  same rows and model shards per device (_simulated_mesh); parameter and optimizer bytes are
+  still computed for the full mesh.
 - cpu:N: simulated CPU devices, in this process when it has exactly N.
 
 Per-device bytes: parameters and optimizer state from their shard shapes; "temporaries" are
@@ -40,7 +41,9 @@ from llama_jax import flops, hardware, hlo_cost, optim, sharding, train
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
 
-MAX_SIMULATED = 2048  # CPU devices compiled at once for GPU targets (2,048: ~25 s for 405B)
+# CPU devices compiled at once for GPU targets (2,048: ~25 s for 405B); tools/plan.py
+# --max_devices sets it (through the environment, so the planning subprocess sees it too).
+MAX_SIMULATED = int(os.environ.get("LLAMA_JAX_PLAN_MAX_DEVICES", "2048"))
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
@@ -178,18 +181,43 @@ def _domains(mesh, target: hardware.Target) -> list[int]:
     return [i // hardware.GPUS_PER_NODE for i in range(len(flat))]
 
 
-def _simulated_mesh(config, target: hardware.Target) -> tuple[int, tuple]:
-    """(devices to simulate, full mesh sizes): over MAX_SIMULATED, shrink the data axis by k
-    and the global batch with it, so every device keeps its rows and its model shards."""
+MIN_DATA = 8  # a stand-in keeps at least this many data ranks before it drops stages
+
+
+def _simulated_mesh(config, target: hardware.Target) -> tuple[int, tuple, tuple[int, int]]:
+    """(devices to simulate, full mesh sizes, (kd, kp)): over MAX_SIMULATED devices, a
+    stand-in with every device's rows and model shards unchanged: the data axis shrinks by kd
+    (the global batch with it) while it keeps MIN_DATA ranks, then the pipeline axis by kp with
+    the layer stack (the same layers per stage), then data again. A smaller data axis makes
+    FSDP-sharded temporaries (gradients, gathered weights) kd times too large; fewer stages
+    shorten the pipeline loop (see _scale_loop) and put kp times the rows on each stage's loss.
+    """
     mc = sharding.from_config(config.mesh)
     full = sharding.mesh_shape(mc, target.n_devices)
-    n, k = target.n_devices, 1
-    while n // k > MAX_SIMULATED and full[0] % (2 * k) == 0:
-        k *= 2
+    n, data, pipe = target.n_devices, full[0], full[1]
+    while n > MAX_SIMULATED and data % 2 == 0 and data // 2 >= MIN_DATA:
+        data, n = data // 2, n // 2
+    while n > MAX_SIMULATED and pipe % 2 == 0 and pipe > 2:
+        pipe, n = pipe // 2, n // 2
+    while n > MAX_SIMULATED and data % 2 == 0:
+        data, n = data // 2, n // 2
+    kd, kp = full[0] // data, full[1] // pipe
     with config.unlocked():
-        config.mesh.data = full[0] // k
-        config.data.global_batch //= k
-    return n // k, full
+        config.mesh.data, config.mesh.pipeline = data, pipe
+        config.data.global_batch //= kd
+        config.model.n_layers //= kp
+    return n, full, (kd, kp)
+
+
+def _scale_loop(m: dict, config, full, kp: int) -> None:
+    """Scales a stand-in's per-step costs (FLOPs, HBM and collective bytes) from its S/kp-stage
+    pipeline loop to the target's S stages: R·M + S − 1 steps instead of R·M + S/kp − 1
+    (an approximation: the loss and optimizer parts are scaled too)."""
+    work = config.mesh.repeats * (config.mesh.microbatches or full[1])
+    f = (work + full[1] - 1) / (work + full[1] // kp - 1)
+    for key in ("hlo_flops", "hbm_bytes", "fast_bytes", "slow_bytes"):
+        m[key] *= f
+    m["collectives"] = {k: v * f for k, v in m["collectives"].items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,18 +274,24 @@ def _plan_one(config, target: hardware.Target, overrides) -> dict:
     full = sharding.mesh_shape(mc, target.n_devices)  # raises if the sizes do not match
     if target.device.platform == "tpu":
         devices = hardware.tpu_devices(target.topology, target.slices)
-        n_sim = target.n_devices
+        n_sim, kd, kp = target.n_devices, 1, 1
     else:
-        n_sim, _ = _simulated_mesh(config, target)  # shrinks mesh.data and the batch by k
+        n_sim, _, (kd, kp) = _simulated_mesh(config, target)  # shrinks data, pipeline
         devices = jax.devices()[:n_sim]
-    try:
-        measured = compile_on(config, devices, target, full)
+    try:  # parameter and optimizer bytes on the full mesh (at the stand-in's stage count:
+        # the same layers per stage)
+        measured = compile_on(config, devices, target,
+                              (full[0], full[1] // kp, *full[2:]))
+        if n_sim != target.n_devices and kp > 1 and "hlo_flops" in measured:
+            _scale_loop(measured, config, full, kp)
     except (ValueError, NotImplementedError) as e:  # sharding rules or the TPU's physical
         # mesh (mesh_utils: a logical axis that splits a torus axis) reject the layout
         measured = dict(invalid=str(e))
-    if n_sim != target.n_devices:  # report the target's batch, not the stand-in's
+    if n_sim != target.n_devices:  # report the target's batch and model, not the stand-in's
         with config.unlocked():
-            config.data.global_batch *= target.n_devices // n_sim
+            config.data.global_batch *= kd
+            config.model.n_layers *= kp
+            config.mesh.data, config.mesh.pipeline = full[0], full[1]
     return report(config, target, full, measured, overrides)
 
 

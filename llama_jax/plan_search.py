@@ -100,7 +100,8 @@ def format_report(r: dict) -> str:
     if r.get("compiled_mesh") and r["compiled_mesh"] != r["mesh"]:
         head.append(f"  compiled on a smaller stand-in mesh {r['compiled_mesh']} with the same "
                     f"rows and model shards per device (parameter/optimizer bytes: full mesh; "
-                    f"temporaries: the stand-in's, an overestimate where they hold FSDP shards)")
+                    f"temporaries: the stand-in's, an overestimate where they hold FSDP shards; "
+                    f"with fewer stages, costs scaled to the full pipeline loop)")
     if "memory" not in r:
         return "\n".join(head + [f"  DOES NOT FIT: {r['reason']}"])
     m = r["memory"]

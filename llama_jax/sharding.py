@@ -258,7 +258,8 @@ def hooks(mesh: Mesh, mc: MeshConfig):
     if mesh.shape["pipeline"] > 1:
         layers = functools.partial(pipeline.pipeline_layers, mesh=mesh, context_impl=cp,
                                    microbatches=mc.microbatches, repeats=mc.repeats,
-                                   attention_impl=mc.attention)
+                                   attention_impl=mc.attention, weight_spec=functools.partial(
+                                       spec, mesh=mesh, fsdp=False))
     # block boundaries: without this XLA may shard D of the activations over data like the
     # FSDP weights instead of gathering the weights (half the tokens/s in tools/bench_mesh.py)
     x_sharding = NamedSharding(mesh, P("data", "context", None))

@@ -238,3 +238,18 @@ def test_recipe_layouts_fill_their_clusters(name, devices):
     mesh = jax.sharding.AbstractMesh(sharding.mesh_shape(mc, devices), sharding.AXES)
     sharding.check(mc, mesh, ModelConfig.from_dict(config.model.to_dict()),
                    config.data.seq_len, config.data.global_batch)
+
+
+@pytest.mark.parametrize("name,target,stand_in,batch,layers", [
+    ("plan_llama3_405b_paper.py", "h100:8192", (16, 16, 1, 8), 512, 128),  # data 64 -> 16
+    ("plan_llama3_405b_128k.py", "h100:16384", (8, 2, 16, 8), 128, 16),    # stages 16 -> 2
+])
+def test_stand_in_mesh_keeps_rows_and_shards_per_device(name, target, stand_in, batch, layers):
+    """Over 2,048 devices the stand-in shrinks data while it keeps 8 ranks, then the stages
+    with the layer stack: rows per data rank and layers per stage stay the target's."""
+    config = plan.load_config(os.path.join(ROOT, "experiments/configs", name))
+    n, full, (kd, kp) = plan._simulated_mesh(config, hardware.parse_target(target))
+    assert n == 2048 and (config.mesh.data, config.mesh.pipeline) == stand_in[:2]
+    assert (config.data.global_batch, config.model.n_layers) == (batch, layers)
+    assert config.data.global_batch // config.mesh.data == batch * kd // full[0]
+    assert config.model.n_layers // config.mesh.pipeline == layers * kp // full[1]

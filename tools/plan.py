@@ -33,7 +33,13 @@ def main(argv=None) -> int:
     parser.add_argument("--search", action="store_true",
                         help="search remat, microbatches and mesh factorisations")
     parser.add_argument("--max_compiles", type=int, default=8, help="layouts --search compiles")
+    parser.add_argument("--max_devices", type=int, default=0,
+                        help="simulated CPU devices for a GPU target (default 2048); above it "
+                             "the data axis shrinks, and FSDP-sharded temporaries with it grow")
     args, overrides = parser.parse_known_args(argv)
+    if args.max_devices:  # here, and through the environment in the planning subprocess
+        plan.MAX_SIMULATED = args.max_devices
+        os.environ["LLAMA_JAX_PLAN_MAX_DEVICES"] = str(args.max_devices)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         parser.error(f"unknown arguments {bad}; config overrides look like --config.mesh.tensor=8")

@@ -252,6 +252,9 @@ class Manager:
                                   data=grain.checkpoint.CheckpointSave(data_iter))
         return self._mgr.save(step, args=args, force=force)
 
+    def steps(self) -> list[int]:
+        return list(self._mgr.all_steps())
+
     def restore_latest(self, abstract_state, data_iter):
         """(state, step) from the latest step that restores, or (None, 0) for a fresh run.
 

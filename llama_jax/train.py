@@ -188,9 +188,12 @@ def run(config, workdir: str) -> TrainState:
     mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
     mesh = sharding.make_mesh(mc)
     sharding.check(mc, mesh, model_config, dcfg.seq_len, config.data.global_batch)
-    state = sharding.init_sharded(  # every device creates only its own shards
-        lambda: init_state(init_params(model_config, config.train.seed), tx), mesh, mc,
-        abstract_params)
+    if config.train.init_from and not ckpt.steps():  # continued pretraining, fine-tuning
+        state = init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params)
+    else:
+        state = sharding.init_sharded(  # every device creates only its own shards
+            lambda: init_state(init_params(model_config, config.train.seed), tx), mesh, mc,
+            abstract_params)
     step_fn = sharding.jit_step(lambda st, b: train_step.__wrapped__(st, b, s), mesh, mc,
                                 state, abstract_params)
     restored, start = ckpt.restore_latest(jax.tree.map(_abstract, state), train_iter)
@@ -221,6 +224,33 @@ def init_params(model_config: ModelConfig, seed: int):
     """The pure parameter dict of create(model_config, seed), initialised in one compiled
     program rather than one dispatch per parameter (seconds saved on CPU)."""
     return nnx.to_pure_dict(nnx.state(create(model_config, seed), nnx.Param))
+
+
+def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_params) -> TrainState:
+    """A fresh TrainState (step 0, new optimizer state) around the weights of any checkpoint
+    `llama_jax.load` reads (params export, Hugging Face, Meta), placed by the mesh rules.
+
+    The checkpoint's architecture must equal `model_config`'s; execution options (dtypes,
+    remat, scan, max_seq_len) are the run's. A resumed run ignores it: the workdir wins."""
+    from llama_jax import io
+
+    exec_opts = dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype,
+                     scan_layers=model_config.scan_layers, remat=model_config.remat,
+                     max_seq_len=model_config.max_seq_len)
+    model = io.load(path, **exec_opts)
+    theirs, ours = model.config.arch(), model_config.arch()
+    diff = [f"{k} {theirs[k]} != {ours[k]}" for k in ours if theirs[k] != ours[k]]
+    if diff:
+        raise ValueError(f"train.init_from {path} holds another architecture than config.model "
+                         f"({'; '.join(diff)}); use the matching model preset or overrides.")
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    del model
+    shardings = sharding.state_shardings(
+        jax.eval_shape(lambda p: init_state(p, tx), params), abstract_params, mesh, mc.fsdp)
+    params = jax.device_put(params, shardings.params)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda p: init_state(p, tx), out_shardings=shardings,
+                       donate_argnums=0)(params)
 
 
 def _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, step):

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import checkpoint, data, train
+from llama_jax import checkpoint, data, hf, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
@@ -310,3 +310,54 @@ def test_tokenizer_trained_once_into_the_workdir(tmp_path):
     mtime = os.path.getmtime(path)
     again, _ = train.make_tokenizer("train:512", str(tmp_path), config.data)  # a resumed run
     assert os.path.getmtime(path) == mtime and again.encode(text, bos=True, eos=False)[0] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Continued pretraining: train.init_from starts a run from converted or exported weights.
+
+
+def _fsdp_setup(model_config):
+    config = tiny_config()
+    graphdef, abstract_params = nnx.split(train.abstract(model_config), nnx.Param)
+    tx = optax.adamw(1e-3)
+    mc = sharding.from_config(config.mesh)
+    return tx, sharding.make_mesh(mc), mc, abstract_params
+
+
+def test_init_from_hf_places_the_weights_and_a_fresh_optimizer(tmp_path):
+    model_config = train.ModelConfig.from_dict(tiny_config().model.to_dict())
+    source = llama_jax.create(model_config, seed=5)
+    hf.save_hf(source, str(tmp_path / "hf"))
+    tx, mesh, mc, abstract_params = _fsdp_setup(model_config)
+    state = train.init_from(str(tmp_path / "hf"), model_config, tx, mesh, mc, abstract_params)
+    want = nnx.to_pure_dict(nnx.state(source, nnx.Param))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 state.params, want)
+    assert int(state.step) == 0 and int(state.skipped) == 0
+    wq = state.params["layers"]["attn"]["wq"]
+    assert wq.sharding.mesh.size == 8 and not wq.sharding.is_fully_replicated  # FSDP
+    assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree.leaves(state.opt_state)
+               if jnp.issubdtype(x.dtype, jnp.floating))
+
+
+def test_init_from_another_architecture_names_the_field(tmp_path):
+    model_config = train.ModelConfig.from_dict(tiny_config().model.to_dict())
+    other = llama_jax.create(model_config.replace(ffn_dim=128), seed=0)
+    hf.save_hf(other, str(tmp_path / "hf"))
+    tx, mesh, mc, abstract_params = _fsdp_setup(model_config)
+    with pytest.raises(ValueError, match="ffn_dim 128 != 192"):
+        train.init_from(str(tmp_path / "hf"), model_config, tx, mesh, mc, abstract_params)
+
+
+@pytest.mark.slow
+def test_run_continues_from_an_export(tmp_path):
+    """A second run started from the first run's export begins at the first run's loss level,
+    far below where a random init starts."""
+    quiet = {"train.eval_every": 0, "train.sample_tokens": 0}
+    train.run(tiny_config(**quiet), str(tmp_path / "a"))
+    first = _metrics(str(tmp_path / "a"))
+    train.run(tiny_config(**quiet, **{"train.init_from": str(tmp_path / "a" / "export"),
+                                      "train.steps": 6}), str(tmp_path / "b"))
+    second = _metrics(str(tmp_path / "b"))
+    assert second[1]["loss"] < first[1]["loss"] - 1.0, (first[1], second[1])
+    assert abs(second[1]["loss"] - first[40]["loss"]) < 0.5, (first[40], second[1])

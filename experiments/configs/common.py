@@ -56,6 +56,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000  # also the end of the cosine schedule
     c.train.seed = 0  # parameter initialisation
+    c.train.init_from = ""  # start from these weights (params export, HF or Meta directory)
     c.train.z_loss = 0.0  # PaLM's log(Z)^2 coefficient (1e-4 there); 0 = off
     c.train.log_every = 10
     c.train.eval_every = 500  # 0 = never

@@ -8,9 +8,18 @@ reads the weights and the model's own layout makes it read them slowly:
 - 2-D projections [D_in, D_out], so no weight is transposed per token.
 - Every projection cut into `pieces` column blocks, each its own buffer: Eigen runs a
   matrix-vector product (batch 1) on one thread whatever the pool size
-  (TensorContractionThreadPool: `if (n == 1) num_threads = 1`), but XLA's thunk executor
-  runs independent dots side by side, so two blocks keep both cores reading memory.
-  Measured on the bench shape, batch 1 f32: see BENCHMARKS.md.
+  (TensorContractionThreadPool.h: `if (n == 1) num_threads = 1`), but XLA's thunk executor
+  may run independent dots side by side. Bench shape, f32, same run (peer_decode.py with
+  DECODE_PIECES=1 beside the default, 2-core CPU shared with other jobs): two blocks 1.11×
+  one at batch 1, 1.17× at batch 8; on a near-idle machine the two tie (1.00, 9 rounds).
+- `weight_dtype="float32"` for a bf16 model: XLA:CPU converts bf16 dot operands to f32 on
+  every call, so in the loop bf16 weights are read, written and read again as f32 each
+  token; f32 buffers (activations stay bf16) decoded 1.25-1.3× faster at batch 1
+  (tools/bench_worker_decode.py --ab), at twice the weight memory.
+Measured and rejected (interleaved micro-benchmarks of the same matvec chain): [F, D]
+weights contracting the minor dim (same speed), multiply + reduce instead of dot (25× slower:
+XLA:CPU's reduction loop is not vectorised across rows), padding batch 1 to 2 rows, and
+XLA's oneDNN / XNNPACK / YNNPACK dot flags (bf16 operands still converted).
 
 The cache is written with one scatter per layer into the stacked buffer, in place; prefill
 computes only the last token's logits.
@@ -31,9 +40,6 @@ from flax import nnx
 from llama_jax import attention
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
-
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
-
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["embed", "norm", "head",
                                                                   "layers"], meta_fields=["config"])

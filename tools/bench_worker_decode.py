@@ -7,13 +7,26 @@ the checkpoint is the harness's Hugging Face directory, loaded with `llama_jax.l
         --worker "ours=.venv/bin/python tools/bench_worker_decode.py"
     PEERBENCH_TURNS=2 PEERBENCH_STEPS=2 .venv/bin/python tools/bench_worker_decode.py  # standalone
 
+DECODE_PIECES=k sets `prepare`'s column blocks per projection (default: decode_forward's), so
+one harness run can hold two layouts side by side (`--worker "one=env DECODE_PIECES=1 ..."`).
+
 Without PEERBENCH_DECODE the worker decodes random prompts with a random `bench` model.
 Table mode, batch 1 and 8, f32 and bf16, next to the memory-bandwidth roofline:
 
     .venv/bin/python tools/bench_worker_decode.py --table
+    .venv/bin/python tools/bench_worker_decode.py --ab    # weight layouts, same process
+
+`--ab` times the decode loop with each `AB_LAYOUTS` layout of the same weights, interleaved
+(order reversed every round), and prints the median per-round speed ratio against the first:
+on a shared 2-core machine absolute tokens/s move with the load, ratios within a round less.
 
 Times (generate's `timings`): ttft = prefill plus the first token; decode = the other
 new - 1 tokens. Each step is one greedy `decode.generate` of all prompts, no EOS.
+
+bf16 is measured twice: with bf16 weight buffers, and with float32 ones (`prepare(...,
+weight_dtype="float32")`, activations still bf16): XLA:CPU converts bf16 dot operands to
+float32 on every call, so inside the loop bf16 weights cost a read, a 2× write and a 2× read
+per token. Both rows are held against the bf16 roofline (2 bytes per weight).
 """
 
 from __future__ import annotations
@@ -64,14 +77,14 @@ def timed_generate(weights, prompts, new_tokens):
 
 def benchmark_decode(config, batch: int, prompt_len: int, new_tokens: int, dtype: str,
                      *, repeats: int = 5, bandwidth_gbs: float | None = None,
-                     model=None) -> dict:
+                     model=None, weight_dtype: str | None = None) -> dict:
     """Greedy decode of `batch` random prompts of `prompt_len` tokens, `new_tokens` each.
 
     Returns medians of ttft_ms, decode_tok_s (tokens after the first), e2e_tok_s, and the
     roofline at the measured (or given) memory bandwidth with context prompt + new / 2.
     """
     model = llama_jax.create(config) if model is None else model
-    weights = decode.prepare(decode.with_dtype(model, dtype))
+    weights = decode.prepare(decode.with_dtype(model, dtype), weight_dtype=weight_dtype)
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, config.vocab_size, size=(batch, prompt_len)).tolist()
     timed_generate(weights, prompts, new_tokens)  # compile and warm up
@@ -81,7 +94,7 @@ def benchmark_decode(config, batch: int, prompt_len: int, new_tokens: int, dtype
     roof = roofline(config, batch, prompt_len + new_tokens // 2, jnp.dtype(dtype).itemsize, bw)
     dec_tok_s = batch * (new_tokens - 1) / dec
     return {"bench": "decode", "batch": batch, "prompt": prompt_len, "new": new_tokens,
-            "dtype": dtype, "ttft_ms": 1000 * ttft, "decode_tok_s": dec_tok_s,
+            "dtype": dtype, "weight_buffers": weight_dtype or dtype, "ttft_ms": 1000 * ttft, "decode_tok_s": dec_tok_s,
             "e2e_tok_s": batch * new_tokens / (ttft + dec), "bandwidth_gbs": bw,
             "roofline_tok_s": roof["roofline_tok_s"],
             "frac_of_roofline": dec_tok_s / roof["roofline_tok_s"],
@@ -103,7 +116,9 @@ def worker():
         job = {"new": 128, "prompts": rng.integers(3, config.vocab_size, (1, 64)).tolist()}
     else:
         model = llama_jax.load(job["ckpt"])
-    weights = decode.prepare(decode.with_dtype(model, dtype))
+    # bf16: float32 weight buffers, the faster of the two on XLA:CPU (module docstring).
+    pieces = int(os.environ["DECODE_PIECES"]) if "DECODE_PIECES" in os.environ else None
+    weights = decode.prepare(decode.with_dtype(model, dtype), pieces, weight_dtype="float32")
     gate = peerproto.Gate(warmup_steps=int(os.environ.get("PEERBENCH_WARMUP", "1")),
                           info={"system": "llama-jax", "precision": prec,
                                 "kv_bytes": jnp.dtype(dtype).itemsize})
@@ -113,17 +128,54 @@ def worker():
         gate.after_step(extra={"ttft": ttft, "decode": dec, "tokens": out.ids(0)})
 
 
+# (dtype, weight buffers) pairs of the table; None: buffers in the dtype.
+CASES = (("float32", None), ("bfloat16", None), ("bfloat16", "float32"))
+
+
+# (name, dtype, prepare kwargs) compared by --ab.
+AB_LAYOUTS = (("f32 one block", "float32", dict(pieces=1)),
+              ("f32 two blocks", "float32", dict(pieces=2)),
+              ("bf16 one block", "bfloat16", dict(pieces=1)),
+              ("bf16 two blocks, f32 buffers", "bfloat16", dict(pieces=2, weight_dtype="float32")))
+
+
+def compare_layouts(batch: int = 1, rounds: int = 15, new_tokens: int = 64):
+    """Decode tokens/s of each AB_LAYOUTS layout, interleaved; ratios against the first."""
+    config = llama_jax.get_config("bench")
+    model = llama_jax.create(config)
+    prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, 64)).tolist()
+    layouts = [(name, decode.prepare(decode.with_dtype(model, dt), **kw))
+               for name, dt, kw in AB_LAYOUTS]
+    for _, w in layouts:
+        timed_generate(w, prompts, new_tokens)  # compile
+    secs = {name: [] for name, _ in layouts}
+    for r in range(rounds):
+        for name, w in layouts[::1 if r % 2 == 0 else -1]:
+            secs[name].append(timed_generate(w, prompts, new_tokens)[2])
+    first = np.asarray(secs[layouts[0][0]])
+    for name, _ in layouts:
+        s = np.asarray(secs[name])
+        print(json.dumps({"layout": name, "batch": batch,
+                          "decode_tok_s": round(batch * (new_tokens - 1) / np.median(s), 1),
+                          "speed_vs_first": round(float(np.median(first / s)), 3)}), flush=True)
+
+
 def table():
     config = llama_jax.get_config("bench")
     bw = measure_bandwidth()
     model = llama_jax.create(config)
     print(json.dumps({"bandwidth_gbs": round(bw, 1)}), flush=True)
-    for dtype in ("float32", "bfloat16"):
+    for dtype, buffers in CASES:
         for batch in (1, 8):
-            r = benchmark_decode(config, batch, 64, 128, dtype, bandwidth_gbs=bw, model=model)
+            r = benchmark_decode(config, batch, 64, 128, dtype, bandwidth_gbs=bw, model=model,
+                                 weight_dtype=buffers)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                               for k, v in r.items()}), flush=True)
 
 
 if __name__ == "__main__":
-    table() if "--table" in sys.argv else worker()
+    if "--ab" in sys.argv:
+        for b in (1, 8):
+            compare_layouts(batch=b)
+    else:
+        table() if "--table" in sys.argv else worker()

@@ -136,10 +136,10 @@ def main(argv):
         from tools import bench_worker_decode as bwd
         config, bandwidth = lj.get_config(FLAGS.model), bwd.measure_bandwidth()
         model = lj.create(config)
-        for dtype in FLAGS.dtypes:
+        for dtype, buffers in (c for c in bwd.CASES if c[0] in FLAGS.dtypes):
             for batch in map(int, FLAGS.decode_batches):
                 _print(bwd.benchmark_decode(config, batch, 64, 128, dtype, model=model,
-                                            bandwidth_gbs=bandwidth))
+                                            bandwidth_gbs=bandwidth, weight_dtype=buffers))
         return
     if mode == "convert":
         from tools import convert_checkpoint

@@ -33,6 +33,7 @@ from flax import nnx
 
 from llama_jax import attention
 from llama_jax.config import ModelConfig
+from llama_jax.dense import dense
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, H]; pos, seg: [B, S] int32
 
@@ -131,9 +132,8 @@ class Attention(nnx.Module):
         segment 0, is dropped); kv_pos / kv_seg [B, S] describe the slots after the write.
         """
         dt = x.dtype
-        q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
-        k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
-        v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+        # dense: einsums "btd,dnh->btnh" etc. in the compute dtype, fast on XLA:CPU in bf16.
+        q, k, v = dense(x, self.wq[...]), dense(x, self.wk[...]), dense(x, self.wv[...])
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if kv is None and _HOOKS["attention"] is not None:
             out, new_kv = _HOOKS["attention"](q, k, v, positions, segment_ids), None
@@ -149,7 +149,7 @@ class Attention(nnx.Module):
             mask = attention.attention_mask(positions, segment_ids, kv_pos, kv_seg)
             out = attention.dot_product_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask)
             new_kv = (cache_k, cache_v)
-        return jnp.einsum("btnh,nhd->btd", out, self.wo[...].astype(dt)), new_kv
+        return dense(out, self.wo[...], n_in=2), new_kv  # btnh,nhd->btd
 
 
 class MLP(nnx.Module):
@@ -160,10 +160,8 @@ class MLP(nnx.Module):
         self.w_down = _param(rngs, (*pre, c.ffn_dim, c.dim), (*lx, "mlp", "embed"), dt)
 
     def __call__(self, x):
-        dt = x.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
-        return jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, self.w_down[...].astype(dt))
+        gate, up = dense(x, self.w_gate[...]), dense(x, self.w_up[...])  # btd,df->btf
+        return dense(jax.nn.silu(gate) * up, self.w_down[...])  # btf,fd->btd
 
 
 class Block(nnx.Module):
@@ -220,8 +218,7 @@ class Llama(nnx.Module):
     def unembed(self, x) -> jax.Array:
         """Logits [..., V] float32 of final-norm outputs x [..., D]."""
         head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", x, head.astype(x.dtype),
-                          preferred_element_type=jnp.float32)
+        return dense(x, head, out_dtype=jnp.float32)  # ...d,dv->...v
 
     def features(self, x, positions=None, segment_ids=None, cache: Cache | None = None):
         """(final-norm output [B, T, D], updated cache or None) of embeddings x [B, T, D]."""

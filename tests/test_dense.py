@@ -1,0 +1,97 @@
+"""dense(): the einsum it replaces, in value and gradient; bf16 operands in every product XLA
+compiles for it (forward and backward); and its gradient inside shard_map."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llama_jax.dense import dense
+
+# (x shape, w shape, n_in, einsum): a projection with trailing output dims, and wo's two
+# contracted dims. Every side >= 16: XLA:CPU leaves tiny dots to other code.
+CASES = {
+    "q": ((2, 16, 32), (32, 4, 16), 1, "btd,dnh->btnh"),
+    "o": ((2, 16, 4, 16), (4, 16, 32), 2, "btnh,nhd->btd"),
+}
+
+
+def _args(case, dtype):
+    xs, ws, n_in, eq = CASES[case]
+    kx, kw = jax.random.split(jax.random.PRNGKey(0))
+    return jax.random.normal(kx, xs).astype(dtype), jax.random.normal(kw, ws) * 0.1, n_in, eq
+
+
+def _loss(f):
+    """Sum of (f(x, w) · fixed weights): a cotangent that differs per output element."""
+    return lambda x, w: jnp.sum(f(x, w).astype(jnp.float32) * jnp.cos(
+        jnp.arange(f(x, w).size, dtype=jnp.float32).reshape(f(x, w).shape)))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_einsum_value_and_gradients_f32(case):
+    x, w, n_in, eq = _args(case, jnp.float32)
+    ours = lambda x, w: dense(x, w, n_in=n_in)  # noqa: E731
+    ref = lambda x, w: jnp.einsum(eq, x, w)  # noqa: E731
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-6, atol=1e-6)
+    g_ours = jax.grad(_loss(ours), argnums=(0, 1))(x, w)
+    g_ref = jax.grad(_loss(ref), argnums=(0, 1))(x, w)
+    for a, b in zip(g_ours, g_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_dtypes_and_gradients_near_f32():
+    """bf16 activations, f32 weights: bf16 output, f32 logits on request, an f32 weight
+    gradient (not rounded to bf16), and gradients within bf16's ~0.4% of the f32 ones."""
+    x, w, n_in, eq = _args("q", jnp.float32)
+    xb = x.astype(jnp.bfloat16)
+    assert dense(xb, w).dtype == jnp.bfloat16
+    assert dense(xb, w, out_dtype=jnp.float32).dtype == jnp.float32
+    gx, gw = jax.grad(_loss(dense), argnums=(0, 1))(xb, w)
+    assert gx.dtype == jnp.bfloat16 and gw.dtype == jnp.float32
+    rx, rw = jax.grad(_loss(lambda x, w: jnp.einsum(eq, x, w)), argnums=(0, 1))(
+        xb.astype(jnp.float32), w)
+    for a, b in ((gx, rx), (gw, rw)):
+        a = np.asarray(a, np.float32)
+        assert np.abs(a - b).max() <= 0.02 * np.abs(b).max()
+
+
+def _dot_operand_dtypes(hlo: str) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in compiled HLO text."""
+    out = []
+    for comp in re.split(r"\n\n", hlo):
+        types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", comp))
+        for lhs, rhs in re.findall(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", comp):
+            out.append((types[lhs], types[rhs]))
+    return out
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_product_stays_bf16_in_the_compiled_backward(case):
+    """The point of dense(): XLA:CPU keeps the forward and both backward products bf16 (a
+    plain bf16 einsum and its autodiff are compiled as f32 dots)."""
+    x, w, n_in, _ = _args(case, jnp.bfloat16)
+    step = jax.jit(jax.value_and_grad(_loss(lambda x, w: dense(x, w, n_in=n_in)), (0, 1)))
+    dtypes = _dot_operand_dtypes(step.lower(x, w).compile().as_text())
+    assert len(dtypes) == 3 and set(dtypes) == {("bf16", "bf16")}, dtypes
+
+
+def test_gradient_inside_shard_map_sums_over_the_split_axis():
+    """Tokens split over a manual mesh axis, weights replicated: the custom VJP's weight
+    gradient must be the sum over ranks, i.e. the gradient of the whole batch."""
+    x, w, _, _ = _args("q", jnp.float32)
+    mesh = jax.make_mesh((2,), ("context",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:2])
+    P = jax.sharding.PartitionSpec
+    local = lambda x, w: jax.grad(_loss_sum, argnums=1)(x, w)  # noqa: E731
+    sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(None, "context"), P()),
+                                    out_specs=P()))(x, w)
+    np.testing.assert_allclose(sharded, jax.grad(_loss_sum, argnums=1)(x, w),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _loss_sum(x, w):
+    """A loss that is a sum over tokens, so per-rank gradients add up to the whole one."""
+    return jnp.sum(jnp.sin(dense(x, w)))

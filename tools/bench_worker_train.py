@@ -7,7 +7,8 @@ Builds the bench shape from peerproto.shape_from_env() as a ModelConfig, trains 
 llama_jax.train.train_step (AdamW + clipping from llama_jax.optim, state donated) on one fixed
 random batch, and speaks the peerproto turn protocol. PEERBENCH_PRECISION=bf16 computes in
 bfloat16 with float32 weights and optimizer state (MaxText's dtype=bfloat16, weight_dtype=f32).
-PEERBENCH_REMAT (none | full | dots) and PEERBENCH_SCAN (1 | 0) choose the execution options.
+PEERBENCH_REMAT (none | full | dots) and PEERBENCH_SCAN (1 | 0) choose the execution options;
+PEERBENCH_RETAIN_MEMORY=0 leaves glibc's malloc as it is (llama_jax.host_memory).
 """
 
 import os
@@ -17,6 +18,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.environ.get("PEERBENCH_DIR", os.path.join(ROOT, "..", "shared", "bench")))
+
+from llama_jax import host_memory  # noqa: E402
+
+if os.environ.get("PEERBENCH_RETAIN_MEMORY", "1") == "1":  # as experiments/train.py does
+    host_memory.retain_freed_memory()  # before JAX starts its CPU backend
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -66,6 +72,7 @@ def main():
 
     info = {"system": "llama_jax", "jax": jax.__version__, "precision": precision,
             "remat": config.remat, "scan": config.scan_layers,
+            "retain_host_memory": os.environ.get("PEERBENCH_RETAIN_MEMORY", "1") == "1",
             "train_flops_per_token": flops.train_flops_per_token(config, shape["seq"])}
     gate = peerproto.Gate(warmup_steps=int(os.environ.get("PEERBENCH_WARMUP", "2")), sync=sync,
                           info=info)

@@ -56,7 +56,9 @@ def measure_peak(dtype: str, n: int = 2048, iters: int = 10) -> float:
     import jax
     import jax.numpy as jnp
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
-    f = jax.jit(lambda a: a @ a)
+    # f32 accumulation: bf16 x bf16 -> f32 is what XLA:CPU runs on its bf16 kernels; a bf16
+    # result makes it an f32 product (llama_jax/dense.py), i.e. not the machine's bf16 peak.
+    f = jax.jit(lambda a: jnp.dot(a, a, preferred_element_type=jnp.float32))
     sec = _timeit(lambda: f(a).block_until_ready(), iters)
     return 2 * n ** 3 / sec / 1e9
 
@@ -126,6 +128,9 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"Usage: benchmark.py MODE [flags], MODE one of {', '.join(MODES)}.")
     mode = argv[1]
+    if mode != "convert":  # as the training launcher does; convert reports peak RSS
+        from llama_jax import host_memory
+        host_memory.retain_freed_memory()  # before JAX starts its CPU backend
     if mode == "train" and FLAGS.mesh:
         from tools import bench_mesh
         for row in bench_mesh.benchmark_meshes():

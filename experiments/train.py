@@ -32,13 +32,14 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Let JAX detect the cluster (TPU VMs).")
 _RETAIN_MEMORY = flags.DEFINE_bool(
     "retain_host_memory", True, "Keep freed host memory for reuse (llama_jax.host_memory): "
-    "on CPU each step otherwise faults its temporaries in afresh.")
+    "on CPU each step otherwise faults its temporaries in afresh. Hosts with TPU or GPU device "
+    "files skip it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    if _RETAIN_MEMORY.value:  # before JAX starts its CPU backend's threads
+    if _RETAIN_MEMORY.value and not host_memory.has_accelerator():  # before JAX's threads
         host_memory.retain_freed_memory()
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)

@@ -22,8 +22,17 @@ not for libraries or tests. glibc's malloc only (mallopt); elsewhere nothing cha
 from __future__ import annotations
 
 import ctypes
+import glob
 
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # mallopt parameters, glibc malloc.h
+
+
+def has_accelerator() -> bool:
+    """Whether this host has TPU or NVIDIA GPU device files: there XLA's step temporaries live
+    in device memory, and keeping host memory would only hold checkpoint and input buffers.
+    A file check, so it runs before JAX starts any backend."""
+    return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+                or glob.glob("/dev/nvidia[0-9]*"))
 
 
 def retain_freed_memory() -> bool:

@@ -43,3 +43,14 @@ def test_later_steps_reuse_the_temporaries_without_page_faults():
     default, retained = _faults_per_temp_page(False), _faults_per_temp_page(True)
     assert default > 0.5, default  # the premise: by default it is mapped afresh (measured 1.0)
     assert retained < 0.05, retained  # measured: 0
+
+
+def test_accelerator_hosts_are_detected_from_device_files(monkeypatch):
+    from llama_jax import host_memory
+
+    for present, expected in (([], False), (["/dev/accel0"], True), (["/dev/nvidia0"], True),
+                              (["/dev/vfio/0"], True)):
+        monkeypatch.setattr(host_memory.glob, "glob",
+                            lambda pattern, present=present: [p for p in present
+                                                              if p.startswith(pattern[:9])])
+        assert host_memory.has_accelerator() is expected, present

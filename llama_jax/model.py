@@ -200,8 +200,11 @@ class Llama(nnx.Module):
         """tokens [B, T] int; positions [B, T] (default 0..T-1); segment_ids [B, T] (default 1,
         0 = padding). Returns logits [B, T, V] float32, and the updated cache if one is given.
         """
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
-        return self.from_embeddings(x, positions, segment_ids, cache)
+        return self.from_embeddings(self.embed_tokens(tokens), positions, segment_ids, cache)
+
+    def embed_tokens(self, tokens) -> jax.Array:
+        """The embedding rows [B, T, D] of tokens [B, T], in the compute dtype."""
+        return jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
 
     def from_embeddings(self, x, positions=None, segment_ids=None, cache: Cache | None = None):
         """The model after the embedding lookup: x [B, T, D] in the compute dtype."""
@@ -212,8 +215,7 @@ class Llama(nnx.Module):
     def hidden(self, tokens, positions=None, segment_ids=None) -> jax.Array:
         """The final-norm output [B, T, D] for tokens [B, T], before the output projection:
         a loss can then project a few tokens at a time (llama_jax.train.loss_fn)."""
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.config.dtype)
-        return self.features(x, positions, segment_ids)[0]
+        return self.features(self.embed_tokens(tokens), positions, segment_ids)[0]
 
     def unembed(self, x) -> jax.Array:
         """Logits [..., V] float32 of final-norm outputs x [..., D]."""

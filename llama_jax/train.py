@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llama_jax import checkpoint, data, decode, flops, optim, sharding
+from llama_jax import checkpoint, data, decode, flops, io, optim, sharding
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
@@ -232,8 +232,6 @@ def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_param
 
     The checkpoint's architecture must equal `model_config`'s; execution options (dtypes,
     remat, scan, max_seq_len) are the run's. A resumed run ignores it: the workdir wins."""
-    from llama_jax import io
-
     exec_opts = dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype,
                      scan_layers=model_config.scan_layers, remat=model_config.remat,
                      max_seq_len=model_config.max_seq_len)

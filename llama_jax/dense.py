@@ -96,10 +96,14 @@ def _dot(a, b, a_contract: tuple, b_contract: tuple):
 
 
 def _transposed(x):
-    """x [..., K] -> [K, ...], materialised row-major. A plain transpose reaches XLA with a
-    permuted layout (a free bitcast), and XLA:CPU then upcasts the bf16 dot that reads it; the
-    detour through a unit axis makes the dot's operand a row-major reshape instead, so the dot
-    stays bf16 and layout assignment writes the transpose out (one pass over x)."""
-    x = x[..., None, :]  # [..., 1, K]
-    n = x.ndim
-    return jnp.transpose(x, (n - 1, n - 2, *range(n - 2)))[:, 0]
+    """x [..., K] -> [K, ...], materialised row-major (see `transpose`)."""
+    return transpose(x, (x.ndim - 1, *range(x.ndim - 1)))
+
+
+def transpose(x, perm):
+    """jnp.transpose(x, perm), materialised row-major. A plain transpose reaches XLA as a
+    permuted layout (a free bitcast), and XLA:CPU then upcasts a bf16 dot that reads it to an
+    f32 product; the detour through a leading unit axis makes the dot's operand a row-major
+    copy instead, so the dot stays bf16 and layout assignment writes the transpose out (one
+    pass over x)."""
+    return jnp.transpose(x[None], (0, *(p + 1 for p in perm)))[0]

@@ -138,8 +138,8 @@ class Attention(nnx.Module):
         if kv is None and _HOOKS["attention"] is not None:
             out, new_kv = _HOOKS["attention"](q, k, v, positions, segment_ids), None
         elif kv is None:
-            mask = attention.attention_mask(positions, segment_ids, positions, segment_ids)
-            out, new_kv = attention.dot_product_attention(q, k, v, mask), None
+            out = attention.IMPLS[attention.DEFAULT](q, k, v, positions, segment_ids)
+            new_kv = None
         else:
             cache_k, cache_v = kv
             slots = jnp.where(segment_ids != 0, positions, cache_k.shape[1])  # S: dropped

@@ -66,7 +66,7 @@ def _varying(x, axis):
 
 def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int = 0,
                     repeats: int = 1, context_impl: str | None = None,
-                    attention_impl: str = "reference", weight_spec=None,
+                    attention_impl: str = "full", weight_spec=None,
                     axis: str = "pipeline"):
     """Runs model.layers on x [B, T, D] as an S-stage pipeline; returns [B, T, D].
 
@@ -110,7 +110,7 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
 
     attn = (functools.partial(attention.CONTEXT_IMPLS[context_impl], axis=cp,
                               local=attention_impl) if cp else
-            None if attention_impl == "reference" else attention.IMPLS[attention_impl])
+            None if attention_impl == attention.DEFAULT else attention.IMPLS[attention_impl])
 
     axes = [v.axes for v in jax.tree.leaves(  # in the order of jax.tree.leaves(params)
         nnx.state(model.layers), is_leaf=lambda v: isinstance(v, nnx.Variable))]

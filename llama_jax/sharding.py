@@ -61,7 +61,7 @@ class MeshConfig:
     tensor: int = 1
     fsdp: bool = True                    # False: parameters replicated over `data`
     context_impl: str = "all_gather"     # or "ring" (attention.CONTEXT_IMPLS)
-    attention: str = "reference"         # or "chunked": flash-style, O(T) memory (attention.IMPLS)
+    attention: str = "full"              # or "chunked" (flash-style, O(T) memory) or "reference"
     microbatches: int = 0                # pipeline microbatches M; 0 = the stage count S
     repeats: int = 1                     # circular pipeline repeats R; 1 = GPipe
 
@@ -253,7 +253,7 @@ def hooks(mesh: Mesh, mc: MeshConfig):
     if cp:
         attn = functools.partial(attention.context_parallel_attention, mesh=mesh, impl=cp,
                                  local=mc.attention)
-    elif mc.attention != "reference":
+    elif mc.attention != attention.DEFAULT:
         attn = attention.IMPLS[mc.attention]
     if mesh.shape["pipeline"] > 1:
         layers = functools.partial(pipeline.pipeline_layers, mesh=mesh, context_impl=cp,

@@ -1,6 +1,7 @@
-"""Chunked (flash-style) attention against the reference einsum attention: values and
-gradients, document masks, padding, GQA, key blocks that do not divide S, bf16, and inside
-the context-parallel all-gather."""
+"""Chunked (flash-style) and full (custom-VJP, materialised scores) attention against the
+reference einsum attention: values and gradients, document masks, padding, GQA, key blocks
+that do not divide S, queries against other keys, bf16, and inside the context-parallel
+all-gather."""
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,37 @@ def test_chunked_equals_reference_with_gradients(block):
     ref_grads = jax.grad(_loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("queries", ["all", "last-16"])
+def test_full_equals_reference_with_gradients(queries):
+    """The default training attention: same values and gradients as autodiff of the einsums,
+    including fully masked padding queries and local queries against a longer key set."""
+    q, k, v, pos, seg = _inputs(t=32)
+    qs, ps, ss = (q, pos, seg) if queries == "all" else (q[:, 16:], pos[:, 16:], seg[:, 16:])
+    ref_fn = lambda q, k, v: attention.reference_attention(q, k, v, ps, ss, pos, seg)  # noqa
+    fn = lambda q, k, v: attention.materialized_attention(q, k, v, ps, ss, pos, seg)  # noqa
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(qs, k, v)), np.asarray(ref_fn(qs, k, v)),
+                               rtol=1e-5, atol=1e-6)
+    grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(qs, k, v)
+    ref_grads = jax.grad(_loss(ref_fn), argnums=(0, 1, 2))(qs, k, v)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
+def test_full_bf16_gradients_within_rounding():
+    """bf16 inputs: the gradients (probabilities kept in bf16 for the backward) stay within
+    bf16 rounding of the f32 reference's."""
+    q, k, v, pos, seg = _inputs(t=32)
+    bf = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
+    fn = lambda q, k, v: attention.materialized_attention(q, k, v, pos, seg)  # noqa: E731
+    ref_fn = lambda q, k, v: attention.reference_attention(q, k, v, pos, seg)  # noqa: E731
+    grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(bf(q), bf(k), bf(v))
+    ref_grads = jax.grad(_loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
+    for g, r in zip(grads, ref_grads):
+        assert g.dtype == jnp.bfloat16
+        scale = float(np.abs(np.asarray(r)).max())
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r), atol=0.03 * scale)
 
 
 def test_chunked_is_causal_and_keeps_documents_apart():

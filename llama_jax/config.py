@@ -166,9 +166,11 @@ PRESETS: dict[str, ModelConfig] = {c.name: c for c in [
     ModelConfig(name="tiny-llama3", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
                 ffn_dim=192, rope_theta=500000.0, max_seq_len=512,
                 rope_scaling=RopeScaling(8.0, 1.0, 4.0, 32)),
-    # The benchmark shape of ../shared/bench (30.9M parameters).
+    # The benchmark shape of ../shared/bench (30.9M parameters). Layers unrolled: on XLA:CPU a
+    # scanned step stacks every residual over L and hoists their converts out of the loop
+    # (bench shape: 1.63 s vs 1.04 s per bf16 step, 2.49 vs 2.05 s in f32).
     ModelConfig(name="bench", vocab_size=8192, dim=512, n_layers=8, n_heads=8, n_kv_heads=2,
-                ffn_dim=1408, max_seq_len=512),
+                ffn_dim=1408, max_seq_len=512, scan_layers=False),
 ]}
 
 

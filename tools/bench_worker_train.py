@@ -7,7 +7,8 @@ Builds the bench shape from peerproto.shape_from_env() as a ModelConfig, trains 
 llama_jax.train.train_step (AdamW + clipping from llama_jax.optim, state donated) on one fixed
 random batch, and speaks the peerproto turn protocol. PEERBENCH_PRECISION=bf16 computes in
 bfloat16 with float32 weights and optimizer state (MaxText's dtype=bfloat16, weight_dtype=f32).
-PEERBENCH_REMAT (none | full | dots) and PEERBENCH_SCAN (1 | 0) choose the execution options;
+PEERBENCH_REMAT (none | full | dots) and PEERBENCH_SCAN (0 | 1; 0, unrolled, as the `bench`
+preset) choose the execution options;
 PEERBENCH_RETAIN_MEMORY=0 leaves glibc's malloc as it is (llama_jax.host_memory).
 """
 
@@ -44,7 +45,7 @@ def model_config(shape, precision) -> ModelConfig:
         max_seq_len=shape["seq"], tie_embeddings=shape["tied"], name="bench",
         dtype="bfloat16" if precision == "bf16" else "float32",
         remat=os.environ.get("PEERBENCH_REMAT", "none"),
-        scan_layers=os.environ.get("PEERBENCH_SCAN", "1") == "1")
+        scan_layers=os.environ.get("PEERBENCH_SCAN", "0") == "1")  # the bench preset's
 
 
 def batch(shape):

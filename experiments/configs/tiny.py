@@ -20,7 +20,7 @@ def get_config(arg: str = ""):
     c = common.base("tiny")
     # D 256, L 4, N 4 heads of 64 (K 2: GQA as in Llama 3), F 704 ≈ 8/3·D (LLaMA's SwiGLU width).
     c.model.update(vocab_size=259, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704,
-                   max_seq_len=256, name="tiny-bytes")
+                   max_seq_len=256, name="tiny-bytes", scan_layers=False)  # CPU: unrolled
     c.data.seq_len, c.data.global_batch = 256, 16  # 4,096 tokens per step
     c.optim.peak_lr, c.optim.warmup_steps = 3e-3, 30
     c.optim.weight_decay = 0.1

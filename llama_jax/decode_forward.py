@@ -6,12 +6,16 @@ reads the weights and the model's own layout makes it read them slowly:
 - One buffer per layer instead of slices of the stacked [L, ...] arrays: a slice inside a
   jitted loop is a copy on XLA:CPU (decoding through the stacked layers ran 2.5× slower).
 - 2-D projections [D_in, D_out], so no weight is transposed per token.
-- Every projection cut into `pieces` column blocks, each its own buffer: Eigen runs a
-  matrix-vector product (batch 1) on one thread whatever the pool size
+- Optionally every projection cut into `pieces` column blocks, each its own buffer: Eigen
+  runs a matrix-vector product (batch 1) on one thread whatever the pool size
   (TensorContractionThreadPool.h: `if (n == 1) num_threads = 1`), but XLA's thunk executor
-  may run independent dots side by side. Bench shape, f32, same run (peer_decode.py with
-  DECODE_PIECES=1 beside the default, 2-core CPU shared with other jobs): two blocks 1.11×
-  one at batch 1, 1.17× at batch 8; on a near-idle machine the two tie (1.00, 9 rounds).
+  may run independent dots side by side. Bench shape, f32: two blocks 1.11× one at batch 1
+  on a loaded 2-core machine, 1.00× idle (2026-11-23), but 0.65× (115 vs 175 tok/s) on an
+  idle 2-core Sapphire Rapids VM (2026-11-30), so one block is the default. Also measured
+  there and rejected: q|k|v and gate|up fused into one matrix each (0.90×: the separate
+  dots of q, k and v run side by side, one fused dot on one thread); only the output head,
+  wo and w_down (the dots that run alone) in two blocks (1.00× head, 0.87× all three);
+  batch-1 attention as multiply-and-reduce over the cache instead of two dots (0.82×).
 - `weight_dtype="float32"` for a bf16 model: XLA:CPU converts bf16 dot operands to f32 on
   every call, so in the loop bf16 weights are read, written and read again as f32 each
   token; f32 buffers (activations stay bf16) decoded 1.25-1.3× faster at batch 1
@@ -89,15 +93,12 @@ def _relayout(graphdef, state, pieces: int, weight_dtype):
             _blocks(head.astype(wdt), pieces, axis=0), layers)
 
 
-def prepare(model: model_lib.Llama, pieces: int | None = None, weight_dtype=None) -> Weights:
+def prepare(model: model_lib.Llama, pieces: int = 1, weight_dtype=None) -> Weights:
     """The decoding layout of a model's parameters (a copy; shardings carry over).
 
-    pieces: column blocks per projection; default 2 on one device (both cores of a CPU
-    work on a batch-1 matvec) and 1 for a sharded model (its blocks would need resharding).
+    pieces: column blocks per projection (module doc: one block is the default since two
+    measured 0.65-1.11x of it depending on the machine).
     """
-    if pieces is None:
-        sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(nnx.state(model)))
-        pieces = 1 if sharded else 2
     embed, norm, head, layers = _relayout(*nnx.split(model), pieces, weight_dtype)
     return Weights(model.config, embed, norm, head, layers)
 

@@ -117,7 +117,7 @@ def worker():
     else:
         model = llama_jax.load(job["ckpt"])
     # bf16: float32 weight buffers, the faster of the two on XLA:CPU (module docstring).
-    pieces = int(os.environ["DECODE_PIECES"]) if "DECODE_PIECES" in os.environ else None
+    pieces = int(os.environ.get("DECODE_PIECES", "1"))
     weights = decode.prepare(decode.with_dtype(model, dtype), pieces, weight_dtype="float32")
     gate = peerproto.Gate(warmup_steps=int(os.environ.get("PEERBENCH_WARMUP", "1")),
                           info={"system": "llama-jax", "precision": prec,
@@ -136,7 +136,7 @@ CASES = (("float32", None), ("bfloat16", None), ("bfloat16", "float32"))
 AB_LAYOUTS = (("f32 one block", "float32", dict(pieces=1)),
               ("f32 two blocks", "float32", dict(pieces=2)),
               ("bf16 one block", "bfloat16", dict(pieces=1)),
-              ("bf16 two blocks, f32 buffers", "bfloat16", dict(pieces=2, weight_dtype="float32")))
+              ("bf16 one block, f32 buffers", "bfloat16", dict(pieces=1, weight_dtype="float32")))
 
 
 def compare_layouts(batch: int = 1, rounds: int = 15, new_tokens: int = 64):

@@ -186,8 +186,6 @@ def reference_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None):
     return dot_product_attention(q, k, v, attention_mask(q_pos, q_seg, k_pos, k_seg))
 
 
-
-
 # ----------------------------------------------------------------------------------------------
 # Training attention with whole [B, N, T, S] scores ("full", the default), written for
 # XLA:CPU's fast dot forms (llama_jax/dense.py: a bf16 dot runs on the bf16 kernels only as
@@ -230,12 +228,12 @@ def _probs(q, k, q_pos, q_seg, k_pos, k_seg):
 
 
 def _materialized_fwd(q, k, v, q_pos, q_seg, k_pos, k_seg):
-    t, kh = q.shape[1], k.shape[2]
-    qh = _heads_major(q, kh)
-    kh_, vh = transpose(k, (0, 2, 1, 3)), transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
-    p = _probs(qh, kh_, q_pos, q_seg, k_pos, k_seg)[0].astype(v.dtype)
-    out = _heads_minor(_bdot(p, vh, 3, 2).astype(q.dtype), t)
-    return out, (qh, kh_, vh, p, out, q_pos, q_seg, k_pos, k_seg)
+    t = q.shape[1]
+    q_h = _heads_major(q, k.shape[2])
+    k_h, v_h = transpose(k, (0, 2, 1, 3)), transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
+    p = _probs(q_h, k_h, q_pos, q_seg, k_pos, k_seg)[0].astype(v.dtype)
+    out = _heads_minor(_bdot(p, v_h, 3, 2).astype(q.dtype), t)
+    return out, (q_h, k_h, v_h, p, out, q_pos, q_seg, k_pos, k_seg)
 
 
 @jax.custom_vjp
@@ -244,22 +242,22 @@ def _materialized(q, k, v, q_pos, q_seg, k_pos, k_seg):
 
 
 def _materialized_bwd(res, d_out):
-    qh, kh_, vh, p, out, q_pos, q_seg, k_pos, k_seg = res
-    b, kh, gt, h = qh.shape
-    t, s = q_pos.shape[1], kh_.shape[2]
-    do = _heads_major(d_out.astype(qh.dtype), kh)                       # [B, K, G·T, H]
+    """dS = P ∘ (dP − rowsum(dO ∘ O)) as in `_flash_bwd`; masked scores get no gradient."""
+    q_h, k_h, v_h, p, out, q_pos, q_seg, k_pos, k_seg = res
+    b, kv, gt, h = q_h.shape
+    t, s = q_pos.shape[1], k_h.shape[2]
+    do = _heads_major(d_out.astype(q_h.dtype), kv)                      # [B, K, G·T, H]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, N]
-    delta = _heads_major(delta[..., None], kh)                          # [B, K, G·T, 1]
-    dp = _bdot(do, vh, 3, 3)                                            # [B, K, G·T, S]
+    delta = _heads_major(delta[..., None], kv)                          # [B, K, G·T, 1]
+    dp = _bdot(do, v_h, 3, 3)                                           # [B, K, G·T, S]
     mask = attention_mask(q_pos, q_seg, k_pos, k_seg)[:, None, None]
-    ds = (p.astype(jnp.float32) * (dp - delta)).reshape(b, kh, gt // t, t, s)
-    ds = (jnp.where(mask, ds, 0.0) * (h ** -0.5)).reshape(b, kh, gt, s).astype(qh.dtype)
-    dq = _heads_minor(_bdot(ds, kh_, 3, 2).astype(qh.dtype), t)
-    # [B, K, H, G·T] · [B, K, G·T, S] -> [B, K, H, S]: the big operand on the right.
-    dk = transpose(_bdot(transpose(qh, (0, 1, 3, 2)), ds, 3, 2).astype(kh_.dtype), (0, 3, 1, 2))
-    dv = transpose(_bdot(transpose(do, (0, 1, 3, 2)), p, 3, 2).astype(vh.dtype), (0, 3, 1, 2))
-    return (dq.astype(qh.dtype), dk, dv,
-            None, None, None, None)
+    ds = (p.astype(jnp.float32) * (dp - delta)).reshape(b, kv, gt // t, t, s)
+    ds = (jnp.where(mask, ds, 0.0) * (h ** -0.5)).reshape(b, kv, gt, s).astype(q_h.dtype)
+    dq = _heads_minor(_bdot(ds, k_h, 3, 2).astype(q_h.dtype), t)
+    # [B, K, H, G·T] · [B, K, G·T, S] -> [B, K, H, S]: the score-sized operand on the right.
+    dk = transpose(_bdot(transpose(q_h, (0, 1, 3, 2)), ds, 3, 2).astype(k_h.dtype), (0, 3, 1, 2))
+    dv = transpose(_bdot(transpose(do, (0, 1, 3, 2)), p, 3, 2).astype(v_h.dtype), (0, 3, 1, 2))
+    return dq, dk, dv, None, None, None, None
 
 
 _materialized.defvjp(_materialized_fwd, _materialized_bwd)

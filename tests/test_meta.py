@@ -187,6 +187,8 @@ assert not unexpected and all(k.endswith(("cache_k", "cache_v")) for k in missin
 logits = model(torch.as_tensor(np.load(out + ".tokens.npy")), start_pos=0).float().numpy()
 if rank == 0:
     np.save(out, logits)
+dist.barrier()  # both ranks done before gloo's threads are torn down (else: abort at exit)
+dist.destroy_process_group()
 """
 
 

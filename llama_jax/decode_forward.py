@@ -16,9 +16,14 @@ reads the weights and the model's own layout makes it read them slowly:
   dots of q, k and v run side by side, one fused dot on one thread); only the output head,
   wo and w_down (the dots that run alone) in two blocks (1.00× head, 0.87× all three);
   batch-1 attention as multiply-and-reduce over the cache instead of two dots (0.82×).
-- `weight_dtype="float32"` for a bf16 model: XLA:CPU converts bf16 dot operands to f32 on
-  every call, so in the loop bf16 weights are read, written and read again as f32 each
-  token; f32 buffers (activations stay bf16) decoded 1.25-1.3× faster at batch 1
+- On CPU, `cpu_kernels` for decode steps (default where it builds; `prepare(kernel=False)`
+  for XLA's dots): every projection and the head packed once into 32-column tiles and read by
+  a small jax.ffi kernel with register accumulators on both cores (bench shape: f32 batch 1
+  219 vs 175-180 tok/s, batch 8 669 vs 477, bf16 batch 1 308 vs 142). Prefills (T > 1) use
+  XLA's dot on the unpacked weights (a copy per prefill).
+- `weight_dtype="float32"` for a bf16 model on XLA's dots: XLA:CPU converts bf16 dot
+  operands to f32 on every call, so in the loop bf16 weights are read, written and read
+  again as f32 each token; f32 buffers (activations stay bf16) decoded 1.25-1.3× faster at batch 1
   (tools/bench_worker_decode.py --ab), at twice the weight memory.
 Measured and rejected (interleaved micro-benchmarks of the same matvec chain): [F, D]
 weights contracting the minor dim (same speed), multiply + reduce instead of dot (25× slower:
@@ -41,7 +46,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax import attention
+from llama_jax import attention, cpu_kernels
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
 
@@ -55,13 +60,14 @@ class Weights:
     mlp_norm [D]; projections as tuples of column blocks whose concatenation is wq [D, N*H],
     wk / wv [D, K*H], wo [N*H, D], w_gate / w_up [D, F], w_down [F, D].
     embed [V, D]; head: tuple of row blocks of the output embedding [V, D] (the input
-    embedding when tied); norm [D].
+    embedding when tied); norm [D]. With the CPU kernel (`prepare(kernel=True)`) every
+    projection and the head ([D, V]) are instead one `cpu_kernels.Packed` each.
     """
 
     config: ModelConfig
     embed: jax.Array
     norm: jax.Array
-    head: tuple[jax.Array, ...]
+    head: tuple[jax.Array, ...] | cpu_kernels.Packed
     layers: tuple[dict, ...]
 
 
@@ -72,8 +78,8 @@ def _blocks(w, pieces: int, axis: int) -> tuple[jax.Array, ...]:
     return tuple(jnp.split(w, pieces, axis=axis))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3))
-def _relayout(graphdef, state, pieces: int, weight_dtype):
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _relayout(graphdef, state, pieces: int, weight_dtype, kernel: bool):
     model = nnx.merge(graphdef, state)
     c = model.config
     dt, wdt = jnp.dtype(c.dtype), jnp.dtype(weight_dtype or c.dtype)
@@ -84,22 +90,32 @@ def _relayout(graphdef, state, pieces: int, weight_dtype):
         w_gate=m.w_gate[...], w_up=m.w_up[...], w_down=m.w_down[...])
     norms = dict(attn_norm=model.layers.attn_norm.scale[...],
                  mlp_norm=model.layers.mlp_norm.scale[...])
+    cols = cpu_kernels.Packed.of if kernel else functools.partial(_blocks, pieces=pieces, axis=1)
     layers = tuple(
         {**{k: w[i].astype(dt) for k, w in norms.items()},
-         **{k: _blocks(w[i].astype(wdt), pieces, axis=1) for k, w in stacked.items()}}
+         **{k: cols(w[i].astype(wdt)) for k, w in stacked.items()}}
         for i in range(c.n_layers))
-    head = model.embed[...] if c.tie_embeddings else model.lm_head[...].T
-    return (model.embed[...].astype(dt), model.norm.scale[...].astype(dt),
-            _blocks(head.astype(wdt), pieces, axis=0), layers)
+    head = (model.embed[...] if c.tie_embeddings else model.lm_head[...].T).astype(wdt)  # [V, D]
+    head = cpu_kernels.Packed.of(head.T) if kernel else _blocks(head, pieces, axis=0)
+    return model.embed[...].astype(dt), model.norm.scale[...].astype(dt), head, layers
 
 
-def prepare(model: model_lib.Llama, pieces: int = 1, weight_dtype=None) -> Weights:
+def prepare(model: model_lib.Llama, pieces: int = 1, weight_dtype=None,
+            kernel: bool | None = None) -> Weights:
     """The decoding layout of a model's parameters (a copy; shardings carry over).
 
-    pieces: column blocks per projection (module doc: one block is the default since two
-    measured 0.65-1.11x of it depending on the machine).
+    pieces: column blocks per projection for XLA's dots (module doc: one block is the default
+    since two measured 0.65-1.11x of it depending on the machine). kernel: decode steps through
+    `cpu_kernels` (weights packed once); default on where it is available, the model is on one
+    device and pieces is 1.
     """
-    embed, norm, head, layers = _relayout(*nnx.split(model), pieces, weight_dtype)
+    sharded = any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(nnx.state(model)))
+    if kernel is None:
+        kernel = pieces == 1 and not sharded and cpu_kernels.available()
+    elif kernel and (sharded or pieces != 1 or not cpu_kernels.available()):
+        raise ValueError("prepare(kernel=True) needs an unsharded model, pieces=1 and the CPU "
+                         "kernel (a C++ compiler, a CPU backend, LLAMA_JAX_CPU_KERNELS not 0).")
+    embed, norm, head, layers = _relayout(*nnx.split(model), pieces, weight_dtype, kernel)
     return Weights(model.config, embed, norm, head, layers)
 
 
@@ -115,7 +131,10 @@ def _rms_norm(x, scale, eps):
 
 
 def _project(x, blocks):
-    """x [B, T, D_in] @ the concatenation of the column blocks [D_in, D_out_i]."""
+    """x [B, T, D_in] @ the concatenation of the column blocks [D_in, D_out_i], or @ a packed
+    weight: the kernel for decode steps (T = 1), XLA's dot for prefills."""
+    if isinstance(blocks, cpu_kernels.Packed):
+        return cpu_kernels.matmul(x, blocks, kernel=x.shape[1] == 1).astype(x.dtype)
     ys = [(x @ w).astype(x.dtype) for w in blocks]
     return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
 
@@ -161,7 +180,10 @@ def forward(w: Weights, tokens, positions, segments, cache, logits_at=None):
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = _rms_norm(x, w.norm, c.norm_eps)
-    logits = [jnp.einsum("btd,vd->btv", x, h, preferred_element_type=jnp.float32)
-              for h in w.head]
-    logits = logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=-1)
+    if isinstance(w.head, cpu_kernels.Packed):
+        logits = cpu_kernels.matmul(x, w.head, kernel=x.shape[1] == 1)
+    else:
+        logits = [jnp.einsum("btd,vd->btv", x, h, preferred_element_type=jnp.float32)
+                  for h in w.head]
+        logits = logits[0] if len(logits) == 1 else jnp.concatenate(logits, axis=-1)
     return logits, dict(k=ck, v=cv, pos=kv_pos, seg=kv_seg)

@@ -116,8 +116,8 @@ def test_weight_blocks_do_not_change_the_result(tiny):
     """Projections cut into 1, 2 or 3 column blocks (3 divides no width: falls back to fewer)
     give the same tokens and logprobs; a block concatenated out of order would not."""
     model, _ = tiny
-    outs = [decode.generate(decode.prepare(model, pieces=k), PROMPTS, 8, stop_ids=[])
-            for k in (1, 2, 3)]
+    outs = [decode.generate(decode.prepare(model, pieces=k, kernel=False), PROMPTS, 8,
+                            stop_ids=[]) for k in (1, 2, 3)]
     c = model.config
     halves = [w.shape for w in decode.prepare(model, pieces=2).layers[0]["wq"]]
     assert halves == [(c.dim, c.n_heads * c.head_dim // 2)] * 2
@@ -130,7 +130,8 @@ def test_bf16_model_with_f32_weight_buffers(tiny):
     """weight_dtype="float32" keeps a bf16 model's activations in bf16 but its projections in
     float32 buffers; its logits stay within bf16 rounding of the f32 model's."""
     model, weights = tiny
-    bf16 = decode.prepare(decode.with_dtype(model, "bfloat16"), weight_dtype="float32")
+    bf16 = decode.prepare(decode.with_dtype(model, "bfloat16"), weight_dtype="float32",
+                          kernel=False)
     assert bf16.embed.dtype == jnp.bfloat16 and bf16.layers[0]["w_up"][0].dtype == jnp.float32
     tokens, lengths = decode._pad_batch(PROMPTS, 16, 1)
     cache = model_lib.init_cache(model.config, 2, 32)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama_jax
-from llama_jax import decode
+from llama_jax import cpu_kernels, decode
 
 
 def measure_bandwidth(mbytes: int = 512, repeats: int = 5) -> float:
@@ -116,9 +116,11 @@ def worker():
         job = {"new": 128, "prompts": rng.integers(3, config.vocab_size, (1, 64)).tolist()}
     else:
         model = llama_jax.load(job["ckpt"])
-    # bf16: float32 weight buffers, the faster of the two on XLA:CPU (module docstring).
+    # bf16: bf16 weights through the CPU kernel where it is built, else float32 weight
+    # buffers, the faster of the two on XLA's dots (module docstring).
     pieces = int(os.environ.get("DECODE_PIECES", "1"))
-    weights = decode.prepare(decode.with_dtype(model, dtype), pieces, weight_dtype="float32")
+    buffers = None if pieces == 1 and cpu_kernels.available() else "float32"
+    weights = decode.prepare(decode.with_dtype(model, dtype), pieces, weight_dtype=buffers)
     gate = peerproto.Gate(warmup_steps=int(os.environ.get("PEERBENCH_WARMUP", "1")),
                           info={"system": "llama-jax", "precision": prec,
                                 "kv_bytes": jnp.dtype(dtype).itemsize})

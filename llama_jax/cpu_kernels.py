@@ -1,0 +1,130 @@
+"""A CPU kernel for the few-row products of decoding, through jax.ffi, built on first use.
+
+XLA:CPU reads decode weights slowly: a batch-1 product runs on one Eigen thread, 2-8 rows go
+to YNNPACK, which re-packs the weights every call, and a bf16 dot converts its weights to f32
+first. `kernels/small_matmul.cc` reads weights packed once into 32-column tiles
+([N/32, K, 32], `Packed`), f32 or bf16, with the rows' accumulators in AVX-512 registers and
+f32 accumulation; half of the tiles are offered to XLA's own intra-op thread pool (an OpenMP
+team fought that pool for the two cores and ran slower than XLA). Bench shape decode loop,
+2-core AVX-512 VM (`tools/benchmark.py decode`): f32 batch 1 219 tok/s (XLA's dots 175-180),
+batch 8 669 (477); bf16 batch 1 308 (142).
+
+The library is compiled with the system C++ compiler (`$CXX`, else g++ / c++) against the
+XLA FFI headers shipped with jaxlib, with -march=native, into
+~/.cache/llama_jax/kernels/<hash of source, flags, jaxlib, CPU>/ (written atomically), once
+per machine. Without a compiler, when the build fails, on a non-CPU default backend, or with
+LLAMA_JAX_CPU_KERNELS=0, `available()` is False and decoding keeps XLA's dots.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+TILE = 32  # output columns per packed tile (kernels/small_matmul.cc: kTile)
+MAX_ROWS = 8  # rows the kernel keeps in registers per pass over the weights
+ENV = "LLAMA_JAX_CPU_KERNELS"
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "small_matmul.cc")
+_TARGET = "llama_jax_small_matmul"
+_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
+
+
+def _cpu_signature() -> str:
+    """The CPU model and feature flags (-march=native code is valid only where they match)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags"))]
+        return "".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> str | None:
+    """Path of the compiled library (built if missing), or None with a logged reason."""
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        logging.warning("llama_jax: no C++ compiler found; decoding uses XLA's dots on CPU.")
+        return None
+    import jaxlib
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(b"\0".join([source, " ".join((cxx, *_FLAGS)).encode(),
+                                     jaxlib.__version__.encode(), _cpu_signature().encode()]))
+    out_dir = os.path.join(os.path.expanduser("~"), ".cache", "llama_jax", "kernels",
+                           key.hexdigest()[:16])
+    path = os.path.join(out_dir, "small_matmul.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(out_dir, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
+    os.close(fd)
+    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        logging.warning("llama_jax: building the CPU decode kernel failed (%s); decoding uses "
+                        "XLA's dots. %s", " ".join(cmd), result.stderr[-2000:])
+        return None
+    os.replace(tmp, path)  # atomic: a concurrent reader sees the whole library or none
+    return path
+
+
+@functools.cache
+def available() -> bool:
+    """Whether `matmul` runs the kernel (built, loaded and registered once per process)."""
+    if os.environ.get(ENV, "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    path = _build()
+    if path is None:
+        return False
+    lib = ctypes.cdll.LoadLibrary(path)
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SmallMatmul), platform="cpu")
+    return True
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["tiles"],
+                   meta_fields=["width"])
+@dataclasses.dataclass(frozen=True)
+class Packed:
+    """A weight [K, N] as `width` = N columns in tiles [ceil(N/32), K, 32], zero-padded."""
+
+    tiles: jax.Array
+    width: int
+
+    @classmethod
+    def of(cls, w: jax.Array) -> Packed:
+        k, n = w.shape
+        pad = -n % TILE
+        w = jnp.pad(w, ((0, 0), (0, pad))) if pad else w
+        return cls(w.reshape(k, -1, TILE).transpose(1, 0, 2), n)
+
+    def unpacked(self) -> jax.Array:
+        """The [K, N] weight (a copy)."""
+        t, k, _ = self.tiles.shape
+        return self.tiles.transpose(1, 0, 2).reshape(k, t * TILE)[:, :self.width]
+
+
+def matmul(x: jax.Array, w: Packed, kernel: bool = True) -> jax.Array:
+    """x [..., K] · w -> [..., N] float32: the kernel for at most MAX_ROWS rows, else (or with
+    kernel=False) XLA's dot on w unpacked (a copy per call; faster for a prefill's rows)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    rows = 1
+    for d in lead:
+        rows *= d
+    if not kernel or rows > MAX_ROWS:
+        return jnp.matmul(x, w.unpacked().astype(x.dtype), preferred_element_type=jnp.float32)
+    n_pad = w.tiles.shape[0] * TILE
+    y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, n_pad), jnp.float32))(
+        x.reshape(rows, k).astype(jnp.float32), w.tiles)
+    return y[:, :w.width].reshape(*lead, w.width)

@@ -218,20 +218,20 @@ def _bdot(a, b, a_contract: int, b_contract: int):
 
 
 def _probs(q, k, q_pos, q_seg, k_pos, k_seg):
-    """Softmax probabilities [B, K, G·T, S] (f32) and the mask [B, 1, 1, T, S]."""
+    """Softmax probabilities [B, K, G·T, S] (f32)."""
     b, kh, gt, h = q.shape
     t, s = q_pos.shape[1], k.shape[2]
     logits = _bdot(q, k, 3, 3).reshape(b, kh, gt // t, t, s)
     mask = attention_mask(q_pos, q_seg, k_pos, k_seg)[:, None, None]
     logits = jnp.where(mask, logits * (h ** -0.5), jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(logits, axis=-1).reshape(b, kh, gt, s), mask
+    return jax.nn.softmax(logits, axis=-1).reshape(b, kh, gt, s)
 
 
 def _materialized_fwd(q, k, v, q_pos, q_seg, k_pos, k_seg):
     t = q.shape[1]
     q_h = _heads_major(q, k.shape[2])
     k_h, v_h = transpose(k, (0, 2, 1, 3)), transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
-    p = _probs(q_h, k_h, q_pos, q_seg, k_pos, k_seg)[0].astype(v.dtype)
+    p = _probs(q_h, k_h, q_pos, q_seg, k_pos, k_seg).astype(v.dtype)
     out = _heads_minor(_bdot(p, v_h, 3, 2).astype(q.dtype), t)
     return out, (q_h, k_h, v_h, p, out, q_pos, q_seg, k_pos, k_seg)
 

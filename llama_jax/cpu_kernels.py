@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -119,9 +120,7 @@ def matmul(x: jax.Array, w: Packed, kernel: bool = True) -> jax.Array:
     """x [..., K] · w -> [..., N] float32: the kernel for at most MAX_ROWS rows, else (or with
     kernel=False) XLA's dot on w unpacked (a copy per call; faster for a prefill's rows)."""
     lead, k = x.shape[:-1], x.shape[-1]
-    rows = 1
-    for d in lead:
-        rows *= d
+    rows = math.prod(lead)
     if not kernel or rows > MAX_ROWS:
         return jnp.matmul(x, w.unpacked().astype(x.dtype), preferred_element_type=jnp.float32)
     n_pad = w.tiles.shape[0] * TILE

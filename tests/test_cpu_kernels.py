@@ -8,6 +8,7 @@ import pytest
 
 import llama_jax as lj
 from llama_jax import cpu_kernels, decode
+from llama_jax import model as model_lib
 
 
 def test_kernel_is_built_where_a_compiler_exists():
@@ -56,6 +57,11 @@ def test_decoding_with_the_kernel_equals_xla(dtype):
     with_kernel = decode.prepare(model)
     assert isinstance(with_kernel.head, cpu_kernels.Packed)
     assert isinstance(with_kernel.layers[0]["w_up"], cpu_kernels.Packed)
+    cache = model_lib.init_cache(model.config, len(prompts), 32)
+    ones = jnp.ones((len(prompts), 1), jnp.int32)
+    step = jax.jit(decode.forward).lower(with_kernel, ones, ones, ones, cache).as_text()
+    # a decode step calls the kernel for all 7 projections of every layer and the head
+    assert step.count(f"@{cpu_kernels._TARGET}") == 7 * c.n_layers + 1
     got = decode.generate(with_kernel, prompts, 24, stop_ids=[])
     want = decode.generate(decode.prepare(model, kernel=False), prompts, 24, stop_ids=[])
     np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -135,10 +135,13 @@ CASES = (("float32", None), ("bfloat16", None), ("bfloat16", "float32"))
 
 
 # (name, dtype, prepare kwargs) compared by --ab.
-AB_LAYOUTS = (("f32 one block", "float32", dict(pieces=1)),
-              ("f32 two blocks", "float32", dict(pieces=2)),
-              ("bf16 one block", "bfloat16", dict(pieces=1)),
-              ("bf16 one block, f32 buffers", "bfloat16", dict(pieces=1, weight_dtype="float32")))
+# "default" is the CPU kernel where it is built (llama_jax/cpu_kernels.py); the others are
+# XLA's dots.
+AB_LAYOUTS = (("f32 default", "float32", dict()),
+              ("f32 XLA, one block", "float32", dict(kernel=False)),
+              ("f32 XLA, two blocks", "float32", dict(pieces=2)),
+              ("bf16 default", "bfloat16", dict()),
+              ("bf16 XLA, f32 buffers", "bfloat16", dict(kernel=False, weight_dtype="float32")))
 
 
 def compare_layouts(batch: int = 1, rounds: int = 15, new_tokens: int = 64):

@@ -1,8 +1,9 @@
-"""A CPU kernel for the few-row products of decoding, through jax.ffi, built on first use.
+"""CPU kernels for decode steps, through jax.ffi, built on first use: the few-row products
+(`matmul`) and one layer's cache write + attention (`decode_attention`).
 
 XLA:CPU reads decode weights slowly: a batch-1 product runs on one Eigen thread, 2-8 rows go
 to YNNPACK, which re-packs the weights every call, and a bf16 dot converts its weights to f32
-first. `kernels/small_matmul.cc` reads weights packed once into 32-column tiles
+first. `kernels/decode.cc` reads weights packed once into 32-column tiles
 ([N/32, K, 32], `Packed`), f32 or bf16, with the rows' accumulators in AVX-512 registers and
 f32 accumulation; half of the tiles are offered to XLA's own intra-op thread pool (an OpenMP
 team fought that pool for the two cores and ran slower than XLA). Bench shape decode loop,
@@ -32,13 +33,15 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-TILE = 32  # output columns per packed tile (kernels/small_matmul.cc: kTile)
+TILE = 32  # output columns per packed tile (kernels/decode.cc: kTile)
 MAX_ROWS = 8  # rows the kernel keeps in registers per pass over the weights
 ENV = "LLAMA_JAX_CPU_KERNELS"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "small_matmul.cc")
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "decode.cc")
 _TARGET = "llama_jax_small_matmul"
-_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17")
+_ATTENTION_TARGET = "llama_jax_decode_attention"
+_FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17")
 
 
 def _cpu_signature() -> str:
@@ -64,7 +67,7 @@ def _build() -> str | None:
                                      jaxlib.__version__.encode(), _cpu_signature().encode()]))
     out_dir = os.path.join(os.path.expanduser("~"), ".cache", "llama_jax", "kernels",
                            key.hexdigest()[:16])
-    path = os.path.join(out_dir, "small_matmul.so")
+    path = os.path.join(out_dir, "decode.so")
     if os.path.exists(path):
         return path
     os.makedirs(out_dir, exist_ok=True)
@@ -91,6 +94,8 @@ def available() -> bool:
         return False
     lib = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SmallMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.DecodeAttention),
+                                platform="cpu")
     return True
 
 
@@ -127,3 +132,26 @@ def matmul(x: jax.Array, w: Packed, kernel: bool = True) -> jax.Array:
     y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, n_pad), jnp.float32))(
         x.reshape(rows, k).astype(jnp.float32), w.tiles)
     return y[:, :w.width].reshape(*lead, w.width)
+
+
+def decode_attention(q, k_new, v_new, slots, q_pos, q_seg, kv_pos, kv_seg, cache_k, cache_v,
+                     layer: int):
+    """One layer's attention for one new token per row, over the stacked cache, in one call.
+
+    q [B, N, H]; k_new, v_new [B, K, H] (float32 holding compute-dtype values); slots, q_pos,
+    q_seg [B] (the slot each row's k/v is written to, >= S to drop it; the query's position and
+    segment); kv_pos, kv_seg [B, S] (the cache's positions and segments, this token's included);
+    cache_k, cache_v [L, B, S, K, H]. Writes the new k/v into layer `layer` in place (the caches
+    are aliased to the outputs) and returns (out [B, N, H] float32, cache_k, cache_v), with
+    out = attention.dot_product_attention over attention.attention_mask's slots.
+    """
+    f32, i32 = jnp.float32, jnp.int32
+    out, cache_k, cache_v = jax.ffi.ffi_call(
+        _ATTENTION_TARGET,
+        (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
+         jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)),
+        input_output_aliases={8: 1, 9: 2})(
+        q.astype(f32), k_new.astype(f32), v_new.astype(f32), slots.astype(i32),
+        q_pos.astype(i32), q_seg.astype(i32), kv_pos.astype(i32), kv_seg.astype(i32),
+        cache_k, cache_v, layer=np.int64(layer))
+    return out, cache_k, cache_v

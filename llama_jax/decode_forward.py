@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -139,19 +140,39 @@ def _project(x, blocks):
     return ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=-1)
 
 
-def _layer(c: ModelConfig, p, x, positions, inv_freq, mask, where, ck, cv):
-    """Block `where[0]` on x [B, T, D]: (x, ck, cv) with its k/v written to the cache
-    ck, cv [L, B, S, K, H] at where = (layer, rows [B, 1], slots [B, T])."""
+class _At(NamedTuple):
+    """Where a layer reads and writes the cache: its index, each token's slot [B, T] (S drops
+    it), the tokens' segments [B, T], the cache's positions and segments [B, S] with these
+    tokens written, and the attention mask [B, T, S] they give."""
+
+    layer: int
+    slots: jax.Array
+    segments: jax.Array
+    kv_pos: jax.Array
+    kv_seg: jax.Array
+    mask: jax.Array
+
+
+def _layer(c: ModelConfig, p, x, positions, inv_freq, at: _At, ck, cv):
+    """Block `at.layer` on x [B, T, D]: (x, ck, cv) with its k/v written to the cache
+    ck, cv [L, B, S, K, H] at `at.slots`."""
     b, t, _ = x.shape
     n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
-    i = where[0]
     y = _rms_norm(x, p["attn_norm"], c.norm_eps)
     q = model_lib.apply_rope(_project(y, p["wq"]).reshape(b, t, n, h), positions, inv_freq)
     kk = model_lib.apply_rope(_project(y, p["wk"]).reshape(b, t, k, h), positions, inv_freq)
     vv = _project(y, p["wv"]).reshape(b, t, k, h)
-    ck = ck.at[where].set(kk.astype(ck.dtype), mode="drop")
-    cv = cv.at[where].set(vv.astype(cv.dtype), mode="drop")
-    out = attention.dot_product_attention(q, ck[i].astype(x.dtype), cv[i].astype(x.dtype), mask)
+    if isinstance(p["wq"], cpu_kernels.Packed) and t == 1:  # a decode step: the CPU kernel
+        out, ck, cv = cpu_kernels.decode_attention(
+            q[:, 0], kk[:, 0], vv[:, 0], at.slots[:, 0], positions[:, 0], at.segments[:, 0],
+            at.kv_pos, at.kv_seg, ck, cv, at.layer)
+        out = out.astype(x.dtype)[:, None]
+    else:
+        where = (at.layer, jnp.arange(b)[:, None], at.slots)
+        ck = ck.at[where].set(kk.astype(ck.dtype), mode="drop")
+        cv = cv.at[where].set(vv.astype(cv.dtype), mode="drop")
+        out = attention.dot_product_attention(q, ck[at.layer].astype(x.dtype),
+                                              cv[at.layer].astype(x.dtype), at.mask)
     x = x + _project(out.reshape(b, t, n * h), p["wo"])
     y = _rms_norm(x, p["mlp_norm"], c.norm_eps)
     gated = jax.nn.silu(_project(y, p["w_gate"])) * _project(y, p["w_up"])
@@ -176,7 +197,8 @@ def forward(w: Weights, tokens, positions, segments, cache, logits_at=None):
     x = jnp.take(w.embed, tokens, axis=0)
     for i, p in enumerate(w.layers):
         with jax.named_scope(f"layer_{i}"):
-            x, ck, cv = _layer(c, p, x, positions, inv_freq, mask, (i, rows, slots), ck, cv)
+            at = _At(i, slots, segments, kv_pos, kv_seg, mask)
+            x, ck, cv = _layer(c, p, x, positions, inv_freq, at, ck, cv)
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = _rms_norm(x, w.norm, c.norm_eps)

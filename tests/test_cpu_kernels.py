@@ -1,5 +1,5 @@
-"""The CPU decode kernel (llama_jax/cpu_kernels.py, kernels/small_matmul.cc) against float64
-products and against decoding through XLA's dots."""
+"""The CPU decode kernels (llama_jax/cpu_kernels.py, kernels/decode.cc) against float64
+products, against the reference attention and against decoding through XLA's dots."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import cpu_kernels, decode
+from llama_jax import attention, cpu_kernels, decode
 from llama_jax import model as model_lib
 
 
@@ -47,6 +47,38 @@ def test_rows_are_independent_of_the_batch():
                                       together[i])
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_attention_equals_the_reference(dtype):
+    """The attention kernel writes the new k/v in place at each row's slot (a slot past the
+    cache drops it) and equals attention.dot_product_attention under attention_mask's rule:
+    random cache positions and segments, a row attending to another segment's slots, and a
+    fully masked row (segment 0: uniform over all slots), with grouped query heads."""
+    rng = np.random.default_rng(0)
+    n_layers, b, s, k, g, h = 3, 3, 37, 2, 3, 16
+    ck, cv = (jnp.asarray(rng.standard_normal((n_layers, b, s, k, h)), dtype) for _ in "kv")
+    q = jnp.asarray(rng.standard_normal((b, k * g, h)), dtype)
+    k_new, v_new = (jnp.asarray(rng.standard_normal((b, k, h)), dtype) for _ in "kv")
+    slots = jnp.asarray([5, s - 1, s], jnp.int32)
+    q_pos, q_seg = jnp.asarray([20, 25, 10], jnp.int32), jnp.asarray([1, 2, 0], jnp.int32)
+    rows = jnp.arange(b)[:, None]
+    kv_pos = jnp.asarray(rng.integers(0, 30, (b, s)), jnp.int32).at[rows, slots[:, None]].set(
+        q_pos[:, None], mode="drop")
+    kv_seg = jnp.asarray(rng.integers(0, 3, (b, s)), jnp.int32).at[rows, slots[:, None]].set(
+        q_seg[:, None], mode="drop")
+    layer = 1
+    want_k = ck.at[layer, rows, slots[:, None]].set(k_new[:, None], mode="drop")
+    want_v = cv.at[layer, rows, slots[:, None]].set(v_new[:, None], mode="drop")
+    mask = attention.attention_mask(q_pos[:, None], q_seg[:, None], kv_pos, kv_seg)
+    want = attention.dot_product_attention(q[:, None], want_k[layer], want_v[layer], mask)[:, 0]
+    out, got_k, got_v = jax.jit(cpu_kernels.decode_attention, static_argnums=10)(
+        q, k_new, v_new, slots, q_pos, q_seg, kv_pos, kv_seg, ck, cv, layer)
+    np.testing.assert_array_equal(np.asarray(got_k), np.asarray(want_k))
+    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: one rounding of the output
+    np.testing.assert_allclose(np.asarray(out.astype(dtype), np.float32),
+                               np.asarray(want, np.float32), atol=tol)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decoding_with_the_kernel_equals_xla(dtype):
     """Greedy decoding through packed weights and the kernel (decode steps) gives the tokens
@@ -60,8 +92,10 @@ def test_decoding_with_the_kernel_equals_xla(dtype):
     cache = model_lib.init_cache(model.config, len(prompts), 32)
     ones = jnp.ones((len(prompts), 1), jnp.int32)
     step = jax.jit(decode.forward).lower(with_kernel, ones, ones, ones, cache).as_text()
-    # a decode step calls the kernel for all 7 projections of every layer and the head
+    # a decode step calls the kernel for all 7 projections of every layer and the head, and
+    # the attention kernel once per layer
     assert step.count(f"@{cpu_kernels._TARGET}") == 7 * c.n_layers + 1
+    assert step.count(f"@{cpu_kernels._ATTENTION_TARGET}") == c.n_layers
     got = decode.generate(with_kernel, prompts, 24, stop_ids=[])
     want = decode.generate(decode.prepare(model, kernel=False), prompts, 24, stop_ids=[])
     np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -40,7 +40,7 @@ MAX_ROWS = 8  # rows the kernel keeps in registers per pass over the weights
 ENV = "LLAMA_JAX_CPU_KERNELS"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "decode.cc")
 _TARGET = "llama_jax_small_matmul"
-_ATTENTION_TARGET = "llama_jax_decode_attention"
+_LAYER_TARGET = "llama_jax_decode_layer"
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -94,7 +94,7 @@ def available() -> bool:
         return False
     lib = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SmallMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(_ATTENTION_TARGET, jax.ffi.pycapsule(lib.DecodeAttention),
+    jax.ffi.register_ffi_target(_LAYER_TARGET, jax.ffi.pycapsule(lib.DecodeLayer),
                                 platform="cpu")
     return True
 
@@ -134,24 +134,29 @@ def matmul(x: jax.Array, w: Packed, kernel: bool = True) -> jax.Array:
     return y[:, :w.width].reshape(*lead, w.width)
 
 
-def decode_attention(q, k_new, v_new, slots, q_pos, q_seg, kv_pos, kv_seg, cache_k, cache_v,
-                     layer: int):
-    """One layer's attention for one new token per row, over the stacked cache, in one call.
 
-    q [B, N, H]; k_new, v_new [B, K, H] (float32 holding compute-dtype values); slots, q_pos,
-    q_seg [B] (the slot each row's k/v is written to, >= S to drop it; the query's position and
-    segment); kv_pos, kv_seg [B, S] (the cache's positions and segments, this token's included);
-    cache_k, cache_v [L, B, S, K, H]. Writes the new k/v into layer `layer` in place (the caches
-    are aliased to the outputs) and returns (out [B, N, H] float32, cache_k, cache_v), with
-    out = attention.dot_product_attention over attention.attention_mask's slots.
+def decode_layer(x, p: dict, cos, sin, slots, q_pos, q_seg, kv_pos, kv_seg, cache_k, cache_v, *,
+                 layer: int, n_heads: int, eps: float):
+    """One transformer block for one new token per row, in one kernel call.
+
+    x [B, D] in the compute dtype; p a `decode.prepare` layer (norms [D], projections `Packed`);
+    cos, sin [B, H/2] float32 (RoPE at each row's position); slots, q_pos, q_seg [B] (the slot
+    each row's k/v is written to, >= S drops it; the query's position and segment); kv_pos,
+    kv_seg [B, S] (the cache's positions and segments, this token's included); cache_k,
+    cache_v [L, B, S, K, H]. Writes the new k/v into layer `layer` in place (the caches are
+    aliased to the outputs) and returns (x [B, D], cache_k, cache_v), with
+    decode_forward._layer's math and roundings.
     """
     f32, i32 = jnp.float32, jnp.int32
+    names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
     out, cache_k, cache_v = jax.ffi.ffi_call(
-        _ATTENTION_TARGET,
-        (jax.ShapeDtypeStruct(q.shape, f32), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
+        _LAYER_TARGET,
+        (jax.ShapeDtypeStruct(x.shape, f32), jax.ShapeDtypeStruct(cache_k.shape, cache_k.dtype),
          jax.ShapeDtypeStruct(cache_v.shape, cache_v.dtype)),
-        input_output_aliases={8: 1, 9: 2})(
-        q.astype(f32), k_new.astype(f32), v_new.astype(f32), slots.astype(i32),
-        q_pos.astype(i32), q_seg.astype(i32), kv_pos.astype(i32), kv_seg.astype(i32),
-        cache_k, cache_v, layer=np.int64(layer))
-    return out, cache_k, cache_v
+        input_output_aliases={17: 1, 18: 2})(
+        x.astype(f32), p["attn_norm"], p["mlp_norm"], *(p[k].tiles for k in names),
+        cos.astype(f32), sin.astype(f32), slots.astype(i32), q_pos.astype(i32),
+        q_seg.astype(i32), kv_pos.astype(i32), kv_seg.astype(i32), cache_k, cache_v,
+        layer=np.int64(layer), n_heads=np.int64(n_heads), ffn_dim=np.int64(p["w_gate"].width),
+        eps=np.float32(eps), round=x.dtype == jnp.bfloat16)
+    return out.astype(x.dtype), cache_k, cache_v

@@ -158,21 +158,22 @@ def _layer(c: ModelConfig, p, x, positions, inv_freq, at: _At, ck, cv):
     ck, cv [L, B, S, K, H] at `at.slots`."""
     b, t, _ = x.shape
     n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
+    if isinstance(p["wq"], cpu_kernels.Packed) and t == 1:  # a decode step: the CPU kernel
+        angles = positions.astype(jnp.float32) * inv_freq[None, :]  # [B, H/2], as apply_rope
+        x, ck, cv = cpu_kernels.decode_layer(
+            x[:, 0], p, jnp.cos(angles), jnp.sin(angles), at.slots[:, 0], positions[:, 0],
+            at.segments[:, 0], at.kv_pos, at.kv_seg, ck, cv, layer=at.layer, n_heads=n,
+            eps=c.norm_eps)
+        return x[:, None], ck, cv
     y = _rms_norm(x, p["attn_norm"], c.norm_eps)
     q = model_lib.apply_rope(_project(y, p["wq"]).reshape(b, t, n, h), positions, inv_freq)
     kk = model_lib.apply_rope(_project(y, p["wk"]).reshape(b, t, k, h), positions, inv_freq)
     vv = _project(y, p["wv"]).reshape(b, t, k, h)
-    if isinstance(p["wq"], cpu_kernels.Packed) and t == 1:  # a decode step: the CPU kernel
-        out, ck, cv = cpu_kernels.decode_attention(
-            q[:, 0], kk[:, 0], vv[:, 0], at.slots[:, 0], positions[:, 0], at.segments[:, 0],
-            at.kv_pos, at.kv_seg, ck, cv, at.layer)
-        out = out.astype(x.dtype)[:, None]
-    else:
-        where = (at.layer, jnp.arange(b)[:, None], at.slots)
-        ck = ck.at[where].set(kk.astype(ck.dtype), mode="drop")
-        cv = cv.at[where].set(vv.astype(cv.dtype), mode="drop")
-        out = attention.dot_product_attention(q, ck[at.layer].astype(x.dtype),
-                                              cv[at.layer].astype(x.dtype), at.mask)
+    where = (at.layer, jnp.arange(b)[:, None], at.slots)
+    ck = ck.at[where].set(kk.astype(ck.dtype), mode="drop")
+    cv = cv.at[where].set(vv.astype(cv.dtype), mode="drop")
+    out = attention.dot_product_attention(q, ck[at.layer].astype(x.dtype),
+                                          cv[at.layer].astype(x.dtype), at.mask)
     x = x + _project(out.reshape(b, t, n * h), p["wo"])
     y = _rms_norm(x, p["mlp_norm"], c.norm_eps)
     gated = jax.nn.silu(_project(y, p["w_gate"])) * _project(y, p["w_up"])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import attention, cpu_kernels, decode
+from llama_jax import attention, cpu_kernels, decode, decode_forward
 from llama_jax import model as model_lib
 
 
@@ -47,36 +47,52 @@ def test_rows_are_independent_of_the_batch():
                                       together[i])
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_attention_equals_the_reference(dtype):
-    """The attention kernel writes the new k/v in place at each row's slot (a slot past the
-    cache drops it) and equals attention.dot_product_attention under attention_mask's rule:
-    random cache positions and segments, a row attending to another segment's slots, and a
-    fully masked row (segment 0: uniform over all slots), with grouped query heads."""
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_layer_equals_the_xla_layer(dtype):
+    """One block through the layer kernel equals decode_forward's XLA block on the same
+    weights: random cache contents, positions and segments, a row that attends to another
+    segment's slots, a padding row (segment 0: its k/v dropped, attention uniform over all
+    slots), grouped query heads, a head dim whose RoPE halves are not a multiple of 16, and
+    the cache written in place at each row's slot. bf16 rounds after every operation as XLA
+    does, so the two agree to a bf16 unit in the last place."""
+    c = lj.get_config("tiny", n_layers=2, dim=96, n_heads=6, n_kv_heads=2, ffn_dim=200)
+    model = decode.with_dtype(lj.create(c, seed=1), dtype)
+    packed, plain = decode.prepare(model), decode.prepare(model, kernel=False)
+    assert isinstance(packed.layers[1]["wq"], cpu_kernels.Packed)
     rng = np.random.default_rng(0)
-    n_layers, b, s, k, g, h = 3, 3, 37, 2, 3, 16
-    ck, cv = (jnp.asarray(rng.standard_normal((n_layers, b, s, k, h)), dtype) for _ in "kv")
-    q = jnp.asarray(rng.standard_normal((b, k * g, h)), dtype)
-    k_new, v_new = (jnp.asarray(rng.standard_normal((b, k, h)), dtype) for _ in "kv")
-    slots = jnp.asarray([5, s - 1, s], jnp.int32)
-    q_pos, q_seg = jnp.asarray([20, 25, 10], jnp.int32), jnp.asarray([1, 2, 0], jnp.int32)
+    b, s, layer = 3, 37, 1
+    shape = (c.n_layers, b, s, c.n_kv_heads, c.head_dim)
+    ck, cv = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in "kv")
+    x = jnp.asarray(rng.standard_normal((b, 1, c.dim)), dtype)
+    positions = jnp.asarray([[20], [25], [10]], jnp.int32)
+    segments = jnp.asarray([[1], [2], [0]], jnp.int32)
+    slots = jnp.asarray([[5], [s - 1], [s]], jnp.int32)
     rows = jnp.arange(b)[:, None]
-    kv_pos = jnp.asarray(rng.integers(0, 30, (b, s)), jnp.int32).at[rows, slots[:, None]].set(
-        q_pos[:, None], mode="drop")
-    kv_seg = jnp.asarray(rng.integers(0, 3, (b, s)), jnp.int32).at[rows, slots[:, None]].set(
-        q_seg[:, None], mode="drop")
-    layer = 1
-    want_k = ck.at[layer, rows, slots[:, None]].set(k_new[:, None], mode="drop")
-    want_v = cv.at[layer, rows, slots[:, None]].set(v_new[:, None], mode="drop")
-    mask = attention.attention_mask(q_pos[:, None], q_seg[:, None], kv_pos, kv_seg)
-    want = attention.dot_product_attention(q[:, None], want_k[layer], want_v[layer], mask)[:, 0]
-    out, got_k, got_v = jax.jit(cpu_kernels.decode_attention, static_argnums=10)(
-        q, k_new, v_new, slots, q_pos, q_seg, kv_pos, kv_seg, ck, cv, layer)
-    np.testing.assert_array_equal(np.asarray(got_k), np.asarray(want_k))
-    np.testing.assert_array_equal(np.asarray(got_v), np.asarray(want_v))
-    tol = 1e-6 if dtype == jnp.float32 else 1e-2  # bf16: one rounding of the output
-    np.testing.assert_allclose(np.asarray(out.astype(dtype), np.float32),
-                               np.asarray(want, np.float32), atol=tol)
+    kv_pos = jnp.asarray(rng.integers(0, 30, (b, s)), jnp.int32).at[rows, slots].set(
+        positions, mode="drop")
+    kv_seg = jnp.asarray(rng.integers(0, 3, (b, s)), jnp.int32).at[rows, slots].set(
+        segments, mode="drop")
+    mask = attention.attention_mask(positions, segments, kv_pos, kv_seg)
+    at = decode_forward._At(layer, slots, segments, kv_pos, kv_seg, mask)
+    inv_freq = model_lib.rope_frequencies(c)
+
+    @jax.jit
+    def run(weights, x, ck, cv):
+        return decode_forward._layer(c, weights.layers[layer], x, positions, inv_freq, at, ck, cv)
+
+    got, want = run(packed, x, ck, cv), run(plain, x, ck, cv)
+    step = jax.jit(run).lower(packed, x, ck, cv).as_text()
+    assert step.count(f"@{cpu_kernels._LAYER_TARGET}") == 1
+    assert f"@{cpu_kernels._TARGET}" not in step
+    for g, w in zip(got, want):
+        g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+        if dtype == "float32":
+            np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
+        else:
+            np.testing.assert_allclose(g, w, rtol=2 ** -7, atol=2 ** -7 * np.abs(w).max())
+    for cache, old in zip(got[1:], (ck, cv)):  # only row 0 slot 5 and row 1 slot 36 changed
+        changed = np.argwhere(np.any(np.asarray(cache) != np.asarray(old), axis=(-1, -2)))
+        assert sorted(map(tuple, changed)) == [(layer, 0, 5), (layer, 1, s - 1)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -92,10 +108,9 @@ def test_decoding_with_the_kernel_equals_xla(dtype):
     cache = model_lib.init_cache(model.config, len(prompts), 32)
     ones = jnp.ones((len(prompts), 1), jnp.int32)
     step = jax.jit(decode.forward).lower(with_kernel, ones, ones, ones, cache).as_text()
-    # a decode step calls the kernel for all 7 projections of every layer and the head, and
-    # the attention kernel once per layer
-    assert step.count(f"@{cpu_kernels._TARGET}") == 7 * c.n_layers + 1
-    assert step.count(f"@{cpu_kernels._ATTENTION_TARGET}") == c.n_layers
+    # a decode step calls the layer kernel once per layer and the matmul kernel for the head
+    assert step.count(f"@{cpu_kernels._LAYER_TARGET}") == c.n_layers
+    assert step.count(f"@{cpu_kernels._TARGET}") == 1
     got = decode.generate(with_kernel, prompts, 24, stop_ids=[])
     want = decode.generate(decode.prepare(model, kernel=False), prompts, 24, stop_ids=[])
     np.testing.assert_array_equal(got.tokens, want.tokens)

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 TILE = 32  # output columns per packed tile (kernels/decode.cc: kTile)
-MAX_ROWS = 8  # rows the kernel keeps in registers per pass over the weights
+MAX_ROWS = 8  # rows the kernels keep in registers per pass over the weights (more: 8 at a time)
 ENV = "LLAMA_JAX_CPU_KERNELS"
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "decode.cc")
 _TARGET = "llama_jax_small_matmul"
@@ -54,8 +54,9 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build() -> str | None:
-    """Path of the compiled library (built if missing), or None with a logged reason."""
+def _build(flags: tuple[str, ...] = _FLAGS) -> str | None:
+    """Path of the compiled library (built if missing), or None with a logged reason.
+    flags: the compiler flags (tests build the portable C++ path with -mno-avx512f)."""
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         logging.warning("llama_jax: no C++ compiler found; decoding uses XLA's dots on CPU.")
@@ -63,7 +64,7 @@ def _build() -> str | None:
     import jaxlib
     with open(_SOURCE, "rb") as f:
         source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join((cxx, *_FLAGS)).encode(),
+    key = hashlib.sha256(b"\0".join([source, " ".join((cxx, *flags)).encode(),
                                      jaxlib.__version__.encode(), _cpu_signature().encode()]))
     out_dir = os.path.join(os.path.expanduser("~"), ".cache", "llama_jax", "kernels",
                            key.hexdigest()[:16])
@@ -73,7 +74,7 @@ def _build() -> str | None:
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
@@ -122,17 +123,16 @@ class Packed:
 
 
 def matmul(x: jax.Array, w: Packed, kernel: bool = True) -> jax.Array:
-    """x [..., K] · w -> [..., N] float32: the kernel for at most MAX_ROWS rows, else (or with
-    kernel=False) XLA's dot on w unpacked (a copy per call; faster for a prefill's rows)."""
+    """x [..., K] · w -> [..., N] float32: the kernel (MAX_ROWS rows per pass over w), or with
+    kernel=False XLA's dot on w unpacked (a copy per call; faster for a prefill's rows)."""
     lead, k = x.shape[:-1], x.shape[-1]
     rows = math.prod(lead)
-    if not kernel or rows > MAX_ROWS:
+    if not kernel:
         return jnp.matmul(x, w.unpacked().astype(x.dtype), preferred_element_type=jnp.float32)
     n_pad = w.tiles.shape[0] * TILE
     y = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((rows, n_pad), jnp.float32))(
         x.reshape(rows, k).astype(jnp.float32), w.tiles)
     return y[:, :w.width].reshape(*lead, w.width)
-
 
 
 def decode_layer(x, p: dict, cos, sin, slots, q_pos, q_seg, kv_pos, kv_seg, cache_k, cache_v, *,

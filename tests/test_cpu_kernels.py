@@ -1,6 +1,8 @@
 """The CPU decode kernels (llama_jax/cpu_kernels.py, kernels/decode.cc) against float64
 products, against the reference attention and against decoding through XLA's dots."""
 
+import ctypes
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,17 +13,37 @@ from llama_jax import attention, cpu_kernels, decode, decode_forward
 from llama_jax import model as model_lib
 
 
+@pytest.fixture(scope="module")
+def portable_targets():
+    """The kernels built without AVX-512 (the plain C++ path of other CPUs), registered under
+    their own target names."""
+    path = cpu_kernels._build(cpu_kernels._FLAGS + ("-mno-avx512f",))
+    assert path is not None
+    lib = ctypes.cdll.LoadLibrary(path)
+    names = {"_TARGET": "llama_jax_small_matmul_portable",
+             "_LAYER_TARGET": "llama_jax_decode_layer_portable"}
+    jax.ffi.register_ffi_target(names["_TARGET"], jax.ffi.pycapsule(lib.SmallMatmul),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(names["_LAYER_TARGET"], jax.ffi.pycapsule(lib.DecodeLayer),
+                                platform="cpu")
+    return names
+
+
 def test_kernel_is_built_where_a_compiler_exists():
     """On the CPU test machines (a C++ compiler is present) the kernel must build and load:
     a silent fallback would leave decoding on XLA's dots unnoticed."""
     assert cpu_kernels.available()
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512", "portable"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("rows", [1, 3, 8, 11])
-def test_kernel_equals_float64_product(dtype, rows):
-    """Rows 1-8 in one pass, 11 in two; widths that are not a multiple of the 32-column tile
-    (padding), odd K and a single tile (nothing for the pool's half)."""
+def test_kernel_equals_float64_product(dtype, rows, portable, request, monkeypatch):
+    """Rows 1-8 in one pass over w, 11 in two; widths that are not a multiple of the 32-column tile
+    (padding), odd K and a single tile (nothing for the pool's half); AVX-512 and plain C++."""
+    if portable:
+        targets = request.getfixturevalue("portable_targets")
+        monkeypatch.setattr(cpu_kernels, "_TARGET", targets["_TARGET"])
     rng = np.random.default_rng(rows)
     for k, n in ((512, 1408), (37, 259), (64, 32)):
         x = jnp.asarray(rng.standard_normal((rows, k)), jnp.float32)
@@ -29,7 +51,9 @@ def test_kernel_equals_float64_product(dtype, rows):
         packed = cpu_kernels.Packed.of(w)
         assert packed.tiles.shape == (-(-n // 32), k, 32)
         np.testing.assert_array_equal(np.asarray(packed.unpacked()), np.asarray(w))
-        y = jax.jit(cpu_kernels.matmul)(x, packed)
+        product = jax.jit(lambda x, w: cpu_kernels.matmul(x, w))  # traced anew: the target
+        assert f"@{cpu_kernels._TARGET}(" in product.lower(x, packed).as_text()
+        y = product(x, packed)
         ref = np.asarray(x, np.float64) @ np.asarray(w.astype(jnp.float32), np.float64)
         assert y.shape == (rows, n) and y.dtype == jnp.float32
         np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
@@ -47,26 +71,31 @@ def test_rows_are_independent_of_the_batch():
                                       together[i])
 
 
+@pytest.mark.parametrize("portable", [False, True], ids=["avx512", "portable"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_layer_equals_the_xla_layer(dtype):
+def test_decode_layer_equals_the_xla_layer(dtype, portable, request, monkeypatch):
     """One block through the layer kernel equals decode_forward's XLA block on the same
     weights: random cache contents, positions and segments, a row that attends to another
     segment's slots, a padding row (segment 0: its k/v dropped, attention uniform over all
     slots), grouped query heads, a head dim whose RoPE halves are not a multiple of 16, and
     the cache written in place at each row's slot. bf16 rounds after every operation as XLA
-    does, so the two agree to a bf16 unit in the last place."""
+    does, so the two agree to a bf16 unit in the last place. Both builds: AVX-512 and the
+    plain C++ path."""
+    if portable:
+        for name, target in request.getfixturevalue("portable_targets").items():
+            monkeypatch.setattr(cpu_kernels, name, target)
     c = lj.get_config("tiny", n_layers=2, dim=96, n_heads=6, n_kv_heads=2, ffn_dim=200)
     model = decode.with_dtype(lj.create(c, seed=1), dtype)
     packed, plain = decode.prepare(model), decode.prepare(model, kernel=False)
     assert isinstance(packed.layers[1]["wq"], cpu_kernels.Packed)
     rng = np.random.default_rng(0)
-    b, s, layer = 3, 37, 1
+    b, s, layer = 11, 37, 1  # 11 rows: two passes of the kernel's 8-row blocks
     shape = (c.n_layers, b, s, c.n_kv_heads, c.head_dim)
     ck, cv = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in "kv")
     x = jnp.asarray(rng.standard_normal((b, 1, c.dim)), dtype)
-    positions = jnp.asarray([[20], [25], [10]], jnp.int32)
-    segments = jnp.asarray([[1], [2], [0]], jnp.int32)
-    slots = jnp.asarray([[5], [s - 1], [s]], jnp.int32)
+    positions = jnp.asarray([[20], [25], [10]] + [[i] for i in range(21, 29)], jnp.int32)
+    segments = jnp.asarray([[1], [2], [0]] + [[1]] * 8, jnp.int32)
+    slots = jnp.asarray([[5], [s - 1], [s]] + [[i] for i in range(6, 14)], jnp.int32)
     rows = jnp.arange(b)[:, None]
     kv_pos = jnp.asarray(rng.integers(0, 30, (b, s)), jnp.int32).at[rows, slots].set(
         positions, mode="drop")
@@ -90,9 +119,10 @@ def test_decode_layer_equals_the_xla_layer(dtype):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * np.abs(w).max())
         else:
             np.testing.assert_allclose(g, w, rtol=2 ** -7, atol=2 ** -7 * np.abs(w).max())
-    for cache, old in zip(got[1:], (ck, cv)):  # only row 0 slot 5 and row 1 slot 36 changed
+    written = [(layer, 0, 5), (layer, 1, s - 1)] + [(layer, i, i + 3) for i in range(3, 11)]
+    for cache, old in zip(got[1:], (ck, cv)):  # each row's slot in `layer`; row 2 dropped
         changed = np.argwhere(np.any(np.asarray(cache) != np.asarray(old), axis=(-1, -2)))
-        assert sorted(map(tuple, changed)) == [(layer, 0, 5), (layer, 1, s - 1)]
+        assert sorted(map(tuple, changed)) == sorted(written)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -17,6 +17,7 @@
 #include <functional>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -235,21 +236,25 @@ struct Team {
   std::atomic<int> ready{-1};
   std::atomic<bool> finished{false};
   int64_t chunks[kPhases] = {};
-  std::function<void(int64_t)> work[kPhases];
+  void (*work[kPhases])(void*, int64_t) = {};  // work[p](context[p], chunk)
+  void* context[kPhases] = {};
 
   void Run(int p) {
     for (;;) {
       const int64_t i = claim[p].fetch_add(1);
       if (i >= chunks[p]) return;
-      work[p](i);
+      work[p](context[p], i);
       done[p].fetch_add(1, std::memory_order_release);
     }
   }
 
-  // Caller: publish phase p, work on it, wait until every chunk is done.
-  void Phase(int p, int64_t n, std::function<void(int64_t)> fn) {
+  // Caller: publish phase p (fn(chunk) for chunks 0..n-1), work on it, wait until every
+  // chunk is done. No allocation: fn lives in the caller's frame for the whole phase.
+  template <typename F>
+  void Phase(int p, int64_t n, F&& fn) {
     chunks[p] = n;
-    work[p] = std::move(fn);
+    context[p] = &fn;
+    work[p] = [](void* f, int64_t i) { (*static_cast<std::remove_reference_t<F>*>(f))(i); };
     ready.store(p, std::memory_order_release);
     Run(p);
     int64_t spins = 0;
@@ -535,7 +540,11 @@ void AttendHead(const LayerArgs<C>& a, int64_t b, int64_t kh, float* q, int64_t 
       Store(vb + (slot * K + kh) * H + i, vn[i]);
     }
   }
-  std::vector<float> scores(G * S), row(H), acc(G * H, 0.0f);
+  // Per-thread scratch, kept between calls (no allocation in the steady state).
+  thread_local std::vector<float> scores, row, acc;
+  scores.resize(G * S);
+  row.resize(H);
+  acc.assign(G * H, 0.0f);
   const int32_t* pos = a.kv_pos + b * S;
   const int32_t* seg = a.kv_seg + b * S;
   for (int64_t s = 0; s < S; ++s) {
@@ -570,8 +579,19 @@ void Layer(ffi::ThreadPool& pool, const LayerArgs<C>& a) {
   const int64_t B = d.b, D = d.d, NH = d.n * d.h;
   const int64_t qp = a.wq.pad(), kp = a.wk.pad(), op = a.wo.pad(), fp = a.w_gate.pad(),
                 dp = a.w_down.pad();
-  std::vector<float> y(B * D), q(B * qp), k(B * kp), v(B * kp), att(B * NH), o(B * op),
-      h(B * D), gate(B * fp), up(B * fp), act(B * d.f), down(B * dp);
+  // The caller thread's scratch, kept between calls; helpers reach it through the phases.
+  thread_local std::vector<float> scratch;
+  const int64_t sizes[] = {B * D, B * qp, B * kp, B * kp, B * NH, B * op, B * D, B * fp,
+                           B * fp, B * d.f, B * dp};
+  int64_t total = 0;
+  for (int64_t n : sizes) total += (n + 15) / 16 * 16;  // 64-byte aligned offsets
+  if (static_cast<int64_t>(scratch.size()) < total) scratch.resize(total);
+  float* bufs[11];
+  for (int64_t i = 0, off = 0; i < 11; off += (sizes[i] + 15) / 16 * 16, ++i) {
+    bufs[i] = scratch.data() + off;
+  }
+  float *y = bufs[0], *q = bufs[1], *k = bufs[2], *v = bufs[3], *att = bufs[4], *o = bufs[5],
+        *h = bufs[6], *gate = bufs[7], *up = bufs[8], *act = bufs[9], *down = bufs[10];
   const W *wq = static_cast<const W*>(a.wq.data), *wk = static_cast<const W*>(a.wk.data),
           *wv = static_cast<const W*>(a.wv.data), *wo = static_cast<const W*>(a.wo.data),
           *wg = static_cast<const W*>(a.w_gate.data), *wu = static_cast<const W*>(a.w_up.data),
@@ -586,36 +606,36 @@ void Layer(ffi::ThreadPool& pool, const LayerArgs<C>& a) {
     });
   }
 
-  RmsNorm(a.x, a.attn_norm, a.norm_bf16, a.round, a.eps, B, D, y.data());
+  RmsNorm(a.x, a.attn_norm, a.norm_bf16, a.round, a.eps, B, D, y);
   const int64_t tq = a.wq.tiles, tk = a.wk.tiles;
   team->Phase(0, tq + 2 * tk, [&](int64_t i) {
-    if (i < tq) return TileRows(y.data(), wq, i, q.data(), B, D, qp);
-    if (i < tq + tk) return TileRows(y.data(), wk, i - tq, k.data(), B, D, kp);
-    TileRows(y.data(), wv, i - tq - tk, v.data(), B, D, kp);
+    if (i < tq) return TileRows(y, wq, i, q, B, D, qp);
+    if (i < tq + tk) return TileRows(y, wk, i - tq, k, B, D, kp);
+    TileRows(y, wv, i - tq - tk, v, B, D, kp);
   });
   team->Phase(1, B * d.k, [&](int64_t i) {
-    AttendHead(a, i / d.k, i % d.k, q.data(), qp, k.data(), v.data(), kp, att.data());
+    AttendHead(a, i / d.k, i % d.k, q, qp, k, v, kp, att);
     const int64_t heads = d.n / d.k * d.h;  // the attention output rounded to the compute dtype
-    float* o = att.data() + (i / d.k) * NH + (i % d.k) * heads;
-    for (int64_t j = 0; j < heads; ++j) o[j] = r(o[j]);
+    float* out = att + (i / d.k) * NH + (i % d.k) * heads;
+    for (int64_t j = 0; j < heads; ++j) out[j] = r(out[j]);
   });
-  team->Phase(2, a.wo.tiles, [&](int64_t i) { TileRows(att.data(), wo, i, o.data(), B, NH, op); });
-  for (int64_t b = 0; b < B; ++b) AddRound(a.x + b * D, o.data() + b * op, h.data() + b * D, D, a.round);
-  RmsNorm(h.data(), a.mlp_norm, a.norm_bf16, a.round, a.eps, B, D, y.data());
+  team->Phase(2, a.wo.tiles, [&](int64_t i) { TileRows(att, wo, i, o, B, NH, op); });
+  for (int64_t b = 0; b < B; ++b) AddRound(a.x + b * D, o + b * op, h + b * D, D, a.round);
+  RmsNorm(h, a.mlp_norm, a.norm_bf16, a.round, a.eps, B, D, y);
   team->Phase(3, a.w_gate.tiles, [&](int64_t t) {  // a gate tile, its up tile, their SwiGLU
-    TileRows(y.data(), wg, t, gate.data(), B, D, fp);
-    TileRows(y.data(), wu, t, up.data(), B, D, fp);
+    TileRows(y, wg, t, gate, B, D, fp);
+    TileRows(y, wu, t, up, B, D, fp);
     const int64_t j = t * kTile, n = std::min(kTile, d.f - j);
     for (int64_t b = 0; b < B; ++b) {
-      SiluMul(gate.data() + b * fp + j, up.data() + b * fp + j, act.data() + b * d.f + j, n,
+      SiluMul(gate + b * fp + j, up + b * fp + j, act + b * d.f + j, n,
               a.round);
     }
   });
   team->Phase(4, a.w_down.tiles,
-              [&](int64_t i) { TileRows(act.data(), wd, i, down.data(), B, d.f, dp); });
+              [&](int64_t i) { TileRows(act, wd, i, down, B, d.f, dp); });
   team->finished.store(true, std::memory_order_release);
   for (int64_t b = 0; b < B; ++b) {
-    AddRound(h.data() + b * D, down.data() + b * dp, a.out + b * D, D, a.round);
+    AddRound(h + b * D, down + b * dp, a.out + b * D, D, a.round);
   }
 }
 

@@ -1,14 +1,16 @@
-"""CPU kernels for decode steps, through jax.ffi, built on first use: the few-row products
-(`matmul`) and one layer's cache write + attention (`decode_attention`).
+"""CPU kernels for decode steps, through jax.ffi, built on first use: a whole transformer block
+per call (`decode_layer`) and the few-row product of the output head (`matmul`).
 
-XLA:CPU reads decode weights slowly: a batch-1 product runs on one Eigen thread, 2-8 rows go
-to YNNPACK, which re-packs the weights every call, and a bf16 dot converts its weights to f32
-first. `kernels/decode.cc` reads weights packed once into 32-column tiles
-([N/32, K, 32], `Packed`), f32 or bf16, with the rows' accumulators in AVX-512 registers and
-f32 accumulation; half of the tiles are offered to XLA's own intra-op thread pool (an OpenMP
-team fought that pool for the two cores and ran slower than XLA). Bench shape decode loop,
-2-core AVX-512 VM (`tools/benchmark.py decode`): f32 batch 1 219 tok/s (XLA's dots 175-180),
-batch 8 669 (477); bf16 batch 1 308 (142).
+XLA:CPU runs a decode step slowly: a batch-1 product on one Eigen thread, 2-8 rows through
+YNNPACK re-packing the weights every call, bf16 dots converting their weights to f32 first, the
+KV-cache write as a loop rewriting the whole stacked cache, and ~20 small operations per layer,
+each waking the thread pool. `kernels/decode.cc` reads weights packed once into 32-column tiles
+([N/32, K, 32], `Packed`), f32 or bf16, with the rows' accumulators in AVX-512 registers and f32
+accumulation, and DecodeLayer does a block's norms, RoPE, cache write, attention and SwiGLU in
+the same call, its phases shared between the caller and a helper from XLA's own intra-op pool
+(an OpenMP team fought that pool for the two cores). Bench shape, 2-core AVX-512 VM, same run as
+the peers: f32 batch 1 327 tok/s (XLA's dots ~175), batch 8 930; bf16 batch 1 546, batch 8
+1,719 (BENCHMARKS.md).
 
 The library is compiled with the system C++ compiler (`$CXX`, else g++ / c++) against the
 XLA FFI headers shipped with jaxlib, with -march=native, into

@@ -17,10 +17,11 @@ reads the weights and the model's own layout makes it read them slowly:
   wo and w_down (the dots that run alone) in two blocks (1.00× head, 0.87× all three);
   batch-1 attention as multiply-and-reduce over the cache instead of two dots (0.82×).
 - On CPU, `cpu_kernels` for decode steps (default where it builds; `prepare(kernel=False)`
-  for XLA's dots): every projection and the head packed once into 32-column tiles and read by
-  a small jax.ffi kernel with register accumulators on both cores (bench shape: f32 batch 1
-  219 vs 175-180 tok/s, batch 8 669 vs 477, bf16 batch 1 308 vs 142). Prefills (T > 1) use
-  XLA's dot on the unpacked weights (a copy per prefill).
+  for XLA's dots): every projection and the head packed once into 32-column tiles, and each
+  block of a decode step (T = 1) one `cpu_kernels.decode_layer` call that also writes the
+  cache in place and attends over it (bench shape, same run as the peers: f32 batch 1 327
+  tok/s vs ~175 through XLA's dots, batch 8 930; bf16 batch 1 546, batch 8 1,719). Prefills
+  (T > 1) use XLA's dot on the unpacked weights (a copy per prefill).
 - `weight_dtype="float32"` for a bf16 model on XLA's dots: XLA:CPU converts bf16 dot
   operands to f32 on every call, so in the loop bf16 weights are read, written and read
   again as f32 each token; f32 buffers (activations stay bf16) decoded 1.25-1.3× faster at batch 1
@@ -30,7 +31,7 @@ weights contracting the minor dim (same speed), multiply + reduce instead of dot
 XLA:CPU's reduction loop is not vectorised across rows), padding batch 1 to 2 rows, and
 XLA's oneDNN / XNNPACK / YNNPACK dot flags (bf16 operands still converted).
 
-The cache is written with one scatter per layer into the stacked buffer, in place; prefill
+On XLA's path the cache is written with one scatter per layer into the stacked buffer; prefill
 computes only the last token's logits.
 
 Axis letters: B batch, T tokens, S cache slots, D model dim, F ffn dim, N query heads,

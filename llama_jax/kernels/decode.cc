@@ -339,9 +339,9 @@ inline __m512 RoundV(__m512 v, bool on) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
-  r = _mm512_and_si512(r, _mm512_set1_epi32(int32_t(0xffff0000u)));
-  const __m512i quiet = _mm512_or_si512(_mm512_and_si512(u, _mm512_set1_epi32(int32_t(0xffff0000u))),
-                                        _mm512_set1_epi32(0x00400000));
+  const __m512i high = _mm512_set1_epi32(int32_t(0xffff0000u));
+  r = _mm512_and_si512(r, high);
+  const __m512i quiet = _mm512_or_si512(_mm512_and_si512(u, high), _mm512_set1_epi32(0x00400000));
   const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
   return _mm512_castsi512_ps(_mm512_mask_blend_epi32(nan, r, quiet));
 }
@@ -627,12 +627,10 @@ void Layer(ffi::ThreadPool& pool, const LayerArgs<C>& a) {
     TileRows(y, wu, t, up, B, D, fp);
     const int64_t j = t * kTile, n = std::min(kTile, d.f - j);
     for (int64_t b = 0; b < B; ++b) {
-      SiluMul(gate + b * fp + j, up + b * fp + j, act + b * d.f + j, n,
-              a.round);
+      SiluMul(gate + b * fp + j, up + b * fp + j, act + b * d.f + j, n, a.round);
     }
   });
-  team->Phase(4, a.w_down.tiles,
-              [&](int64_t i) { TileRows(act, wd, i, down, B, d.f, dp); });
+  team->Phase(4, a.w_down.tiles, [&](int64_t i) { TileRows(act, wd, i, down, B, d.f, dp); });
   team->finished.store(true, std::memory_order_release);
   for (int64_t b = 0; b < B; ++b) {
     AddRound(h + b * D, down + b * dp, a.out + b * D, D, a.round);

@@ -127,8 +127,8 @@ def test_decode_layer_equals_the_xla_layer(dtype, portable, request, monkeypatch
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decoding_with_the_kernel_equals_xla(dtype):
-    """Greedy decoding through packed weights and the kernel (decode steps) gives the tokens
-    of XLA's dots, and log-probabilities within float32 (bf16: bf16) rounding of them."""
+    """Greedy decoding through packed weights and the kernels (prefill and decode steps) gives
+    the tokens of XLA's dots, and log-probabilities within float32 (bf16: bf16) rounding."""
     c = lj.get_config("tiny", n_layers=2, vocab_size=259)  # 259: a padded head tile
     model = decode.with_dtype(lj.create(c), dtype)
     prompts = [[1, 5, 7, 9, 11], [1, 4], [1, 200, 3]]
@@ -141,6 +141,14 @@ def test_decoding_with_the_kernel_equals_xla(dtype):
     # a decode step calls the layer kernel once per layer and the matmul kernel for the head
     assert step.count(f"@{cpu_kernels._LAYER_TARGET}") == c.n_layers
     assert step.count(f"@{cpu_kernels._TARGET}") == 1
+    # a prefill of up to PREFILL_ROWS tokens runs every projection and the head on the product
+    # kernel; a longer one on XLA's dots
+    for t, calls in ((8, 7 * c.n_layers + 1), (cpu_kernels.PREFILL_ROWS // 3 + 1, 0)):
+        rows = jnp.ones((len(prompts), t), jnp.int32)
+        cache = model_lib.init_cache(model.config, len(prompts), 2 * t)
+        prefill = jax.jit(decode.forward).lower(with_kernel, rows, rows, rows, cache).as_text()
+        assert prefill.count(f"@{cpu_kernels._TARGET}") == calls
+        assert f"@{cpu_kernels._LAYER_TARGET}" not in prefill
     got = decode.generate(with_kernel, prompts, 24, stop_ids=[])
     want = decode.generate(decode.prepare(model, kernel=False), prompts, 24, stop_ids=[])
     np.testing.assert_array_equal(got.tokens, want.tokens)

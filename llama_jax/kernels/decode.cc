@@ -511,6 +511,19 @@ void Rope(float* v, int64_t heads, int64_t h, const float* cos, const float* sin
   }
 }
 
+// The cache rows of one kv head are H values every K * H: a stride the hardware prefetcher
+// follows too late (at 2k slots the row loads were ~60% of the attention's time), so rows
+// kAhead slots ahead are prefetched by hand (8 and 16 measured alike). Prefetching past
+// the end is harmless (a prefetch never faults).
+constexpr int64_t kAhead = 16;
+
+template <typename C>
+inline void Prefetch(const C* p, int64_t n) {
+  for (int64_t i = 0; i < n * static_cast<int64_t>(sizeof(C)); i += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + i);
+  }
+}
+
 // Row b, kv head kh: round and rotate its q heads and its k, round its v (model.apply_rope),
 // write k/v at the row's slot, then attend with the G query heads of kv head kh.
 // q [B, N*H pad], k_new/v_new [B, K*H pad] (this chunk's heads modified in place),
@@ -553,6 +566,7 @@ void AttendHead(const LayerArgs<C>& a, int64_t b, int64_t kh, float* q, int64_t 
       continue;
     }
     const C* kr = kb + (s * K + kh) * H;
+    Prefetch(kr + kAhead * K * H, H);
     for (int64_t i = 0; i < H; ++i) row[i] = Load(kr[i]);
     for (int64_t g = 0; g < G; ++g) scores[g * S + s] = Dot(qk + g * H, row.data(), H) * scale;
   }
@@ -566,6 +580,7 @@ void AttendHead(const LayerArgs<C>& a, int64_t b, int64_t kh, float* q, int64_t 
     for (int64_t g = 0; g < G; ++g) any |= scores[g * S + s] != 0.0f;
     if (!any) continue;
     const C* vr = vb + (s * K + kh) * H;
+    Prefetch(vr + kAhead * K * H, H);
     for (int64_t i = 0; i < H; ++i) row[i] = Load(vr[i]);
     for (int64_t g = 0; g < G; ++g) Axpy(scores[g * S + s], row.data(), acc.data() + g * H, H);
   }

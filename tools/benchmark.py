@@ -5,6 +5,7 @@
     python tools/benchmark.py train              # train step, bench shape, f32 and bf16
     python tools/benchmark.py train --mesh       # every mesh on 8 simulated CPU devices
     python tools/benchmark.py decode             # KV-cached decode, batch 1 and 8
+    python tools/benchmark.py decode --decode_prompt=1500 --decode_new=64   # long context
     python tools/benchmark.py convert            # HF -> Orbax and Meta -> Orbax MB/s, peak RSS
 
 The bench shape is that of ../shared/bench (d_model 512, 8 layers, 8 heads, 2 kv heads, ffn
@@ -35,7 +36,10 @@ flags.DEFINE_integer("seq_len", 512, "Sequence length (forward/train).")
 flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
 flags.DEFINE_string("model", "bench", "Model preset.")
 flags.DEFINE_bool("mesh", False, "train: compare mesh layouts on 8 simulated CPU devices.")
-flags.DEFINE_list("decode_batches", ["1", "8"], "decode: batch sizes (prompt 64, 128 new).")
+flags.DEFINE_list("decode_batches", ["1", "8"], "decode: batch sizes.")
+flags.DEFINE_integer("decode_prompt", 64, "decode: prompt tokens per row (the model's max_seq_len "
+                     "is raised to fit prompt + new).")
+flags.DEFINE_integer("decode_new", 128, "decode: new tokens per row.")
 
 MODES = ("peak", "forward", "train", "decode", "convert")
 
@@ -140,10 +144,14 @@ def main(argv):
         import llama_jax as lj
         from tools import bench_worker_decode as bwd
         config, bandwidth = lj.get_config(FLAGS.model), bwd.measure_bandwidth()
+        need = FLAGS.decode_prompt + FLAGS.decode_new
+        if need > config.max_seq_len:  # a longer context for the same weights
+            config = lj.get_config(FLAGS.model, max_seq_len=1 << (need - 1).bit_length())
         model = lj.create(config)
         for dtype, buffers in (c for c in bwd.CASES if c[0] in FLAGS.dtypes):
             for batch in map(int, FLAGS.decode_batches):
-                _print(bwd.benchmark_decode(config, batch, 64, 128, dtype, model=model,
+                _print(bwd.benchmark_decode(config, batch, FLAGS.decode_prompt, FLAGS.decode_new,
+                                            dtype, model=model,
                                             bandwidth_gbs=bandwidth, weight_dtype=buffers))
         return
     if mode == "convert":

@@ -3,8 +3,8 @@
 // SmallMatmul: y[M, N] (f32) = x[M, K] (f32) . w (f32 or bf16), for the few rows of a step.
 // w arrives packed as [N / 32, K, 32] (llama_jax/cpu_kernels.py: Packed): each 32-column tile
 // is one contiguous stream and each tile's M x 32 accumulators stay in registers while w is
-// read exactly once. The second half of the tiles is offered to XLA's intra-op thread pool
-// (the FFI ThreadPool context) and run by whichever thread claims it first. XLA:CPU reads the
+// read exactly once. The tiles are claimed one at a time by the caller and helpers from XLA's
+// intra-op thread pool (the FFI ThreadPool context; `Team` below). XLA:CPU reads the
 // same weights slower (one Eigen thread at batch 1, YNNPACK re-packing at 2-8 rows, and a
 // bf16 -> f32 conversion of the weights in every bf16 dot). Without AVX-512 a plain C++ loop
 // does the same work.
@@ -34,166 +34,6 @@ namespace {
 constexpr int64_t kTile = 32;
 constexpr int64_t kMaxRows = 8;
 
-#if defined(__AVX512F__)
-template <typename W>
-inline __m512 Load16(const W* p) {
-  if constexpr (sizeof(W) == 2) {  // bf16: the high half of an f32
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm512_loadu_ps(p);
-  }
-}
-
-template <int M, typename W>
-void Tile(const float* __restrict x, const W* __restrict w, float* __restrict y, int64_t k_dim,
-          int64_t n_dim) {
-  __m512 lo[M], hi[M];
-  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < k_dim; ++k) {
-    const __m512 w0 = Load16(w + k * kTile), w1 = Load16(w + k * kTile + 16);
-#pragma GCC unroll 8
-    for (int m = 0; m < M; ++m) {
-      const __m512 xm = _mm512_set1_ps(x[m * k_dim + k]);
-      lo[m] = _mm512_fmadd_ps(xm, w0, lo[m]);
-      hi[m] = _mm512_fmadd_ps(xm, w1, hi[m]);
-    }
-  }
-  for (int m = 0; m < M; ++m) {
-    _mm512_storeu_ps(y + m * n_dim, lo[m]);
-    _mm512_storeu_ps(y + m * n_dim + 16, hi[m]);
-  }
-}
-#else
-inline float ToFloat(float v) { return v; }
-inline float ToFloat(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-template <int M, typename W>
-void Tile(const float* __restrict x, const W* __restrict w, float* __restrict y, int64_t k_dim,
-          int64_t n_dim) {
-  float acc[M][kTile] = {};
-  for (int64_t k = 0; k < k_dim; ++k) {
-    for (int m = 0; m < M; ++m) {
-      const float xm = x[m * k_dim + k];
-      for (int64_t j = 0; j < kTile; ++j) acc[m][j] += xm * ToFloat(w[k * kTile + j]);
-    }
-  }
-  for (int m = 0; m < M; ++m) std::memcpy(y + m * n_dim, acc[m], sizeof(acc[m]));
-}
-#endif
-
-template <int M, typename W>
-void Tiles(const float* x, const W* w, float* y, int64_t k_dim, int64_t n_dim, int64_t t0,
-           int64_t t1) {
-  for (int64_t t = t0; t < t1; ++t) Tile<M>(x, w + t * k_dim * kTile, y + t * kTile, k_dim, n_dim);
-}
-
-// The second half of the tiles is offered to XLA's intra-op pool; whichever thread claims it
-// first runs it, so the caller never waits on a task that has not started.
-struct Half {
-  std::atomic<int> claimed{0};
-  std::atomic<int> done{0};
-};
-
-template <int M, typename W>
-void Split(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t k_dim,
-           int64_t n_dim) {
-  const int64_t tiles = n_dim / kTile, mid = tiles / 2;
-  auto half = std::make_shared<Half>();
-  auto run_second = [=]() {
-    if (half->claimed.exchange(1) == 0) {
-      Tiles<M>(x, w, y, k_dim, n_dim, mid, tiles);
-      half->done.store(1, std::memory_order_release);
-    }
-  };
-  if (mid > 0) pool.Schedule(std::move(run_second));
-  Tiles<M>(x, w, y, k_dim, n_dim, 0, mid);
-  if (mid == 0 || half->claimed.exchange(1) == 0) {
-    Tiles<M>(x, w, y, k_dim, n_dim, mid, tiles);
-  } else {
-    while (half->done.load(std::memory_order_acquire) == 0) std::this_thread::yield();
-  }
-}
-
-template <typename W>
-void Rows(ffi::ThreadPool& pool, int64_t m, const float* x, const W* w, float* y,
-          int64_t k_dim, int64_t n_dim) {
-  switch (m) {
-    case 1: return Split<1>(pool, x, w, y, k_dim, n_dim);
-    case 2: return Split<2>(pool, x, w, y, k_dim, n_dim);
-    case 3: return Split<3>(pool, x, w, y, k_dim, n_dim);
-    case 4: return Split<4>(pool, x, w, y, k_dim, n_dim);
-    case 5: return Split<5>(pool, x, w, y, k_dim, n_dim);
-    case 6: return Split<6>(pool, x, w, y, k_dim, n_dim);
-    case 7: return Split<7>(pool, x, w, y, k_dim, n_dim);
-    default: return Split<8>(pool, x, w, y, k_dim, n_dim);
-  }
-}
-
-ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                           ffi::ResultBuffer<ffi::F32> y) {
-  auto wd = w.dimensions();
-  if (wd.size() != 3 || wd[2] != kTile) {
-    return ffi::Error::InvalidArgument("small_matmul: w must be packed as [N / 32, K, 32]");
-  }
-  const int64_t k_dim = wd[1], n_dim = wd[0] * kTile;
-  const int64_t rows = static_cast<int64_t>(x.element_count()) / k_dim;
-  if (rows * k_dim != static_cast<int64_t>(x.element_count()) ||
-      rows * n_dim != static_cast<int64_t>(y->element_count())) {
-    return ffi::Error::InvalidArgument("small_matmul: x must be [M, K] and y [M, N]");
-  }
-  const float* xp = x.typed_data();
-  float* yp = y->typed_data();
-  for (int64_t m0 = 0; m0 < rows; m0 += kMaxRows) {
-    const int64_t m = rows - m0 < kMaxRows ? rows - m0 : kMaxRows;
-    if (w.element_type() == ffi::DataType::BF16) {
-      Rows(pool, m, xp + m0 * k_dim, static_cast<const uint16_t*>(w.untyped_data()),
-           yp + m0 * n_dim, k_dim, n_dim);
-    } else if (w.element_type() == ffi::DataType::F32) {
-      Rows(pool, m, xp + m0 * k_dim, static_cast<const float*>(w.untyped_data()),
-           yp + m0 * n_dim, k_dim, n_dim);
-    } else {
-      return ffi::Error::InvalidArgument("small_matmul: w must be float32 or bfloat16");
-    }
-  }
-  return ffi::Error::Success();
-}
-
-}  // namespace
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmul, SmallMatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-// DecodeLayer: one transformer block (model.Block) for the single new token of each of B
-// rows, in one call: RMSNorm, q/k/v products, RoPE, the k/v write into the stacked cache
-// [L, B, S, K, H] (f32 or bf16, updated in place: the cache operands alias the results),
-// attention over the cache, the output product and residual, RMSNorm, SwiGLU and the down
-// product and residual. XLA:CPU ran the same block as ~20 operations per layer and token
-// (a scatter rewriting the whole stacked cache, a copy and transposes of the layer's slice,
-// two small dots, norms and elementwise fusions each waking its thread pool), ~0.2 ms per
-// layer per token on the bench shape against ~0.14 ms for reading the layer's weights.
-//
-// The math and its roundings are decode_forward._layer's: values in the compute dtype
-// (`round`: bf16, every elementwise result rounded to nearest even as XLA does), products
-// and softmax in f32. Attention is attention.dot_product_attention under attention_mask's
-// rule: slots s with kv_seg[b, s] == q_seg[b] != 0 and kv_pos[b, s] <= q_pos[b]; masked
-// scores -FLT_MAX, so a fully masked row is uniform over all slots; probabilities rounded
-// to the cache dtype before the value product. A slot >= S drops the row's k/v (padding).
-//
-// Work is split into phases (the products' 32-column tiles, the attention's (row, kv head)
-// pairs); the caller and helpers from XLA's intra-op pool claim a phase's chunks from an
-// atomic counter, and the caller runs the small elementwise steps between phases. A helper
-// that starts late finds the chunks taken; the caller never waits for an unclaimed chunk.
-namespace {
 
 inline float Bf16ToFloat(uint16_t v) {
   uint32_t u = uint32_t(v) << 16;
@@ -274,9 +114,50 @@ struct Team {
   }
 };
 
-struct LayerShape {
-  int64_t b, d, f, n, k, h, s;  // rows, model dim, ffn dim, heads, kv heads, head dim, slots
-};
+#if defined(__AVX512F__)
+template <typename W>
+inline __m512 Load16(const W* p) {
+  if constexpr (sizeof(W) == 2) {  // bf16: the high half of an f32
+    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm512_loadu_ps(p);
+  }
+}
+
+template <int M, typename W>
+void Tile(const float* __restrict x, const W* __restrict w, float* __restrict y, int64_t k_dim,
+          int64_t n_dim) {
+  __m512 lo[M], hi[M];
+  for (int m = 0; m < M; ++m) lo[m] = hi[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const __m512 w0 = Load16(w + k * kTile), w1 = Load16(w + k * kTile + 16);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      const __m512 xm = _mm512_set1_ps(x[m * k_dim + k]);
+      lo[m] = _mm512_fmadd_ps(xm, w0, lo[m]);
+      hi[m] = _mm512_fmadd_ps(xm, w1, hi[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) {
+    _mm512_storeu_ps(y + m * n_dim, lo[m]);
+    _mm512_storeu_ps(y + m * n_dim + 16, hi[m]);
+  }
+}
+#else
+template <int M, typename W>
+void Tile(const float* __restrict x, const W* __restrict w, float* __restrict y, int64_t k_dim,
+          int64_t n_dim) {
+  float acc[M][kTile] = {};
+  for (int64_t k = 0; k < k_dim; ++k) {
+    for (int m = 0; m < M; ++m) {
+      const float xm = x[m * k_dim + k];
+      for (int64_t j = 0; j < kTile; ++j) acc[m][j] += xm * Load(w[k * kTile + j]);
+    }
+  }
+  for (int m = 0; m < M; ++m) std::memcpy(y + m * n_dim, acc[m], sizeof(acc[m]));
+}
+#endif
 
 // A packed weight [T, K, 32]: rows x [B, K] times tile t into y [B, T * 32] (row stride).
 template <typename W>
@@ -298,6 +179,87 @@ void TileRows(const float* x, const W* w, int64_t t, float* y, int64_t b, int64_
     }
   }
 }
+
+
+// Starts a team for one call: helpers (XLA's pool size - 1, at least 1) join its phases.
+std::shared_ptr<Team> StartTeam(ffi::ThreadPool& pool) {
+  auto team = std::make_shared<Team>();
+  const std::thread::id caller = std::this_thread::get_id();
+  const int64_t helpers = std::max<int64_t>(1, pool.num_threads() - 1);
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([team, caller]() {
+      if (std::this_thread::get_id() != caller) team->Help();  // not inline: a pool-less run
+    });
+  }
+  return team;
+}
+
+// y = x . w, every row, the tiles claimed by the caller and the helpers.
+template <typename W>
+void Product(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t rows,
+             int64_t k_dim, int64_t tiles) {
+  auto team = StartTeam(pool);
+  team->Phase(0, tiles, [&](int64_t t) { TileRows(x, w, t, y, rows, k_dim, tiles * kTile); });
+  team->finished.store(true, std::memory_order_release);
+}
+
+ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  auto wd = w.dimensions();
+  if (wd.size() != 3 || wd[2] != kTile) {
+    return ffi::Error::InvalidArgument("small_matmul: w must be packed as [N / 32, K, 32]");
+  }
+  const int64_t k_dim = wd[1], n_dim = wd[0] * kTile;
+  const int64_t rows = static_cast<int64_t>(x.element_count()) / k_dim;
+  if (rows * k_dim != static_cast<int64_t>(x.element_count()) ||
+      rows * n_dim != static_cast<int64_t>(y->element_count())) {
+    return ffi::Error::InvalidArgument("small_matmul: x must be [M, K] and y [M, N]");
+  }
+  if (w.element_type() == ffi::DataType::BF16) {
+    Product(pool, x.typed_data(), static_cast<const uint16_t*>(w.untyped_data()),
+            y->typed_data(), rows, k_dim, wd[0]);
+  } else if (w.element_type() == ffi::DataType::F32) {
+    Product(pool, x.typed_data(), static_cast<const float*>(w.untyped_data()), y->typed_data(),
+            rows, k_dim, wd[0]);
+  } else {
+    return ffi::Error::InvalidArgument("small_matmul: w must be float32 or bfloat16");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SmallMatmul, SmallMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// DecodeLayer: one transformer block (model.Block) for the single new token of each of B
+// rows, in one call: RMSNorm, q/k/v products, RoPE, the k/v write into the stacked cache
+// [L, B, S, K, H] (f32 or bf16, updated in place: the cache operands alias the results),
+// attention over the cache, the output product and residual, RMSNorm, SwiGLU and the down
+// product and residual. XLA:CPU ran the same block as ~20 operations per layer and token
+// (a scatter rewriting the whole stacked cache, a copy and transposes of the layer's slice,
+// two small dots, norms and elementwise fusions each waking its thread pool), ~0.2 ms per
+// layer per token on the bench shape against ~0.14 ms for reading the layer's weights.
+//
+// The math and its roundings are decode_forward._layer's: values in the compute dtype
+// (`round`: bf16, every elementwise result rounded to nearest even as XLA does), products
+// and softmax in f32. Attention is attention.dot_product_attention under attention_mask's
+// rule: slots s with kv_seg[b, s] == q_seg[b] != 0 and kv_pos[b, s] <= q_pos[b]; masked
+// scores -FLT_MAX, so a fully masked row is uniform over all slots; probabilities rounded
+// to the cache dtype before the value product. A slot >= S drops the row's k/v (padding).
+//
+// Work is split into phases (the products' 32-column tiles, the attention's (row, kv head)
+// pairs); the caller and helpers from XLA's intra-op pool claim a phase's chunks from an
+// atomic counter, and the caller runs the small elementwise steps between phases. A helper
+// that starts late finds the chunks taken; the caller never waits for an unclaimed chunk.
+namespace {
+struct LayerShape {
+  int64_t b, d, f, n, k, h, s;  // rows, model dim, ffn dim, heads, kv heads, head dim, slots
+};
 
 struct Weight {  // one packed projection
   const void* data;
@@ -426,7 +388,6 @@ void SiluMul(const float* gate, const float* up, float* act, int64_t n, bool rou
 // model.RMSNorm as decode_forward._rms_norm: normalise in f32, round, scale, round.
 void RmsNorm(const float* x, const void* scale, bool scale_bf16, bool round, float eps,
              int64_t b, int64_t d, float* y) {
-  const Rounder r{round};
   for (int64_t i = 0; i < b; ++i) {
     const float* xi = x + i * d;
     float ss = 0.0f;
@@ -446,6 +407,7 @@ void RmsNorm(const float* x, const void* scale, bool scale_bf16, bool round, flo
       _mm512_mask_storeu_ps(yi + j, m, RoundV(_mm512_mul_ps(v, g), round));
     }
 #else
+    const Rounder r{round};
     for (int64_t j = 0; j < d; ++j) {
       const float g = scale_bf16 ? Bf16ToFloat(static_cast<const uint16_t*>(scale)[j])
                                  : static_cast<const float*>(scale)[j];
@@ -612,14 +574,7 @@ void Layer(ffi::ThreadPool& pool, const LayerArgs<C>& a) {
           *wg = static_cast<const W*>(a.w_gate.data), *wu = static_cast<const W*>(a.w_up.data),
           *wd = static_cast<const W*>(a.w_down.data);
 
-  auto team = std::make_shared<Team>();
-  const std::thread::id caller = std::this_thread::get_id();
-  const int64_t helpers = std::max<int64_t>(1, pool.num_threads() - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([team, caller]() {
-      if (std::this_thread::get_id() != caller) team->Help();  // not inline: a pool-less run
-    });
-  }
+  auto team = StartTeam(pool);
 
   RmsNorm(a.x, a.attn_norm, a.norm_bf16, a.round, a.eps, B, D, y);
   const int64_t tq = a.wq.tiles, tk = a.wk.tiles;

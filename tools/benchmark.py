@@ -40,6 +40,10 @@ flags.DEFINE_list("decode_batches", ["1", "8"], "decode: batch sizes.")
 flags.DEFINE_integer("decode_prompt", 64, "decode: prompt tokens per row (the model's max_seq_len "
                      "is raised to fit prompt + new).")
 flags.DEFINE_integer("decode_new", 128, "decode: new tokens per row.")
+flags.DEFINE_enum("attention", "full", ["full", "chunked", "reference"],
+                  "forward/train: the no-cache attention (mesh.attention of a training config).")
+flags.DEFINE_integer("peak_n", 0, "Side of the square matmul that measures the peak (0: 2048 on "
+                     "CPU, 8192 on an accelerator, where 2048 is too small to fill the chip).")
 
 MODES = ("peak", "forward", "train", "decode", "convert")
 
@@ -55,10 +59,11 @@ def _timeit(fn, iters):
     return sorted(times)[len(times) // 2]
 
 
-def measure_peak(dtype: str, n: int = 2048, iters: int = 10) -> float:
+def measure_peak(dtype: str, n: int = 0, iters: int = 10) -> float:
     """Achieved GFLOP/s of one large jitted matmul: the ceiling MFU is reported against."""
     import jax
     import jax.numpy as jnp
+    n = n or FLAGS.peak_n or (2048 if jax.default_backend() == "cpu" else 8192)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     # f32 accumulation: bf16 x bf16 -> f32 is what XLA:CPU runs on its bf16 kernels; a bf16
     # result makes it an f32 product (llama_jax/dense.py), i.e. not the machine's bf16 peak.
@@ -132,15 +137,19 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"Usage: benchmark.py MODE [flags], MODE one of {', '.join(MODES)}.")
     mode = argv[1]
-    if mode != "convert":  # as the training launcher does; convert reports peak RSS
-        from llama_jax import host_memory
-        host_memory.retain_freed_memory()  # before JAX starts its CPU backend
+    from llama_jax import host_memory
+    if mode != "convert" and not host_memory.has_accelerator():
+        # as the training launcher does (convert reports peak RSS); before JAX starts its CPU
+        # backend
+        host_memory.retain_freed_memory()
     if mode == "train" and FLAGS.mesh:
         from tools import bench_mesh
         for row in bench_mesh.benchmark_meshes():
             _print(row)
         return
     if mode == "decode":
+        import jax
+
         import llama_jax as lj
         from tools import bench_worker_decode as bwd
         config, bandwidth = lj.get_config(FLAGS.model), bwd.measure_bandwidth()
@@ -148,7 +157,8 @@ def main(argv):
         if need > config.max_seq_len:  # a longer context for the same weights
             config = lj.get_config(FLAGS.model, max_seq_len=1 << (need - 1).bit_length())
         model = lj.create(config)
-        for dtype, buffers in (c for c in bwd.CASES if c[0] in FLAGS.dtypes):
+        cpu = jax.default_backend() == "cpu"  # f32 weight buffers are an XLA:CPU workaround
+        for dtype, buffers in (c for c in bwd.CASES if c[0] in FLAGS.dtypes and (cpu or not c[1])):
             for batch in map(int, FLAGS.decode_batches):
                 _print(bwd.benchmark_decode(config, batch, FLAGS.decode_prompt, FLAGS.decode_new,
                                             dtype, model=model,
@@ -163,10 +173,11 @@ def main(argv):
     for dtype in FLAGS.dtypes:
         if mode == "peak":
             _print(dict(bench="peak", dtype=dtype, gflops=round(peaks[dtype], 1)))
-        elif mode == "forward":
-            _print(bench_forward(dtype, peaks[dtype]))
-        elif mode == "train":
-            _print(bench_train(dtype, peaks[dtype]))
+        elif mode in ("forward", "train"):
+            from llama_jax import attention, model
+            bench = bench_forward if mode == "forward" else bench_train
+            with model.hooks(attention=attention.IMPLS[FLAGS.attention]):  # traced inside
+                _print(dict(bench(dtype, peaks[dtype]), attention=FLAGS.attention))
 
 
 if __name__ == "__main__":

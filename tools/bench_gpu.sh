@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# GPU benchmarks in one pass, for a machine whose image already has JAX with CUDA, Flax, Optax
+# and Orbax (the rest travels as wheels in .whl/, and pure-Python packages without a wheel as
+# copied package folders in .whl/py/). Writes every line to $OUT/gpu_bench.jsonl (or ./ without
+# OUT) and the console; each benchmark has its own time limit so one stuck case leaves the rest.
+#
+#   bash tools/bench_gpu.sh [MODEL]        # MODEL: a preset, default llama3.2-1b
+#
+# What runs: the measured matmul peak (bf16 and f32, 8192^3), AdamW train steps of MODEL
+# (sequences of 2,048 tokens; bf16 at batch 4 and 8, full and chunked attention; f32 at batch 4)
+# against that peak, and greedy decode of MODEL at batch 1 and 8 (prompt 64, 128 new tokens,
+# bf16 and f32) against the measured HBM bandwidth.
+set -uo pipefail
+model=${1:-llama3.2-1b}
+out=${OUT:-.}
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  cp -r .whl/py/* /tmp/site/ 2>/dev/null
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__, \
+'optax', optax.__version__, jax.devices())"
+run() {  # run LIMIT_S ARGS...: one benchmark.py mode, its JSON lines kept
+  local limit=$1; shift
+  timeout "$limit" python3 tools/benchmark.py "$@" 2> >(grep -v -E "^(W|I)[0-9]{4}" >&2) \
+    | tee -a "$out/gpu_bench.jsonl"
+  echo "# benchmark.py $* exited $?" | tee -a "$out/gpu_bench.jsonl"
+}
+run 60 peak
+for args in "bfloat16 4 full" "bfloat16 8 full" "bfloat16 8 chunked" "float32 4 full"; do
+  set -- $args
+  run 150 train --model="$model" --dtypes="$1" --batch="$2" --seq_len=2048 --attention="$3" --iters=5
+done
+run 180 decode --model="$model" --dtypes=bfloat16,float32 --decode_batches=1,8

@@ -33,7 +33,7 @@ from flax import nnx
 
 from llama_jax import attention
 from llama_jax.config import ModelConfig
-from llama_jax.dense import dense
+from llama_jax.dense import _same_manual_axes, dense
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, H]; pos, seg: [B, S] int32
 
@@ -91,10 +91,27 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
     return inv_freq.astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotates x [B, T, n, H] by positions [B, T]; half-split pairs (i, i + H/2)."""
-    angles = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]  # [B, T, H/2]
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+def rope_table(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [B, T, H/2] float32 of the rotation angles positions [B, T] × inv_freq."""
+    def table():
+        angles = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
+        return jnp.cos(angles), jnp.sin(angles)
+    if jax.default_backend() != "cpu":
+        return table()
+    # XLA:CPU fuses cos and sin into every rotation that reads them and evaluates them there
+    # for each of the n heads' elements, shared table or not (~65 ms of the bench shape's
+    # 0.88 s bf16 train step); a conditional is a fusion boundary. Both branches are the same.
+    return jax.lax.cond(positions[0, 0] != jnp.iinfo(jnp.int32).min, table, table)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, rope) -> jax.Array:
+    """Rotates x [B, T, n, H] by positions [B, T]; half-split pairs (i, i + H/2). `rope` is
+    the frequencies (rope_frequencies) or their `rope_table` for these positions: the model
+    computes the table once for all layers, since XLA:CPU fuses a cos/sin used by one rotation
+    into it and evaluates them for each of the n heads' elements (~80 ms of the bench shape's
+    0.9 s bf16 train step); shared by 2L rotations they are computed once."""
+    cos, sin = rope if isinstance(rope, tuple) else rope_table(positions, rope)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -112,7 +129,37 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         xf = x.astype(jnp.float32)
         y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return y.astype(x.dtype) * self.scale[...].astype(x.dtype)[None, None, :]
+        return scale_rows(y.astype(x.dtype), self.scale[...])
+
+
+def scale_rows(y: jax.Array, scale: jax.Array) -> jax.Array:
+    """y [..., D] * scale [D] in y's dtype (as HF's LlamaRMSNorm, which rounds the normalised
+    rows first), with the gain's gradient summed over the rows in float32 and returned in
+    scale's dtype. Autodiff of the bf16 product sums bf16 products, which XLA:CPU ran as a
+    separate convert pass and a single-threaded reduce-window (~100 ms of the bench shape's
+    ~0.9 s bf16 train step, for 17 gains of 512 values)."""
+    y, scale = _same_manual_axes(y, scale)
+    return _scale_rows(y, scale)
+
+
+@jax.custom_vjp
+def _scale_rows(y, scale):
+    return y * scale.astype(y.dtype).reshape((1,) * (y.ndim - 1) + scale.shape)
+
+
+def _scale_rows_fwd(y, scale):
+    return _scale_rows(y, scale), (y, scale)
+
+
+def _scale_rows_bwd(res, g):
+    y, scale = res
+    d_y = g.astype(y.dtype) * scale.astype(y.dtype).reshape((1,) * (y.ndim - 1) + scale.shape)
+    rows = tuple(range(y.ndim - 1))
+    d_scale = jnp.sum(g.astype(jnp.float32) * y.astype(jnp.float32), axis=rows)
+    return d_y, d_scale.astype(scale.dtype)
+
+
+_scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
 
 
 class Attention(nnx.Module):
@@ -124,7 +171,7 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (*pre, d, k, h), (*lx, "embed", "kv_heads", "head_dim"), dt)
         self.wo = _param(rngs, (*pre, n, h, d), (*lx, "q_heads", "head_dim", "embed"), dt)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, kv=None, kv_pos=None, kv_seg=None):
+    def __call__(self, x, positions, segment_ids, rope, kv=None, kv_pos=None, kv_seg=None):
         """x [B, T, D] -> ([B, T, D], (k, v) written to the cache or None).
 
         Without a cache the keys are this call's tokens. With one, kv = (k, v) [B, S, K, H]
@@ -134,7 +181,7 @@ class Attention(nnx.Module):
         dt = x.dtype
         # dense: einsums "btd,dnh->btnh" etc. in the compute dtype, fast on XLA:CPU in bf16.
         q, k, v = dense(x, self.wq[...]), dense(x, self.wk[...]), dense(x, self.wv[...])
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
         if kv is None and _HOOKS["attention"] is not None:
             out, new_kv = _HOOKS["attention"](q, k, v, positions, segment_ids), None
         elif kv is None:
@@ -174,9 +221,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(c.dim, c.norm_eps, stack=stack, param_dtype=pd)
         self.mlp = MLP(c, stack=stack, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, inv_freq, kv=None, kv_pos=None, kv_seg=None):
+    def __call__(self, x, positions, segment_ids, rope, kv=None, kv_pos=None, kv_seg=None):
         with jax.named_scope("attention"):
-            h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, inv_freq,
+            h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, rope,
                                   kv, kv_pos, kv_seg)
         x = x + h
         with jax.named_scope("mlp"):
@@ -246,13 +293,13 @@ class Llama(nnx.Module):
         stage runs its own slice of the stack this way."""
         c = self.config
         graphdef, params = nnx.split(self.layers if layers is None else layers)
-        inv_freq = rope_frequencies(c)
+        rope = rope_table(positions, rope_frequencies(c))  # once for every layer
 
         constrain = _HOOKS["activations"] or (lambda x: x)
 
         def layer(x, layer_params, kv):
             block = nnx.merge(graphdef, layer_params)
-            x, kv = block(constrain(x), positions, segment_ids, inv_freq, kv, kv_pos, kv_seg)
+            x, kv = block(constrain(x), positions, segment_ids, rope, kv, kv_pos, kv_seg)
             return constrain(x), kv
 
         if c.remat != "none":

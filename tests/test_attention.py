@@ -66,6 +66,36 @@ def test_full_equals_reference_with_gradients(queries):
         np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("order", ["in-order", "permuted"])
+def test_full_causal_blocks_equal_reference_with_gradients(order):
+    """Self-attention over 256 tokens runs as two query blocks (the upper-right score block
+    skipped) when the mask allows it, and as the whole computation when it does not (a
+    permuted row): both equal the reference in value and gradient, padding queries included
+    (here also inside the first block, where the blocked path must still average all keys)."""
+    t = 256
+    assert attention.causal_block(t) == 128 and attention.causal_block(128) == 0
+    q, k, v, pos, seg = _inputs(t=t, seed=1)
+    seg = seg.at[0, 40:44].set(0)
+    if order == "permuted":
+        perm = np.random.default_rng(2).permutation(t)
+        q, k, v, pos, seg = q[:, perm], k[:, perm], v[:, perm], pos[:, perm], seg[:, perm]
+    mask = attention.attention_mask(pos, seg, pos, seg)
+    assert bool(attention._in_order(mask, 128)) == (order == "in-order")
+    ref_fn = lambda q, k, v: attention.reference_attention(q, k, v, pos, seg)  # noqa: E731
+    fns = [lambda q, k, v: attention.materialized_attention(q, k, v, pos, seg)]
+    if order == "in-order":  # the blocked computation itself, without the cond around it
+        fns.append(lambda q, k, v: jnp.where((seg == 0)[:, :, None, None], ref_fn(q, k, v),
+                                             attention._causal_blocked(q, k, v, pos, seg, 128)))
+    ref = ref_fn(q, k, v)
+    ref_grads = jax.grad(_loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
+    for fn in fns:
+        np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, k, v)), np.asarray(ref),
+                                   rtol=1e-5, atol=1e-6)
+        grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(q, k, v)
+        for g, r in zip(grads, ref_grads):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+
+
 def test_full_bf16_gradients_within_rounding():
     """bf16 inputs: the gradients (probabilities kept in bf16 for the backward) stay within
     bf16 rounding of the f32 reference's."""

@@ -185,3 +185,28 @@ def test_logits_shape_and_dtype_bf16_params():
     assert nnx.state(m, nnx.Param)["embed"][...].dtype == jnp.bfloat16
     out = m(jnp.zeros((3, 7), jnp.int32))
     assert out.shape == (3, 7, c.vocab_size) and out.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rms_norm_gain_gradient_summed_in_f32(dtype):
+    """scale_rows (the RMSNorm gain, custom VJP) has autodiff's value and gradients; in bf16
+    the gain's gradient is the f32 sum of the products, not a bf16-rounded one."""
+    rng = np.random.default_rng(0)
+    y = jnp.asarray(rng.normal(size=(2, 40, 16)), dtype)
+    scale = jnp.asarray(1 + 0.1 * rng.normal(size=16), jnp.float32)
+    w = jnp.asarray(rng.normal(size=y.shape), jnp.float32)
+    plain = lambda y, s: y * s.astype(y.dtype)[None, None, :]  # noqa: E731
+    loss = lambda f: lambda y, s: jnp.sum(f(y, s).astype(jnp.float32) * w)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(model_lib.scale_rows(y, scale), np.float32),
+                                  np.asarray(plain(y, scale), np.float32))
+    dy, ds = jax.grad(loss(model_lib.scale_rows), argnums=(0, 1))(y, scale)
+    ref_dy, ref_ds = jax.grad(loss(plain), argnums=(0, 1))(y, scale)
+    np.testing.assert_array_equal(np.asarray(dy, np.float32), np.asarray(ref_dy, np.float32))
+    assert ds.dtype == jnp.float32
+    exact = np.einsum("btd,btd->d", np.asarray(w, np.float64).astype(y.dtype).astype(np.float64),
+                      np.asarray(y, np.float64))
+    np.testing.assert_allclose(np.asarray(ds), exact, rtol=1e-5, atol=1e-5)
+    if dtype == "float32":
+        np.testing.assert_allclose(np.asarray(ds), np.asarray(ref_ds), rtol=1e-5, atol=1e-5)
+    else:  # autodiff rounds the bf16 products' sum to bf16: further from the exact sum
+        assert np.abs(np.asarray(ds) - exact).max() < np.abs(np.asarray(ref_ds) - exact).max()

@@ -290,12 +290,14 @@ def materialized_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None):
 # mask each call and a lax.cond falls back to the whole [T, T] computation otherwise (tokens
 # out of order: a permuted row, positions that do not grow with the index).
 
-CAUSAL_BLOCK = 128  # smallest query block; at most MAX_CAUSAL_BLOCKS blocks per row
+CAUSAL_BLOCK = 128  # smallest query block (0: never block); at most MAX_CAUSAL_BLOCKS per row
 MAX_CAUSAL_BLOCKS = 8
 
 
 def causal_block(t: int) -> int:
     """The query block for T tokens of self-attention, or 0 when blocking does not apply."""
+    if CAUSAL_BLOCK <= 0:
+        return 0
     block = max(CAUSAL_BLOCK, -(-t // MAX_CAUSAL_BLOCKS))
     return block if t % block == 0 and t // block >= 2 else 0
 

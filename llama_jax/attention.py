@@ -12,6 +12,7 @@ with the index, so this is the usual causal mask; across documents nothing is vi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -295,11 +296,24 @@ MAX_CAUSAL_BLOCKS = 8
 
 
 def causal_block(t: int) -> int:
-    """The query block for T tokens of self-attention, or 0 when blocking does not apply."""
-    if CAUSAL_BLOCK <= 0:
+    """The query block for T tokens of self-attention, or 0 when blocking does not apply: on
+    CPU only (measured there; on a GPU a lax.cond reads its predicate on the host, and fused
+    attention kernels make the score passes cheap)."""
+    if CAUSAL_BLOCK <= 0 or jax.default_backend() != "cpu":
         return 0
     block = max(CAUSAL_BLOCK, -(-t // MAX_CAUSAL_BLOCKS))
     return block if t % block == 0 and t // block >= 2 else 0
+
+
+@contextlib.contextmanager
+def causal_blocks(enabled: bool):
+    """Turns the causal query blocks on or off for the calls traced inside (CAUSAL_BLOCK)."""
+    global CAUSAL_BLOCK
+    saved, CAUSAL_BLOCK = CAUSAL_BLOCK, (CAUSAL_BLOCK or 128) if enabled else 0
+    try:
+        yield
+    finally:
+        CAUSAL_BLOCK = saved
 
 
 def _in_order(mask, block: int):

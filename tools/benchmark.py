@@ -43,7 +43,8 @@ flags.DEFINE_integer("decode_new", 128, "decode: new tokens per row.")
 flags.DEFINE_enum("attention", "full", ["full", "chunked", "reference"],
                   "forward/train: the no-cache attention (mesh.attention of a training config).")
 flags.DEFINE_bool("causal_blocks", True, "forward/train: let the full attention skip the score "
-                  "blocks above the diagonal (attention.CAUSAL_BLOCK; false: whole [T, T]).")
+                  "blocks above the diagonal (on CPU: attention.CAUSAL_BLOCK; false: whole "
+                  "[T, T]).")
 flags.DEFINE_integer("peak_n", 0, "Side of the square matmul that measures the peak (0: 2048 on "
                      "CPU, 8192 on an accelerator, where 2048 is too small to fill the chip).")
 
@@ -178,9 +179,8 @@ def main(argv):
         elif mode in ("forward", "train"):
             from llama_jax import attention, model
             bench = bench_forward if mode == "forward" else bench_train
-            if not FLAGS.causal_blocks:
-                attention.CAUSAL_BLOCK = 0
-            with model.hooks(attention=attention.IMPLS[FLAGS.attention]):  # traced inside
+            with model.hooks(attention=attention.IMPLS[FLAGS.attention]), \
+                    attention.causal_blocks(FLAGS.causal_blocks):  # traced inside
                 _print(dict(bench(dtype, peaks[dtype]), attention=FLAGS.attention,
                             causal_blocks=FLAGS.causal_blocks))
 

@@ -323,21 +323,29 @@ def _in_order(mask, block: int):
 
 
 def _causal_blocks(q, k, v, pos, seg, block: int):
-    mask = attention_mask(pos, seg, pos, seg)
+    out = _causal(q, k, v, pos, seg, block)
+    # A query that sees no key (padding: segment 0; any other query sees itself) gets the mean
+    # of all values, as the whole computation's uniform softmax gives it, instead of the mean
+    # over its blocks' keys.
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    mean_v = jnp.mean(v.astype(jnp.float32), axis=1).astype(q.dtype)  # [B, K, H]
+    mean_v = jnp.broadcast_to(mean_v[:, None, :, None], (b, t, kv, n // kv, h))
+    return jnp.where((seg == 0)[:, :, None, None], mean_v.reshape(b, t, n, h), out)
 
-    def blocked():
-        out = _causal_blocked(q, k, v, pos, seg, block)
-        # A query that sees no key (padding) gets the mean of all values, as in the whole
-        # computation's uniform softmax, instead of the mean over its blocks' keys.
-        b, t, n, h = q.shape
-        kv = k.shape[2]
-        mean_v = jnp.mean(v.astype(jnp.float32), axis=1).astype(q.dtype)  # [B, K, H]
-        mean_v = jnp.broadcast_to(mean_v[:, None, :, None], (b, t, kv, n // kv, h))
-        empty = (seg == 0)[:, :, None, None]  # a query of a document sees at least itself
-        return jnp.where(empty, mean_v.reshape(b, t, n, h), out)
 
-    return jax.lax.cond(_in_order(mask, block), blocked,
-                        lambda: _materialized(q, k, v, pos, seg, pos, seg))
+# The lax.cond sits inside one custom VJP, in the forward and again in the backward, so that
+# autodiff does not linearise it: a linearised cond returns the residuals of both branches,
+# zero-filling the unused one's (the whole [T, T] probabilities) on every call (~3 ms of a
+# 17 ms bf16 layer at the bench shape). The fallback keeps no probabilities and recomputes
+# them in its backward.
+
+def _layouts(q, k, v):
+    """q [B, T, N, H] -> [B, K, G, T, H]; k, v [B, S, K, H] -> [B, K, S, H]."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q5 = transpose(q.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))
+    return q5, transpose(k, (0, 2, 1, 3)), transpose(v, (0, 2, 1, 3))
 
 
 def _query_block(a5, i: int, block: int):
@@ -346,30 +354,22 @@ def _query_block(a5, i: int, block: int):
     return a5[:, :, :, i * block:(i + 1) * block].reshape(b, kv, g * block, x)
 
 
-def _causal_blocked_fwd(q, k, v, pos, seg, block):
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    q5 = transpose(q.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))  # [B, K, G, T, H]
-    k_h, v_h = transpose(k, (0, 2, 1, 3)), transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
+def _blocked_forward(q5, k_h, v_h, pos, seg, block: int, dtype):
+    """(out [B, T, N, H], probabilities of each query block [B, K, G·block, (i + 1)·block])."""
+    b, kv, g, t, h = q5.shape
     outs, probs = [], []
     for i in range(t // block):
         rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
         p = _probs(_query_block(q5, i, block), k_h[:, :, keys], pos[:, rows], seg[:, rows],
-                   pos[:, keys], seg[:, keys]).astype(v.dtype)
-        outs.append(_bdot(p, v_h[:, :, keys], 3, 2).astype(q.dtype).reshape(b, kv, -1, block, h))
+                   pos[:, keys], seg[:, keys]).astype(v_h.dtype)
+        outs.append(_bdot(p, v_h[:, :, keys], 3, 2).astype(dtype).reshape(b, kv, g, block, h))
         probs.append(p)
-    out = transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, n, h)
-    return out, (q5, k_h, v_h, probs, out, pos, seg)
+    out = transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, h)
+    return out, tuple(probs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _causal_blocked(q, k, v, pos, seg, block):
-    return _causal_blocked_fwd(q, k, v, pos, seg, block)[0]
-
-
-def _causal_blocked_bwd(block, res, d_out):
+def _blocked_backward(q5, k_h, v_h, probs, out, pos, seg, block: int, d_out):
     """`_materialized_bwd` one query block at a time; key gradients summed over the blocks."""
-    q5, k_h, v_h, probs, out, pos, seg = res
     b, kv, g, t, h = q5.shape
     do5 = transpose(d_out.astype(q5.dtype).reshape(b, t, kv, g, h), (0, 2, 3, 1, 4))
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, N]
@@ -390,10 +390,45 @@ def _causal_blocked_bwd(block, res, d_out):
     dq = transpose(jnp.concatenate(dq, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, h)
     dk = transpose(dk_t.astype(k_h.dtype), (0, 3, 1, 2))
     dv = transpose(dv_t.astype(v_h.dtype), (0, 3, 1, 2))
+    return dq, dk, dv
+
+
+def _causal_fwd(q, k, v, pos, seg, block):
+    q5, k_h, v_h = _layouts(q, k, v)
+    shapes = [jax.ShapeDtypeStruct((*k_h.shape[:2], q5.shape[2] * block, (i + 1) * block),
+                                   v.dtype) for i in range(q.shape[1] // block)]
+
+    def whole():  # tokens out of order: the [T, T] scores, nothing kept for the backward
+        out = _materialized(q, k, v, pos, seg, pos, seg)
+        return out, tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
+
+    ordered = _in_order(attention_mask(pos, seg, pos, seg), block)
+    out, probs = jax.lax.cond(
+        ordered, lambda: _blocked_forward(q5, k_h, v_h, pos, seg, block, q.dtype), whole)
+    return out, (q, k, v, q5, k_h, v_h, probs, out, pos, seg, ordered)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _causal(q, k, v, pos, seg, block):
+    """Self-attention with the causal query blocks when `_in_order`, else the whole [T, T]
+    computation; the padding queries' outputs are fixed by the caller (`_causal_blocks`)."""
+    return _causal_fwd(q, k, v, pos, seg, block)[0]
+
+
+def _causal_bwd(block, res, d_out):
+    q, k, v, q5, k_h, v_h, probs, out, pos, seg, ordered = res
+
+    def whole():
+        _, vjp = jax.vjp(lambda q, k, v: _materialized(q, k, v, pos, seg, pos, seg), q, k, v)
+        return vjp(d_out)
+
+    dq, dk, dv = jax.lax.cond(
+        ordered, lambda: _blocked_backward(q5, k_h, v_h, probs, out, pos, seg, block, d_out),
+        whole)
     return dq, dk, dv, None, None
 
 
-_causal_blocked.defvjp(_causal_blocked_fwd, _causal_blocked_bwd)
+_causal.defvjp(_causal_fwd, _causal_bwd)
 
 
 # Attention for training steps without a cache, chosen by mesh.attention (an execution option,

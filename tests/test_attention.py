@@ -84,8 +84,22 @@ def test_full_causal_blocks_equal_reference_with_gradients(order):
     ref_fn = lambda q, k, v: attention.reference_attention(q, k, v, pos, seg)  # noqa: E731
     fns = [lambda q, k, v: attention.materialized_attention(q, k, v, pos, seg)]
     if order == "in-order":  # the blocked computation itself, without the cond around it
-        fns.append(lambda q, k, v: jnp.where((seg == 0)[:, :, None, None], ref_fn(q, k, v),
-                                             attention._causal_blocked(q, k, v, pos, seg, 128)))
+        def blocked(q, k, v):
+            @jax.custom_vjp
+            def f(q, k, v):
+                return attention._blocked_forward(*attention._layouts(q, k, v), pos, seg, 128,
+                                                  q.dtype)[0]
+
+            def f_fwd(q, k, v):
+                q5, k_h, v_h = attention._layouts(q, k, v)
+                out, probs = attention._blocked_forward(q5, k_h, v_h, pos, seg, 128, q.dtype)
+                return out, (q5, k_h, v_h, probs, out)
+
+            def f_bwd(res, d_out):
+                return attention._blocked_backward(*res, pos, seg, 128, d_out)
+            f.defvjp(f_fwd, f_bwd)
+            return jnp.where((seg == 0)[:, :, None, None], ref_fn(q, k, v), f(q, k, v))
+        fns.append(blocked)
     ref = ref_fn(q, k, v)
     ref_grads = jax.grad(_loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
     for fn in fns:

@@ -39,7 +39,7 @@ def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.A
     lead, inner, outer = x.shape[:x.ndim - n_in], w.shape[:n_in], w.shape[n_in:]
     if x.shape[x.ndim - n_in:] != inner:
         raise ValueError(f"dense: x {x.shape} does not end in w's input dims {inner}.")
-    x, w = _same_manual_axes(x, w)
+    x, w = same_manual_axes(x, w)
     # Only the contracted and the output dims are merged: merging the leading B and T would
     # make GSPMD gather a T split over the context axis.
     k, n = math.prod(inner), math.prod(outer)
@@ -47,7 +47,7 @@ def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.A
     return y.reshape(*lead, *outer)
 
 
-def _same_manual_axes(x, w):
+def same_manual_axes(x, w):
     """Inside shard_map, marks x and w as varying over the union of their manual axes (e.g. a
     weight copied over the context axis times activations split over it). Autodiff of a plain
     dot does this implicitly and sums the weight gradient over those axes in the transpose; a

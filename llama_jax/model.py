@@ -33,7 +33,7 @@ from flax import nnx
 
 from llama_jax import attention
 from llama_jax.config import ModelConfig
-from llama_jax.dense import _same_manual_axes, dense
+from llama_jax.dense import dense, same_manual_axes
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, H]; pos, seg: [B, S] int32
 
@@ -106,10 +106,8 @@ def rope_table(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, j
 
 def apply_rope(x: jax.Array, positions: jax.Array, rope) -> jax.Array:
     """Rotates x [B, T, n, H] by positions [B, T]; half-split pairs (i, i + H/2). `rope` is
-    the frequencies (rope_frequencies) or their `rope_table` for these positions: the model
-    computes the table once for all layers, since XLA:CPU fuses a cos/sin used by one rotation
-    into it and evaluates them for each of the n heads' elements (~80 ms of the bench shape's
-    0.9 s bf16 train step); shared by 2L rotations they are computed once."""
+    the frequencies (rope_frequencies) or their `rope_table` for these positions, which the
+    model computes once per forward for all of its layers."""
     cos, sin = rope if isinstance(rope, tuple) else rope_table(positions, rope)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -135,10 +133,9 @@ class RMSNorm(nnx.Module):
 def scale_rows(y: jax.Array, scale: jax.Array) -> jax.Array:
     """y [..., D] * scale [D] in y's dtype (as HF's LlamaRMSNorm, which rounds the normalised
     rows first), with the gain's gradient summed over the rows in float32 and returned in
-    scale's dtype. Autodiff of the bf16 product sums bf16 products, which XLA:CPU ran as a
-    separate convert pass and a single-threaded reduce-window (~100 ms of the bench shape's
-    ~0.9 s bf16 train step, for 17 gains of 512 values)."""
-    y, scale = _same_manual_axes(y, scale)
+    scale's dtype. Autodiff of the bf16 product sums bf16 products (less exact), which
+    XLA:CPU ran as a separate convert pass and a single-threaded reduce-window per gain."""
+    y, scale = same_manual_axes(y, scale)
     return _scale_rows(y, scale)
 
 

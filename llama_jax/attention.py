@@ -199,17 +199,19 @@ def reference_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None):
 # forward + backward: 138 -> 26 ms in bf16, 154 -> 53 ms in f32 (the einsum reference).
 
 
-def _heads_major(a, kv_heads):
-    """[B, T, N, H] -> [B, K, G·T, H]: each kv head's G query heads as one row block."""
-    b, t, n, h = a.shape
-    a = transpose(a.reshape(b, t, kv_heads, n // kv_heads, h), (0, 2, 3, 1, 4))
-    return a.reshape(b, kv_heads, n // kv_heads * t, h)
+def _layouts(q, k, v):
+    """q [B, T, N, H] -> [B, K, G, T, H]; k, v [B, S, K, H] -> [B, K, S, H]."""
+    b, t, n, h = q.shape
+    kv = k.shape[2]
+    q5 = transpose(q.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))
+    return q5, transpose(k, (0, 2, 1, 3)), transpose(v, (0, 2, 1, 3))
 
 
-def _heads_minor(a, t):
-    """[B, K, G·T, H] -> [B, T, N, H] (inverse of _heads_major)."""
-    b, kh, gt, h = a.shape
-    return transpose(a.reshape(b, kh, gt // t, t, h), (0, 3, 1, 2, 4)).reshape(b, t, -1, h)
+def _query_block(a5, i: int, block: int):
+    """Rows i·block .. (i + 1)·block of a [B, K, G, T, X] array as [B, K, G·block, X]: each
+    kv head's G query heads as one row block."""
+    b, kv, g, _, x = a5.shape
+    return a5[:, :, :, i * block:(i + 1) * block].reshape(b, kv, g * block, x)
 
 
 def _bdot(a, b, a_contract: int, b_contract: int):
@@ -228,13 +230,55 @@ def _probs(q, k, q_pos, q_seg, k_pos, k_seg):
     return jax.nn.softmax(logits, axis=-1).reshape(b, kh, gt, s)
 
 
+def _blocked_forward(q5, k_h, v_h, q_pos, q_seg, k_pos, k_seg, block: int, ends, dtype):
+    """Query block i (rows i·block ..) against keys 0 .. ends[i]: (out [B, T, N, H], each
+    block's probabilities [B, K, G·block, ends[i]] in v's dtype)."""
+    b, kv, g, t, h = q5.shape
+    outs, probs = [], []
+    for i, end in enumerate(ends):
+        rows = slice(i * block, (i + 1) * block)
+        p = _probs(_query_block(q5, i, block), k_h[:, :, :end], q_pos[:, rows], q_seg[:, rows],
+                   k_pos[:, :end], k_seg[:, :end]).astype(v_h.dtype)
+        outs.append(_bdot(p, v_h[:, :, :end], 3, 2).astype(dtype).reshape(b, kv, g, block, h))
+        probs.append(p)
+    out = transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, h)
+    return out, tuple(probs)
+
+
+def _blocked_backward(q5, k_h, v_h, probs, out, q_pos, q_seg, k_pos, k_seg, block: int,
+                      d_out):
+    """dS = P ∘ (dP − rowsum(dO ∘ O)) as in `_flash_bwd`, one query block at a time (masked
+    scores get no gradient); key gradients summed over the blocks. dVᵀ = dOᵀ·P and
+    dKᵀ = Qᵀ·dS: the score-sized operand on the right."""
+    b, kv, g, t, h = q5.shape
+    s_all = k_h.shape[2]
+    do5 = transpose(d_out.astype(q5.dtype).reshape(b, t, kv, g, h), (0, 2, 3, 1, 4))
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, N]
+    delta5 = transpose(delta.reshape(b, t, kv, g, 1), (0, 2, 3, 1, 4))          # [B, K, G, T, 1]
+    dq, dk_t, dv_t = [], 0.0, 0.0
+    for i, p in enumerate(probs):
+        rows, end = slice(i * block, (i + 1) * block), p.shape[-1]
+        q_i, do_i = _query_block(q5, i, block), _query_block(do5, i, block)
+        dp = _bdot(do_i, v_h[:, :, :end], 3, 3)                                # [B, K, G·bl, end]
+        mask = attention_mask(q_pos[:, rows], q_seg[:, rows], k_pos[:, :end], k_seg[:, :end])
+        ds = (p.astype(jnp.float32) * (dp - _query_block(delta5, i, block)))
+        ds = jnp.where(mask[:, None, None], ds.reshape(b, kv, g, block, end), 0.0) * (h ** -0.5)
+        ds = ds.reshape(b, kv, g * block, end).astype(q5.dtype)
+        dq.append(_bdot(ds, k_h[:, :, :end], 3, 2).astype(q5.dtype).reshape(b, kv, g, block, h))
+        pad = ((0, 0), (0, 0), (0, 0), (0, s_all - end))  # [B, K, H, end] -> [B, K, H, S]
+        dk_t = dk_t + jnp.pad(_bdot(transpose(q_i, (0, 1, 3, 2)), ds, 3, 2), pad)
+        dv_t = dv_t + jnp.pad(_bdot(transpose(do_i, (0, 1, 3, 2)), p, 3, 2), pad)
+    dq = transpose(jnp.concatenate(dq, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, h)
+    dk = transpose(dk_t.astype(k_h.dtype), (0, 3, 1, 2))
+    dv = transpose(dv_t.astype(v_h.dtype), (0, 3, 1, 2))
+    return dq, dk, dv
+
+
 def _materialized_fwd(q, k, v, q_pos, q_seg, k_pos, k_seg):
-    t = q.shape[1]
-    q_h = _heads_major(q, k.shape[2])
-    k_h, v_h = transpose(k, (0, 2, 1, 3)), transpose(v, (0, 2, 1, 3))  # [B, K, S, H]
-    p = _probs(q_h, k_h, q_pos, q_seg, k_pos, k_seg).astype(v.dtype)
-    out = _heads_minor(_bdot(p, v_h, 3, 2).astype(q.dtype), t)
-    return out, (q_h, k_h, v_h, p, out, q_pos, q_seg, k_pos, k_seg)
+    q5, k_h, v_h = _layouts(q, k, v)
+    out, probs = _blocked_forward(q5, k_h, v_h, q_pos, q_seg, k_pos, k_seg, q.shape[1],
+                                  (k.shape[1],), q.dtype)  # one block: all queries, all keys
+    return out, (q5, k_h, v_h, probs, out, q_pos, q_seg, k_pos, k_seg)
 
 
 @jax.custom_vjp
@@ -243,21 +287,9 @@ def _materialized(q, k, v, q_pos, q_seg, k_pos, k_seg):
 
 
 def _materialized_bwd(res, d_out):
-    """dS = P ∘ (dP − rowsum(dO ∘ O)) as in `_flash_bwd`; masked scores get no gradient."""
-    q_h, k_h, v_h, p, out, q_pos, q_seg, k_pos, k_seg = res
-    b, kv, gt, h = q_h.shape
-    t, s = q_pos.shape[1], k_h.shape[2]
-    do = _heads_major(d_out.astype(q_h.dtype), kv)                      # [B, K, G·T, H]
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, N]
-    delta = _heads_major(delta[..., None], kv)                          # [B, K, G·T, 1]
-    dp = _bdot(do, v_h, 3, 3)                                           # [B, K, G·T, S]
-    mask = attention_mask(q_pos, q_seg, k_pos, k_seg)[:, None, None]
-    ds = (p.astype(jnp.float32) * (dp - delta)).reshape(b, kv, gt // t, t, s)
-    ds = (jnp.where(mask, ds, 0.0) * (h ** -0.5)).reshape(b, kv, gt, s).astype(q_h.dtype)
-    dq = _heads_minor(_bdot(ds, k_h, 3, 2).astype(q_h.dtype), t)
-    # [B, K, H, G·T] · [B, K, G·T, S] -> [B, K, H, S]: the score-sized operand on the right.
-    dk = transpose(_bdot(transpose(q_h, (0, 1, 3, 2)), ds, 3, 2).astype(k_h.dtype), (0, 3, 1, 2))
-    dv = transpose(_bdot(transpose(do, (0, 1, 3, 2)), p, 3, 2).astype(v_h.dtype), (0, 3, 1, 2))
+    q5, k_h, v_h, probs, out, q_pos, q_seg, k_pos, k_seg = res
+    dq, dk, dv = _blocked_backward(q5, k_h, v_h, probs, out, q_pos, q_seg, k_pos, k_seg,
+                                   q5.shape[3], d_out)
     return dq, dk, dv, None, None, None, None
 
 
@@ -291,8 +323,9 @@ def materialized_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None):
 # mask each call and a lax.cond falls back to the whole [T, T] computation otherwise (tokens
 # out of order: a permuted row, positions that do not grow with the index).
 
-CAUSAL_BLOCK = 128  # smallest query block (0: never block); at most MAX_CAUSAL_BLOCKS per row
-MAX_CAUSAL_BLOCKS = 8
+_CAUSAL_BLOCK = 128
+CAUSAL_BLOCK = _CAUSAL_BLOCK  # smallest query block (0: never block)
+MAX_CAUSAL_BLOCKS = 8  # query blocks per row at most
 
 
 def causal_block(t: int) -> int:
@@ -309,7 +342,7 @@ def causal_block(t: int) -> int:
 def causal_blocks(enabled: bool):
     """Turns the causal query blocks on or off for the calls traced inside (CAUSAL_BLOCK)."""
     global CAUSAL_BLOCK
-    saved, CAUSAL_BLOCK = CAUSAL_BLOCK, (CAUSAL_BLOCK or 128) if enabled else 0
+    saved, CAUSAL_BLOCK = CAUSAL_BLOCK, (CAUSAL_BLOCK or _CAUSAL_BLOCK) if enabled else 0
     try:
         yield
     finally:
@@ -340,71 +373,19 @@ def _causal_blocks(q, k, v, pos, seg, block: int):
 # 17 ms bf16 layer at the bench shape). The fallback keeps no probabilities and recomputes
 # them in its backward.
 
-def _layouts(q, k, v):
-    """q [B, T, N, H] -> [B, K, G, T, H]; k, v [B, S, K, H] -> [B, K, S, H]."""
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    q5 = transpose(q.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))
-    return q5, transpose(k, (0, 2, 1, 3)), transpose(v, (0, 2, 1, 3))
-
-
-def _query_block(a5, i: int, block: int):
-    """Rows i·block .. (i + 1)·block of a [B, K, G, T, X] array as [B, K, G·block, X]."""
-    b, kv, g, _, x = a5.shape
-    return a5[:, :, :, i * block:(i + 1) * block].reshape(b, kv, g * block, x)
-
-
-def _blocked_forward(q5, k_h, v_h, pos, seg, block: int, dtype):
-    """(out [B, T, N, H], probabilities of each query block [B, K, G·block, (i + 1)·block])."""
-    b, kv, g, t, h = q5.shape
-    outs, probs = [], []
-    for i in range(t // block):
-        rows, keys = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block)
-        p = _probs(_query_block(q5, i, block), k_h[:, :, keys], pos[:, rows], seg[:, rows],
-                   pos[:, keys], seg[:, keys]).astype(v_h.dtype)
-        outs.append(_bdot(p, v_h[:, :, keys], 3, 2).astype(dtype).reshape(b, kv, g, block, h))
-        probs.append(p)
-    out = transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, h)
-    return out, tuple(probs)
-
-
-def _blocked_backward(q5, k_h, v_h, probs, out, pos, seg, block: int, d_out):
-    """`_materialized_bwd` one query block at a time; key gradients summed over the blocks."""
-    b, kv, g, t, h = q5.shape
-    do5 = transpose(d_out.astype(q5.dtype).reshape(b, t, kv, g, h), (0, 2, 3, 1, 4))
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, T, N]
-    delta5 = transpose(delta.reshape(b, t, kv, g, 1), (0, 2, 3, 1, 4))          # [B, K, G, T, 1]
-    dq, dk_t, dv_t = [], 0.0, 0.0
-    for i, p in enumerate(probs):
-        rows, keys, s = slice(i * block, (i + 1) * block), slice(0, (i + 1) * block), (i + 1) * block
-        q_i, do_i = _query_block(q5, i, block), _query_block(do5, i, block)
-        dp = _bdot(do_i, v_h[:, :, keys], 3, 3)                                 # [B, K, G·bl, s]
-        mask = attention_mask(pos[:, rows], seg[:, rows], pos[:, keys], seg[:, keys])
-        ds = (p.astype(jnp.float32) * (dp - _query_block(delta5, i, block)))
-        ds = jnp.where(mask[:, None, None], ds.reshape(b, kv, g, block, s), 0.0) * (h ** -0.5)
-        ds = ds.reshape(b, kv, g * block, s).astype(q5.dtype)
-        dq.append(_bdot(ds, k_h[:, :, keys], 3, 2).astype(q5.dtype).reshape(b, kv, g, block, h))
-        pad = ((0, 0), (0, 0), (0, 0), (0, t - s))  # [B, K, H, s] -> [B, K, H, T]
-        dk_t = dk_t + jnp.pad(_bdot(transpose(q_i, (0, 1, 3, 2)), ds, 3, 2), pad)
-        dv_t = dv_t + jnp.pad(_bdot(transpose(do_i, (0, 1, 3, 2)), p, 3, 2), pad)
-    dq = transpose(jnp.concatenate(dq, axis=3), (0, 3, 1, 2, 4)).reshape(b, t, kv * g, h)
-    dk = transpose(dk_t.astype(k_h.dtype), (0, 3, 1, 2))
-    dv = transpose(dv_t.astype(v_h.dtype), (0, 3, 1, 2))
-    return dq, dk, dv
-
-
 def _causal_fwd(q, k, v, pos, seg, block):
     q5, k_h, v_h = _layouts(q, k, v)
-    shapes = [jax.ShapeDtypeStruct((*k_h.shape[:2], q5.shape[2] * block, (i + 1) * block),
-                                   v.dtype) for i in range(q.shape[1] // block)]
+    ends = tuple(range(block, q.shape[1] + 1, block))  # query block i: keys 0 .. (i + 1)·block
 
     def whole():  # tokens out of order: the [T, T] scores, nothing kept for the backward
         out = _materialized(q, k, v, pos, seg, pos, seg)
-        return out, tuple(jnp.zeros(x.shape, x.dtype) for x in shapes)
+        b, kv, g = q5.shape[:3]
+        return out, tuple(jnp.zeros((b, kv, g * block, end), v.dtype) for end in ends)
 
     ordered = _in_order(attention_mask(pos, seg, pos, seg), block)
     out, probs = jax.lax.cond(
-        ordered, lambda: _blocked_forward(q5, k_h, v_h, pos, seg, block, q.dtype), whole)
+        ordered,
+        lambda: _blocked_forward(q5, k_h, v_h, pos, seg, pos, seg, block, ends, q.dtype), whole)
     return out, (q, k, v, q5, k_h, v_h, probs, out, pos, seg, ordered)
 
 
@@ -423,7 +404,8 @@ def _causal_bwd(block, res, d_out):
         return vjp(d_out)
 
     dq, dk, dv = jax.lax.cond(
-        ordered, lambda: _blocked_backward(q5, k_h, v_h, probs, out, pos, seg, block, d_out),
+        ordered,
+        lambda: _blocked_backward(q5, k_h, v_h, probs, out, pos, seg, pos, seg, block, d_out),
         whole)
     return dq, dk, dv, None, None
 

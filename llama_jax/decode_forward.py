@@ -157,21 +157,20 @@ class _At(NamedTuple):
     mask: jax.Array
 
 
-def _layer(c: ModelConfig, p, x, positions, inv_freq, at: _At, ck, cv):
+def _layer(c: ModelConfig, p, x, positions, rope, at: _At, ck, cv):
     """Block `at.layer` on x [B, T, D]: (x, ck, cv) with its k/v written to the cache
-    ck, cv [L, B, S, K, H] at `at.slots`."""
+    ck, cv [L, B, S, K, H] at `at.slots`; rope = model.rope_table(positions, ...)."""
     b, t, _ = x.shape
     n, k, h = c.n_heads, c.n_kv_heads, c.head_dim
     if isinstance(p["wq"], cpu_kernels.Packed) and t == 1:  # a decode step: the CPU kernel
-        angles = positions.astype(jnp.float32) * inv_freq[None, :]  # [B, H/2], as apply_rope
         x, ck, cv = cpu_kernels.decode_layer(
-            x[:, 0], p, jnp.cos(angles), jnp.sin(angles), at.slots[:, 0], positions[:, 0],
+            x[:, 0], p, rope[0][:, 0], rope[1][:, 0], at.slots[:, 0], positions[:, 0],
             at.segments[:, 0], at.kv_pos, at.kv_seg, ck, cv, layer=at.layer, n_heads=n,
             eps=c.norm_eps)
         return x[:, None], ck, cv
     y = _rms_norm(x, p["attn_norm"], c.norm_eps)
-    q = model_lib.apply_rope(_project(y, p["wq"]).reshape(b, t, n, h), positions, inv_freq)
-    kk = model_lib.apply_rope(_project(y, p["wk"]).reshape(b, t, k, h), positions, inv_freq)
+    q = model_lib.apply_rope(_project(y, p["wq"]).reshape(b, t, n, h), positions, rope)
+    kk = model_lib.apply_rope(_project(y, p["wk"]).reshape(b, t, k, h), positions, rope)
     vv = _project(y, p["wv"]).reshape(b, t, k, h)
     where = (at.layer, jnp.arange(b)[:, None], at.slots)
     ck = ck.at[where].set(kk.astype(ck.dtype), mode="drop")
@@ -197,13 +196,13 @@ def forward(w: Weights, tokens, positions, segments, cache, logits_at=None):
     kv_pos = cache["pos"].at[rows, slots].set(positions, mode="drop")
     kv_seg = cache["seg"].at[rows, slots].set(segments, mode="drop")
     mask = attention.attention_mask(positions, segments, kv_pos, kv_seg)
-    inv_freq = model_lib.rope_frequencies(c)
+    rope = model_lib.rope_table(positions, model_lib.rope_frequencies(c))  # once per step
     ck, cv = cache["k"], cache["v"]
     x = jnp.take(w.embed, tokens, axis=0)
     for i, p in enumerate(w.layers):
         with jax.named_scope(f"layer_{i}"):
             at = _At(i, slots, segments, kv_pos, kv_seg, mask)
-            x, ck, cv = _layer(c, p, x, positions, inv_freq, at, ck, cv)
+            x, ck, cv = _layer(c, p, x, positions, rope, at, ck, cv)
     if logits_at is not None:
         x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)
     x = _rms_norm(x, w.norm, c.norm_eps)

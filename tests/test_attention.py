@@ -85,18 +85,20 @@ def test_full_causal_blocks_equal_reference_with_gradients(order):
     fns = [lambda q, k, v: attention.materialized_attention(q, k, v, pos, seg)]
     if order == "in-order":  # the blocked computation itself, without the cond around it
         def blocked(q, k, v):
+            keys = (pos, seg, pos, seg)
+
             @jax.custom_vjp
             def f(q, k, v):
-                return attention._blocked_forward(*attention._layouts(q, k, v), pos, seg, 128,
-                                                  q.dtype)[0]
+                return f_fwd(q, k, v)[0]
 
             def f_fwd(q, k, v):
                 q5, k_h, v_h = attention._layouts(q, k, v)
-                out, probs = attention._blocked_forward(q5, k_h, v_h, pos, seg, 128, q.dtype)
+                out, probs = attention._blocked_forward(q5, k_h, v_h, *keys, 128, (128, 256),
+                                                        q.dtype)
                 return out, (q5, k_h, v_h, probs, out)
 
             def f_bwd(res, d_out):
-                return attention._blocked_backward(*res, pos, seg, 128, d_out)
+                return attention._blocked_backward(*res, *keys, 128, d_out)
             f.defvjp(f_fwd, f_bwd)
             return jnp.where((seg == 0)[:, :, None, None], ref_fn(q, k, v), f(q, k, v))
         fns.append(blocked)

@@ -103,11 +103,11 @@ def test_decode_layer_equals_the_xla_layer(dtype, portable, request, monkeypatch
         segments, mode="drop")
     mask = attention.attention_mask(positions, segments, kv_pos, kv_seg)
     at = decode_forward._At(layer, slots, segments, kv_pos, kv_seg, mask)
-    inv_freq = model_lib.rope_frequencies(c)
+    rope = model_lib.rope_table(positions, model_lib.rope_frequencies(c))
 
     @jax.jit
     def run(weights, x, ck, cv):
-        return decode_forward._layer(c, weights.layers[layer], x, positions, inv_freq, at, ck, cv)
+        return decode_forward._layer(c, weights.layers[layer], x, positions, rope, at, ck, cv)
 
     got, want = run(packed, x, ck, cv), run(plain, x, ck, cv)
     step = jax.jit(run).lower(packed, x, ck, cv).as_text()

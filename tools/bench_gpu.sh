@@ -2,16 +2,16 @@
 # GPU benchmarks in one pass, for a machine whose image already has JAX with CUDA, Flax, Optax
 # and Orbax (the rest travels as wheels in .whl/, and pure-Python packages without a wheel as
 # copied package folders in .whl/py/). Use the image's Flax: flax 0.12.8 imports
-# jax.experimental.hijax.HiPrimitive, which JAX 0.11.2 lacks (seen on the H200 image). Writes every line to $OUT/gpu_bench.jsonl (or ./ without
-# OUT) and the console; each benchmark has its own time limit so one stuck case leaves the rest.
+# jax.experimental.hijax.HiPrimitive, which JAX 0.11.2 lacks (seen on the H200 image).
+# Writes every line to $OUT/gpu_bench.jsonl (or ./ without OUT) and the console; each
+# benchmark has its own time limit, so one stuck case leaves the rest.
 #
 #   bash tools/bench_gpu.sh [MODEL]        # MODEL: a preset, default llama3.2-1b
 #
-# What runs: the measured matmul peak (bf16 and f32, 8192^3), AdamW train steps of MODEL
-# (sequences of 2,048 tokens; bf16 at batch 4 and 8 with full attention and at batch 8 with
-# chunked attention; f32 at batch 4)
-# against that peak, and greedy decode of MODEL at batch 1 and 8 (prompt 64, 128 new tokens,
-# bf16 and f32) against the measured HBM bandwidth.
+# What runs: the measured matmul peak (bf16 and f32, 8192^3); AdamW train steps of MODEL
+# against that peak (sequences of 2,048 tokens; bf16 at batch 4 and 8 with full attention and
+# at batch 8 with chunked attention; f32 at batch 4); greedy decode of MODEL at batch 1 and 8
+# (prompt 64, 128 new tokens, bf16 and f32) against the measured memory bandwidth.
 set -uo pipefail
 model=${1:-llama3.2-1b}
 out=${OUT:-.}

@@ -1,5 +1,7 @@
-"""CPU kernels for decode steps, through jax.ffi, built on first use: a whole transformer block
-per call (`decode_layer`) and the few-row product of the output head (`matmul`).
+"""CPU kernels through jax.ffi, built on first use: for decode steps a whole transformer block
+per call (`decode_layer`) and the few-row product of the output head (`matmul`); for bf16
+training steps the self-attention forward and backward (`attention_forward`,
+`attention_backward`; kernels/attention.cc, used by attention.materialized_attention).
 
 XLA:CPU runs a decode step slowly: a batch-1 product on one Eigen thread, 2-8 rows through
 YNNPACK re-packing the weights every call, bf16 dots converting their weights to f32 first, the
@@ -12,11 +14,13 @@ the same call, its phases shared between the caller and a helper from XLA's own 
 the peers: f32 batch 1 327 tok/s (XLA's dots ~175), batch 8 930; bf16 batch 1 546, batch 8
 1,719 (BENCHMARKS.md).
 
-The library is compiled with the system C++ compiler (`$CXX`, else g++ / c++) against the
+Each library is compiled with the system C++ compiler (`$CXX`, else g++ / c++) against the
 XLA FFI headers shipped with jaxlib, with -march=native, into
-~/.cache/llama_jax/kernels/<hash of source, flags, jaxlib, CPU>/ (written atomically), once
+~/.cache/llama_jax/kernels/<hash of sources, flags, jaxlib, CPU>/ (written atomically), once
 per machine. Without a compiler, when the build fails, on a non-CPU default backend, or with
-LLAMA_JAX_CPU_KERNELS=0, `available()` is False and decoding keeps XLA's dots.
+LLAMA_JAX_CPU_KERNELS=0, `available()` (`attention_available()`) is False and decoding
+(attention) keeps XLA's operations. The attention kernel also needs AVX-512 BF16 (and uses AMX
+where the CPU has it).
 """
 
 from __future__ import annotations
@@ -45,9 +49,14 @@ MAX_ROWS = 8  # rows the kernels keep in registers per pass over the weights (mo
 # bf16 150 vs 73.
 PREFILL_ROWS = 128
 ENV = "LLAMA_JAX_CPU_KERNELS"
-_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "decode.cc")
+_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+_SOURCE = os.path.join(_KERNELS, "decode.cc")
+_ATTENTION_SOURCE = os.path.join(_KERNELS, "attention.cc")
+_HEADERS = (os.path.join(_KERNELS, "team.h"),)
 _TARGET = "llama_jax_small_matmul"
 _LAYER_TARGET = "llama_jax_decode_layer"
+_ATTENTION_FORWARD = "llama_jax_attention_forward"
+_ATTENTION_BACKWARD = "llama_jax_attention_backward"
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -61,32 +70,36 @@ def _cpu_signature() -> str:
         return platform.processor()
 
 
-def _build(flags: tuple[str, ...] = _FLAGS) -> str | None:
-    """Path of the compiled library (built if missing), or None with a logged reason.
-    flags: the compiler flags (tests build the portable C++ path with -mno-avx512f)."""
+def _build(flags: tuple[str, ...] = _FLAGS, source: str = _SOURCE) -> str | None:
+    """Path of the library compiled from `source` (built if missing), or None with a logged
+    reason. flags: the compiler flags (tests build the portable C++ path with -mno-avx512f)."""
+    what = os.path.basename(source)[:-len(".cc")]
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
-        logging.warning("llama_jax: no C++ compiler found; decoding uses XLA's dots on CPU.")
+        logging.warning("llama_jax: no C++ compiler found; the CPU %s kernel is off (XLA's "
+                        "operations instead).", what)
         return None
     import jaxlib
-    with open(_SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join((cxx, *flags)).encode(),
+    texts = []
+    for name in (source, *_HEADERS):
+        with open(name, "rb") as f:
+            texts.append(f.read())
+    key = hashlib.sha256(b"\0".join([*texts, " ".join((cxx, *flags)).encode(),
                                      jaxlib.__version__.encode(), _cpu_signature().encode()]))
     out_dir = os.path.join(os.path.expanduser("~"), ".cache", "llama_jax", "kernels",
                            key.hexdigest()[:16])
-    path = os.path.join(out_dir, "decode.so")
+    path = os.path.join(out_dir, f"{what}.so")
     if os.path.exists(path):
         return path
     os.makedirs(out_dir, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
     os.close(fd)
-    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", _SOURCE, "-o", tmp]
+    cmd = [cxx, *flags, f"-I{jax.ffi.include_dir()}", source, "-o", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
-        logging.warning("llama_jax: building the CPU decode kernel failed (%s); decoding uses "
-                        "XLA's dots. %s", " ".join(cmd), result.stderr[-2000:])
+        logging.warning("llama_jax: building the CPU %s kernel failed (%s); XLA's operations "
+                        "are used instead. %s", what, " ".join(cmd), result.stderr[-2000:])
         return None
     os.replace(tmp, path)  # atomic: a concurrent reader sees the whole library or none
     return path
@@ -105,6 +118,52 @@ def available() -> bool:
     jax.ffi.register_ffi_target(_LAYER_TARGET, jax.ffi.pycapsule(lib.DecodeLayer),
                                 platform="cpu")
     return True
+
+
+@functools.cache
+def attention_available() -> bool:
+    """Whether `attention_forward` / `attention_backward` run (built, loaded, registered once
+    per process): as `available()`, and the CPU has AVX-512 BF16 (with AMX the process is
+    granted the tile state first)."""
+    if os.environ.get(ENV, "1") == "0" or jax.default_backend() != "cpu":
+        return False
+    path = _build(source=_ATTENTION_SOURCE)
+    if path is None:
+        return False
+    lib = ctypes.cdll.LoadLibrary(path)
+    if not lib.LlamaJaxAttentionKernel():
+        logging.info("llama_jax: no AVX-512 BF16 (or AMX not granted) on this CPU; training "
+                     "attention uses XLA's operations.")
+        return False
+    jax.ffi.register_ffi_target(_ATTENTION_FORWARD, jax.ffi.pycapsule(lib.AttentionForward),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_ATTENTION_BACKWARD, jax.ffi.pycapsule(lib.AttentionBackward),
+                                platform="cpu")
+    return True
+
+
+ATTENTION_MULTIPLE = 32  # T and H must be multiples of it (kernels/attention.cc: kKeyTile)
+
+
+def attention_forward(q, k, v, positions, segment_ids):
+    """Self-attention of bf16 q [B, T, N, H], k, v [B, T, K, H] under attention_mask(positions,
+    segment_ids) twice: (out [B, T, N, H] bf16, log-sum-exp [B, N, T] f32). A query that sees
+    no key gets output 0 and log-sum-exp +inf."""
+    b, t, n, _ = q.shape
+    i32 = jnp.int32
+    return jax.ffi.ffi_call(
+        _ATTENTION_FORWARD,
+        (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)))(
+        q, k, v, positions.astype(i32), segment_ids.astype(i32))
+
+
+def attention_backward(q, k, v, positions, segment_ids, out, d_out, lse):
+    """(dq, dk, dv) of `attention_forward` for the output cotangent d_out (bf16)."""
+    i32 = jnp.int32
+    return jax.ffi.ffi_call(
+        _ATTENTION_BACKWARD,
+        tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)))(
+        q, k, v, positions.astype(i32), segment_ids.astype(i32), out, d_out.astype(q.dtype), lse)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["tiles"],

@@ -151,8 +151,9 @@ def compile_on(config, devices, target: hardware.Target, full_shape=None) -> dic
     t0 = time.perf_counter()
     try:
         # Targets are GPUs/TPUs, where attention's causal blocks are off (a CPU measure whose
-        # lax.cond XLA's cost analysis would count both branches of).
-        with jax.set_mesh(mesh), attention.causal_blocks(False):
+        # lax.cond XLA's cost analysis would count both branches of) and so is the CPU
+        # attention kernel (a custom call: no FLOPs in the cost analysis).
+        with jax.set_mesh(mesh), attention.causal_blocks(False), attention.cpu_kernel(False):
             compiled = step.lower(state, batch).compile()
     except Exception as e:  # XLA refuses programs that exceed a TPU's HBM
         if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():

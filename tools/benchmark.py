@@ -45,6 +45,8 @@ flags.DEFINE_enum("attention", "full", ["full", "chunked", "reference"],
 flags.DEFINE_bool("causal_blocks", True, "forward/train: let the full attention skip the score "
                   "blocks above the diagonal (on CPU: attention.CAUSAL_BLOCK; false: whole "
                   "[T, T]).")
+flags.DEFINE_bool("attention_kernel", True, "forward/train: let bf16 self-attention run the CPU "
+                  "kernel (llama_jax/kernels/attention.cc) where it applies; false: XLA's.")
 flags.DEFINE_integer("peak_n", 0, "Side of the square matmul that measures the peak (0: 2048 on "
                      "CPU, 8192 on an accelerator, where 2048 is too small to fill the chip).")
 
@@ -177,12 +179,15 @@ def main(argv):
         if mode == "peak":
             _print(dict(bench="peak", dtype=dtype, gflops=round(peaks[dtype], 1)))
         elif mode in ("forward", "train"):
-            from llama_jax import attention, model
+            from llama_jax import attention, cpu_kernels, model
             bench = bench_forward if mode == "forward" else bench_train
+            kernel = (FLAGS.attention_kernel and FLAGS.attention == "full" and dtype == "bfloat16"
+                      and cpu_kernels.attention_available())
             with model.hooks(attention=attention.IMPLS[FLAGS.attention]), \
-                    attention.causal_blocks(FLAGS.causal_blocks):  # traced inside
+                    attention.causal_blocks(FLAGS.causal_blocks), \
+                    attention.cpu_kernel(FLAGS.attention_kernel):  # traced inside
                 _print(dict(bench(dtype, peaks[dtype]), attention=FLAGS.attention,
-                            causal_blocks=FLAGS.causal_blocks))
+                            causal_blocks=FLAGS.causal_blocks, attention_kernel=kernel))
 
 
 if __name__ == "__main__":

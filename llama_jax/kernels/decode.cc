@@ -21,6 +21,7 @@
 #include <utility>
 #include <vector>
 
+#include "team.h"
 #include "xla/ffi/api/ffi.h"
 
 #if defined(__AVX512F__)
@@ -34,85 +35,10 @@ namespace {
 constexpr int64_t kTile = 32;
 constexpr int64_t kMaxRows = 8;
 
-
-inline float Bf16ToFloat(uint16_t v) {
-  uint32_t u = uint32_t(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-inline uint16_t FloatToBf16(float f) {  // round to nearest even, as XLA's convert
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);  // quiet NaN
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
-
 inline float Load(float v) { return v; }
 inline float Load(uint16_t v) { return Bf16ToFloat(v); }
 inline void Store(float* p, float v) { *p = v; }
 inline void Store(uint16_t* p, float v) { *p = FloatToBf16(v); }
-
-inline void Pause(int64_t& spins) {
-#if defined(__x86_64__)
-  if (++spins < 4096) {
-    __builtin_ia32_pause();
-    return;
-  }
-#else
-  ++spins;
-#endif
-  std::this_thread::yield();
-}
-
-// The phases one call runs: per phase a chunk count and the work of one chunk, published
-// by the caller in order; claim and done counters per phase, so nothing is ever reset.
-struct Team {
-  static constexpr int kPhases = 5;
-  std::atomic<int64_t> claim[kPhases] = {};
-  std::atomic<int64_t> done[kPhases] = {};
-  std::atomic<int> ready{-1};
-  std::atomic<bool> finished{false};
-  int64_t chunks[kPhases] = {};
-  void (*work[kPhases])(void*, int64_t) = {};  // work[p](context[p], chunk)
-  void* context[kPhases] = {};
-
-  void Run(int p) {
-    for (;;) {
-      const int64_t i = claim[p].fetch_add(1);
-      if (i >= chunks[p]) return;
-      work[p](context[p], i);
-      done[p].fetch_add(1, std::memory_order_release);
-    }
-  }
-
-  // Caller: publish phase p (fn(chunk) for chunks 0..n-1), work on it, wait until every
-  // chunk is done. No allocation: fn lives in the caller's frame for the whole phase.
-  template <typename F>
-  void Phase(int p, int64_t n, F&& fn) {
-    chunks[p] = n;
-    context[p] = &fn;
-    work[p] = [](void* f, int64_t i) { (*static_cast<std::remove_reference_t<F>*>(f))(i); };
-    ready.store(p, std::memory_order_release);
-    Run(p);
-    int64_t spins = 0;
-    while (done[p].load(std::memory_order_acquire) < n) Pause(spins);
-  }
-
-  // Helper: join every phase as it is published; leave when the caller has finished.
-  void Help() {
-    for (int p = 0; p < kPhases; ++p) {
-      int64_t spins = 0;
-      while (ready.load(std::memory_order_acquire) < p) {
-        if (finished.load(std::memory_order_acquire)) return;
-        Pause(spins);
-      }
-      Run(p);
-    }
-  }
-};
 
 #if defined(__AVX512F__)
 template <typename W>
@@ -182,17 +108,6 @@ void TileRows(const float* x, const W* w, int64_t t, float* y, int64_t b, int64_
 
 
 // Starts a team for one call: helpers (XLA's pool size - 1, at least 1) join its phases.
-std::shared_ptr<Team> StartTeam(ffi::ThreadPool& pool) {
-  auto team = std::make_shared<Team>();
-  const std::thread::id caller = std::this_thread::get_id();
-  const int64_t helpers = std::max<int64_t>(1, pool.num_threads() - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([team, caller]() {
-      if (std::this_thread::get_id() != caller) team->Help();  // not inline: a pool-less run
-    });
-  }
-  return team;
-}
 
 // y = x . w, every row, the tiles claimed by the caller and the helpers.
 template <typename W>

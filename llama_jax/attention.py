@@ -451,11 +451,7 @@ def kernel_applies(q, k, v) -> bool:
         return False
     if q.shape[1] % cpu_kernels.ATTENTION_MULTIPLE or q.shape[3] % cpu_kernels.ATTENTION_MULTIPLE:
         return False
-    mesh = jax.sharding.get_abstract_mesh()
-    if not mesh.empty and any(size > 1 for name, size in zip(mesh.axis_names, mesh.axis_sizes)
-                              if name not in mesh.manual_axes):
-        return False
-    return cpu_kernels.attention_available()
+    return cpu_kernels.local_only() and cpu_kernels.attention_available()
 
 
 @jax.custom_vjp

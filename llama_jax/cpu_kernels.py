@@ -1,7 +1,9 @@
 """CPU kernels through jax.ffi, built on first use: for decode steps a whole transformer block
 per call (`decode_layer`) and the few-row product of the output head (`matmul`); for bf16
 training steps the self-attention forward and backward (`attention_forward`,
-`attention_backward`; kernels/attention.cc, used by attention.materialized_attention).
+`attention_backward`; kernels/attention.cc, used by attention.materialized_attention); for
+training steps the AdamW update of a parameter in place (`adamw`; kernels/adamw.cc, used by
+optim.fused_update).
 
 XLA:CPU runs a decode step slowly: a batch-1 product on one Eigen thread, 2-8 rows through
 YNNPACK re-packing the weights every call, bf16 dots converting their weights to f32 first, the
@@ -52,11 +54,13 @@ ENV = "LLAMA_JAX_CPU_KERNELS"
 _KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _SOURCE = os.path.join(_KERNELS, "decode.cc")
 _ATTENTION_SOURCE = os.path.join(_KERNELS, "attention.cc")
+_ADAMW_SOURCE = os.path.join(_KERNELS, "adamw.cc")
 _HEADERS = (os.path.join(_KERNELS, "team.h"),)
 _TARGET = "llama_jax_small_matmul"
 _LAYER_TARGET = "llama_jax_decode_layer"
 _ATTENTION_FORWARD = "llama_jax_attention_forward"
 _ATTENTION_BACKWARD = "llama_jax_attention_backward"
+_ADAMW = "llama_jax_adamw"
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -105,15 +109,37 @@ def _build(flags: tuple[str, ...] = _FLAGS, source: str = _SOURCE) -> str | None
     return path
 
 
+def _library(source: str):
+    """The loaded library built from `source`, or None: LLAMA_JAX_CPU_KERNELS=0, a non-CPU
+    default backend, no compiler or a failed build (logged)."""
+    if os.environ.get(ENV, "1") == "0" or jax.default_backend() != "cpu":
+        return None
+    path = _build(source=source)
+    return None if path is None else ctypes.cdll.LoadLibrary(path)
+
+
+def _require(available: bool, what: str) -> None:
+    if not available:
+        raise RuntimeError(f"the CPU {what} kernel is not available here (not a CPU backend, "
+                           f"{ENV}=0, no C++ compiler or an unsupported CPU; see the log); "
+                           f"check cpu_kernels.{what}_available() before calling it.")
+
+
+def local_only() -> bool:
+    """Whether a kernel call traced here sees whole arrays or one shard_map shard: no mesh
+    axis that XLA partitions automatically has more than one device (a custom call is one
+    operation XLA cannot split)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return mesh.empty or all(size == 1 for name, size in zip(mesh.axis_names, mesh.axis_sizes)
+                             if name not in mesh.manual_axes)
+
+
 @functools.cache
 def available() -> bool:
     """Whether `matmul` runs the kernel (built, loaded and registered once per process)."""
-    if os.environ.get(ENV, "1") == "0" or jax.default_backend() != "cpu":
+    lib = _library(_SOURCE)
+    if lib is None:
         return False
-    path = _build()
-    if path is None:
-        return False
-    lib = ctypes.cdll.LoadLibrary(path)
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SmallMatmul), platform="cpu")
     jax.ffi.register_ffi_target(_LAYER_TARGET, jax.ffi.pycapsule(lib.DecodeLayer),
                                 platform="cpu")
@@ -125,12 +151,9 @@ def attention_available() -> bool:
     """Whether `attention_forward` / `attention_backward` run (built, loaded, registered once
     per process): as `available()`, and the CPU has AVX-512 BF16 (with AMX the process is
     granted the tile state first)."""
-    if os.environ.get(ENV, "1") == "0" or jax.default_backend() != "cpu":
+    lib = _library(_ATTENTION_SOURCE)
+    if lib is None:
         return False
-    path = _build(source=_ATTENTION_SOURCE)
-    if path is None:
-        return False
-    lib = ctypes.cdll.LoadLibrary(path)
     if not lib.LlamaJaxAttentionKernel():
         logging.info("llama_jax: no AVX-512 BF16 (or AMX not granted) on this CPU; training "
                      "attention uses XLA's operations.")
@@ -149,12 +172,35 @@ def attention_forward(q, k, v, positions, segment_ids):
     """Self-attention of bf16 q [B, T, N, H], k, v [B, T, K, H] under attention_mask(positions,
     segment_ids) twice: (out [B, T, N, H] bf16, log-sum-exp [B, N, T] f32). A query that sees
     no key gets output 0 and log-sum-exp +inf."""
+    _require(attention_available(), "attention")
     b, t, n, _ = q.shape
     i32 = jnp.int32
     return jax.ffi.ffi_call(
         _ATTENTION_FORWARD,
         (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32)))(
         q, k, v, positions.astype(i32), segment_ids.astype(i32))
+
+
+@functools.cache
+def adamw_available() -> bool:
+    """Whether `adamw` runs (built, loaded and registered once per process)."""
+    lib = _library(_ADAMW_SOURCE)
+    if lib is None:
+        return False
+    jax.ffi.register_ffi_target(_ADAMW, jax.ffi.pycapsule(lib.AdamW), platform="cpu")
+    return True
+
+
+def adamw(p, g, m, v, scalars, *, b1: float, b2: float, eps: float, decay: bool):
+    """One AdamW update of f32 p with gradient g and moments m, v, in place (p, m, v alias the
+    results): (p, m, v). scalars f32 [8]: apply, clip trigger, gradient norm, max norm, the two
+    bias corrections, step (-learning rate), weight decay (kernels/adamw.cc)."""
+    _require(adamw_available(), "adamw")
+    like = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)  # noqa: E731
+    return jax.ffi.ffi_call(_ADAMW, (like(p), like(m), like(v)),
+                            input_output_aliases={0: 0, 2: 1, 3: 2})(
+        p, g, m, v, scalars, b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps),
+        decay=bool(decay))
 
 
 def attention_backward(q, k, v, positions, segment_ids, out, d_out, lse):

@@ -65,6 +65,9 @@ class Step:
     schedule: Callable[[jax.Array], jax.Array]
     z_loss: float = 0.0  # PaLM's auxiliary loss z_loss * log(Z)^2 (Chowdhery et al. 2022, §5)
     microbatches: int = 1
+    # optim.fused_update(cfg, axes) of the cfg `tx` was made from: the same update in one pass
+    # per parameter where optim.fused_applies (CPU, f32 parameters, no partitioned mesh axis)
+    fused_update: Callable | None = None
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -136,13 +139,17 @@ def train_step(state: TrainState, batch: Batch, s: Step) -> tuple[TrainState, di
                                                   s.microbatches)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    if s.fused_update is not None and optim.fused_applies(state.params):
+        params, opt_state = s.fused_update(grads, grad_norm, ok, state.opt_state, state.params)
+    else:
+        updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(  # noqa: E731
+            lambda a, b: jnp.where(ok, a, b), new, old)
+        params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     bad = (~ok).astype(jnp.int32)
-    new = TrainState(step=state.step + 1, params=keep(params, state.params),
-                     opt_state=keep(opt_state, state.opt_state), skipped=state.skipped + bad,
-                     bad_streak=(state.bad_streak + 1) * bad)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                     skipped=state.skipped + bad, bad_streak=(state.bad_streak + 1) * bad)
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=s.schedule(state.step - state.skipped),
                    tokens=n, skipped=bad, bad_streak=new.bad_streak)
     return new, metrics
@@ -184,7 +191,8 @@ def run(config, workdir: str) -> TrainState:
     ocfg = optim_config(config)
     tx = optim.make_optimizer(ocfg, abstract_params)
     s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
-             microbatches=config.optim.microbatches)
+             microbatches=config.optim.microbatches,
+             fused_update=optim.fused_update(ocfg, abstract_params))
     mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
     mesh = sharding.make_mesh(mc)
     sharding.check(mc, mesh, model_config, dcfg.seq_len, config.data.global_batch)

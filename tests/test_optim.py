@@ -1,6 +1,8 @@
-"""Tests of llama_jax/optim.py: schedule against its closed form, the weight-decay mask, and
-token-weighted accumulation against one big batch on the tiny model."""
+"""Tests of llama_jax/optim.py: schedule against its closed form, the weight-decay mask,
+token-weighted accumulation against one big batch on the tiny model, and the fused CPU AdamW
+update against optax's."""
 
+import ctypes
 import math
 
 import jax
@@ -11,7 +13,7 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import optim
+from llama_jax import cpu_kernels, optim
 from llama_jax.model import logical_axes
 
 CFG = optim.OptimConfig(learning_rate=2e-3, warmup_steps=10, total_steps=110)
@@ -115,3 +117,69 @@ def test_accumulation_equals_one_big_batch(model):
     assert abs(naive - float(loss1)) > 1e-4  # the weighting matters for this batch
     with pytest.raises(ValueError, match="does not split into 3 microbatches"):
         optim.accumulate_gradients(lg, params, batch, 3)
+
+
+def _optax_step(tx, grads, ok, state, params):
+    """train_step's update without the fused kernel: optax, applied, kept if not ok."""
+    updates, new_state = tx.update(grads, state, params)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa
+    return keep(optax.apply_updates(params, updates), params), keep(new_state, state)
+
+
+@pytest.mark.parametrize("clip_norm, build", [(1.0, "avx512"), (0.0, "avx512"),
+                                               (1.0, "portable")],
+                         ids=["clip", "no-clip", "portable"])
+def test_fused_update_equals_optax(model, clip_norm, build, monkeypatch):
+    """Five steps of the CPU kernel against optax on the tiny model's parameters: clipped and
+    unclipped gradients, warmup and decay, decayed and undecayed (norm gain) parameters, and a
+    skipped step that must change nothing. Equal within f32 rounding of one update. `portable`:
+    the kernel built without AVX-512 (its plain C++ loop)."""
+    if build == "portable":
+        path = cpu_kernels._build(cpu_kernels._FLAGS + ("-mno-avx512f",),
+                                  source=cpu_kernels._ADAMW_SOURCE)
+        lib = ctypes.cdll.LoadLibrary(path)
+        target = cpu_kernels._ADAMW + "_portable"
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.AdamW), platform="cpu")
+        monkeypatch.setattr(cpu_kernels, "_ADAMW", target)
+    cfg = optim.OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=6,
+                            clip_norm=clip_norm)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    axes = logical_axes(model)
+    tx, fused = optim.make_optimizer(cfg, axes), jax.jit(optim.fused_update(cfg, axes))
+    assert optim.fused_applies(params)
+    ref_p, ref_s = params, tx.init(params)
+    got_p, got_s = params, tx.init(params)
+    rng = np.random.default_rng(0)
+    for i, scale in enumerate([0.01, 3.0, 0.02, 5.0, 0.05]):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * scale,
+                                                   jnp.float32), params)
+        norm, ok = optax.global_norm(grads), jnp.asarray(i != 2)
+        before = (got_p, got_s)
+        ref_p, ref_s = _optax_step(tx, grads, ok, ref_s, ref_p)
+        got_p, got_s = fused(grads, norm, ok, got_s, got_p)
+        if i == 2:  # skipped: bitwise unchanged, counts included
+            jax.tree.map(np.testing.assert_array_equal, before, (got_p, got_s))
+        assert jax.tree.structure(got_s) == jax.tree.structure(ref_s)
+        for g, r in zip(jax.tree.leaves((got_p, got_s)), jax.tree.leaves((ref_p, ref_s))):
+            scale = float(np.abs(np.asarray(r)).max()) or 1.0
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-6,
+                                       atol=1e-6 * scale)
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), got_p, params)
+    assert min(jax.tree.leaves(moved)) > 1e-4  # every parameter was updated
+
+
+def test_fused_update_applies_only_to_local_f32_parameters(model):
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    assert optim.fused_applies(params)
+    assert not optim.fused_applies(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:2])
+    with jax.set_mesh(mesh):
+        assert not optim.fused_applies(params)
+
+
+def test_fused_update_rejects_another_optimizers_state(model):
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    update = optim.fused_update(CFG, logical_axes(model))
+    with pytest.raises(TypeError, match="make_optimizer"):
+        update(params, 1.0, True, optax.sgd(1e-3).init(params), params)

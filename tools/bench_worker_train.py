@@ -64,7 +64,8 @@ def main():
     graphdef, params = nnx.split(abstract(config), nnx.Param)
     ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     tx = optim.make_optimizer(ocfg, params)
-    step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg))
+    step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
+                         fused_update=optim.fused_update(ocfg, params))
     st = {"state": train.init_state(train.init_params(config, 0), tx)}
     data = jax.device_put(batch(shape))
 

@@ -110,7 +110,8 @@ def bench_train(dtype: str, peak_gflops: float) -> dict:
     graphdef, params = nnx.split(lj.abstract(c), nnx.Param)
     ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     tx = optim.make_optimizer(ocfg, params)
-    step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg))
+    step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
+                         fused_update=optim.fused_update(ocfg, params))
     state = {"s": train.init_state(train.init_params(c, 0), tx)}
     b, t = FLAGS.batch, FLAGS.seq_len
     ids = np.random.default_rng(1).integers(0, c.vocab_size, (b, t + 1), dtype=np.int32)

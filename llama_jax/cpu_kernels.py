@@ -3,7 +3,8 @@ per call (`decode_layer`) and the few-row product of the output head (`matmul`);
 training steps the self-attention forward and backward (`attention_forward`,
 `attention_backward`; kernels/attention.cc, used by attention.materialized_attention); for
 training steps the AdamW update of a parameter in place (`adamw`; kernels/adamw.cc, used by
-optim.fused_update).
+optim.fused_update) and SwiGLU's elementwise part (`swiglu_forward`, `swiglu_backward`;
+kernels/swiglu.cc, used by dense.swiglu).
 
 XLA:CPU runs a decode step slowly: a batch-1 product on one Eigen thread, 2-8 rows through
 YNNPACK re-packing the weights every call, bf16 dots converting their weights to f32 first, the
@@ -55,12 +56,15 @@ _KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
 _SOURCE = os.path.join(_KERNELS, "decode.cc")
 _ATTENTION_SOURCE = os.path.join(_KERNELS, "attention.cc")
 _ADAMW_SOURCE = os.path.join(_KERNELS, "adamw.cc")
+_SWIGLU_SOURCE = os.path.join(_KERNELS, "swiglu.cc")
 _HEADERS = (os.path.join(_KERNELS, "team.h"),)
 _TARGET = "llama_jax_small_matmul"
 _LAYER_TARGET = "llama_jax_decode_layer"
 _ATTENTION_FORWARD = "llama_jax_attention_forward"
 _ATTENTION_BACKWARD = "llama_jax_attention_backward"
 _ADAMW = "llama_jax_adamw"
+_SWIGLU_FORWARD = "llama_jax_swiglu_forward"
+_SWIGLU_BACKWARD = "llama_jax_swiglu_backward"
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17")
 
 
@@ -201,6 +205,35 @@ def adamw(p, g, m, v, scalars, *, b1: float, b2: float, eps: float, decay: bool)
                             input_output_aliases={0: 0, 2: 1, 3: 2})(
         p, g, m, v, scalars, b1=np.float32(b1), b2=np.float32(b2), eps=np.float32(eps),
         decay=bool(decay))
+
+
+@functools.cache
+def swiglu_available() -> bool:
+    """Whether `swiglu_forward` / `swiglu_backward` run (built, loaded, registered once per
+    process; AVX-512 BF16 needed)."""
+    lib = _library(_SWIGLU_SOURCE)
+    if lib is None or not lib.LlamaJaxSwigluKernel():
+        return False
+    jax.ffi.register_ffi_target(_SWIGLU_FORWARD, jax.ffi.pycapsule(lib.SwigluForward),
+                                platform="cpu")
+    jax.ffi.register_ffi_target(_SWIGLU_BACKWARD, jax.ffi.pycapsule(lib.SwigluBackward),
+                                platform="cpu")
+    return True
+
+
+def swiglu_forward(gate, up):
+    """f32 gate and up products -> (silu(g) * u, g, u) in bf16, g and u the products rounded
+    (kernels/swiglu.cc)."""
+    _require(swiglu_available(), "swiglu")
+    out = jax.ShapeDtypeStruct(gate.shape, jnp.bfloat16)
+    return jax.ffi.ffi_call(_SWIGLU_FORWARD, (out, out, out))(gate, up)
+
+
+def swiglu_backward(dh, g, u):
+    """(dg, du) of silu(g) * u for the bf16 cotangent dh (kernels/swiglu.cc)."""
+    _require(swiglu_available(), "swiglu")
+    out = jax.ShapeDtypeStruct(g.shape, jnp.bfloat16)
+    return jax.ffi.ffi_call(_SWIGLU_BACKWARD, (out, out))(dh.astype(jnp.bfloat16), g, u)
 
 
 def attention_backward(q, k, v, positions, segment_ids, out, d_out, lse):

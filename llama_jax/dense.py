@@ -32,6 +32,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from llama_jax import cpu_kernels
+
 
 def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.Array:
     """Contracts the last n_in dims of x [..., *I] (compute dtype) with the first n_in dims
@@ -107,3 +109,50 @@ def transpose(x, perm):
     copy instead, so the dot stays bf16 and layout assignment writes the transpose out (one
     pass over x)."""
     return jnp.transpose(x[None], (0, *(p + 1 for p in perm)))[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# SwiGLU's gate and up projections with the CPU kernel for its elementwise part: XLA:CPU
+# converts each f32 product to bf16 in its own pass, runs silu(g) * u as another and the
+# backward's dg and du as two more that each re-read dh, g and u; kernels/swiglu.cc does the
+# forward in one pass over the two f32 products and the backward in one over dh, g, u.
+
+SWIGLU_KERNEL = True  # off: the plain path below everywhere
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+    """silu(x · w_gate) * (x · w_up) in x's dtype, x [..., D], w_gate and w_up [D, F]: the
+    products as `dense`, the elementwise part on the CPU kernel for bf16 where no mesh axis is
+    partitioned automatically (elsewhere exactly `silu(dense(x, w_gate)) * dense(x, w_up)`)."""
+    if not (SWIGLU_KERNEL and x.dtype == jnp.bfloat16 and cpu_kernels.local_only()
+            and cpu_kernels.swiglu_available()):
+        return jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
+    x, w_gate = same_manual_axes(x, w_gate)
+    x, w_up = same_manual_axes(x, w_up)
+    return _swiglu(x, w_gate, w_up, w_gate.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _swiglu(x, w_gate, w_up, w_dtype):
+    return _swiglu_fwd(x, w_gate, w_up, w_dtype)[0]
+
+
+def _swiglu_fwd(x, w_gate, w_up, w_dtype):
+    wg, wu = w_gate.astype(x.dtype), w_up.astype(x.dtype)
+    contract = ((x.ndim - 1,), (0,))
+    h, g, u = cpu_kernels.swiglu_forward(_dot(x, wg, *contract), _dot(x, wu, *contract))
+    return h, (x, wg, wu, g, u)
+
+
+def _swiglu_bwd(w_dtype, res, dh):
+    x, wg, wu, g, u = res
+    dg, du = cpu_kernels.swiglu_backward(dh, g, u)
+    last = (dg.ndim - 1,)
+    dx = _dot(dg, wg, last, (1,)) + _dot(du, wu, last, (1,))
+    lead = tuple(range(x.ndim - 1))
+    xt = _transposed(x)
+    dw = lambda d: _dot(xt, d, tuple(i + 1 for i in lead), lead).astype(w_dtype)  # noqa: E731
+    return dx.astype(x.dtype), dw(dg), dw(du)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

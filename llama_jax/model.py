@@ -33,7 +33,7 @@ from flax import nnx
 
 from llama_jax import attention
 from llama_jax.config import ModelConfig
-from llama_jax.dense import dense, same_manual_axes
+from llama_jax.dense import dense, same_manual_axes, swiglu
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, H]; pos, seg: [B, S] int32
 
@@ -204,8 +204,8 @@ class MLP(nnx.Module):
         self.w_down = _param(rngs, (*pre, c.ffn_dim, c.dim), (*lx, "mlp", "embed"), dt)
 
     def __call__(self, x):
-        gate, up = dense(x, self.w_gate[...]), dense(x, self.w_up[...])  # btd,df->btf
-        return dense(jax.nn.silu(gate) * up, self.w_down[...])  # btf,fd->btd
+        # silu(x·w_gate) * (x·w_up), "btd,df->btf"; then "btf,fd->btd"
+        return dense(swiglu(x, self.w_gate[...], self.w_up[...]), self.w_down[...])
 
 
 class Block(nnx.Module):

@@ -78,7 +78,8 @@ void Update(float* __restrict p, const float* __restrict g, float* __restrict m,
   for (; i + 16 <= n; i += 16) {
     __m512 t = _mm512_loadu_ps(g + i);
     if (!trigger) t = _mm512_mul_ps(_mm512_div_ps(t, norm), max_norm);
-    const __m512 mi = _mm512_add_ps(_mm512_mul_ps(vc1, t), _mm512_mul_ps(vb1, _mm512_loadu_ps(m + i)));
+    const __m512 mi =
+        _mm512_add_ps(_mm512_mul_ps(vc1, t), _mm512_mul_ps(vb1, _mm512_loadu_ps(m + i)));
     const __m512 vi = _mm512_add_ps(_mm512_mul_ps(vc2, _mm512_mul_ps(t, t)),
                                     _mm512_mul_ps(vb2, _mm512_loadu_ps(v + i)));
     __m512 u = _mm512_div_ps(_mm512_div_ps(mi, bc1),

@@ -168,24 +168,6 @@ void Gemm(int64_t m, int64_t n, int64_t k, const bf16* a, int64_t lda, const bf1
 }
 #endif
 
-// exp(x) for x <= 88: 2^n * e^r, |r| <= ln2 / 2, degree-6 Taylor polynomial (relative error
-// < 2e-7). Inputs below -87 give ~1e-38, not 0: callers zero masked lanes themselves.
-inline __m512 Exp(__m512 x) {
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
 inline float Sum(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // Lanes of 16 keys that query (seg, pos) sees.
@@ -277,6 +259,11 @@ inline __m512i Interleave(__m512 row0, __m512 row1) {
                                          24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1,
                                          16, 0);
   return _mm512_permutexvar_epi16(order, packed);
+}
+
+inline __m512 LoadBf16(const bf16* p) {  // 16 bf16 -> f32 (exact)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
 inline void StoreBf16(bf16* dst, __m512 v) {
@@ -452,11 +439,7 @@ void BackwardUnit(const Inputs& in, const Grads& gr, const std::vector<Range>& t
     for (int64_t i = 0; i < t; ++i) {  // delta = rowsum(dO * O)
       __m512 acc = _mm512_setzero_ps();
       for (int64_t j = 0; j < h; j += 16) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(do_head + i * ld + j));
-        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(o_head + i * ld + j));
-        const __m512 xf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
-        const __m512 yf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(y), 16));
-        acc = _mm512_fmadd_ps(xf, yf, acc);
+        acc = _mm512_fmadd_ps(LoadBf16(do_head + i * ld + j), LoadBf16(o_head + i * ld + j), acc);
       }
       delta[i] = Sum(acc);
     }
@@ -482,9 +465,9 @@ void BackwardUnit(const Inputs& in, const Grads& gr, const std::vector<Range>& t
               dsv[e] = _mm512_mul_ps(_mm512_mul_ps(pv[e], dpv), _mm512_set1_ps(in.scale));
               StoreBf16(ds + row * kKeyChunk + j, dsv[e]);
             }
-            _mm512_storeu_si512(p_pairs + (r / 2) * 2 * kKeyChunk + 2 * j, Interleave(pv[0], pv[1]));
-            _mm512_storeu_si512(ds_pairs + (r / 2) * 2 * kKeyChunk + 2 * j,
-                                Interleave(dsv[0], dsv[1]));
+            const int64_t at = (r / 2) * 2 * kKeyChunk + 2 * j;
+            _mm512_storeu_si512(p_pairs + at, Interleave(pv[0], pv[1]));
+            _mm512_storeu_si512(ds_pairs + at, Interleave(dsv[0], dsv[1]));
           }
         }
         Gemm(m, h, w, ds, kKeyChunk, k_pairs + c0 * h, 2 * h, dq, h, true);
@@ -493,7 +476,9 @@ void BackwardUnit(const Inputs& in, const Grads& gr, const std::vector<Range>& t
       }
       bf16* dst = gr.dq + (b * t + q0) * ld + n * h;
       for (int64_t r = 0; r < m; ++r) {
-        for (int64_t j = 0; j < h; j += 16) StoreBf16(dst + r * ld + j, _mm512_loadu_ps(dq + r * h + j));
+        for (int64_t j = 0; j < h; j += 16) {
+          StoreBf16(dst + r * ld + j, _mm512_loadu_ps(dq + r * h + j));
+        }
       }
     }
   }

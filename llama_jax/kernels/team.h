@@ -1,6 +1,6 @@
-// Shared by the CPU kernels (decode.cc, attention.cc): bf16 conversions as XLA rounds them,
-// and `Team`, the caller plus helpers from XLA's intra-op thread pool (the FFI ThreadPool
-// context) that claim the chunks of each phase of one call from atomic counters.
+// Shared by the CPU kernels: bf16 conversions as XLA rounds them, an AVX-512 exp, and `Team`,
+// the caller plus helpers from XLA's intra-op thread pool (the FFI ThreadPool context) that
+// claim the chunks of each phase of one call from atomic counters.
 #ifndef LLAMA_JAX_KERNELS_TEAM_H_
 #define LLAMA_JAX_KERNELS_TEAM_H_
 
@@ -13,6 +13,10 @@
 #include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -102,6 +106,26 @@ std::shared_ptr<Team> StartTeam(xla::ffi::ThreadPool& pool) {
   }
   return team;
 }
+
+#if defined(__AVX512F__)
+// exp(x) for x <= 88: 2^n * e^r, |r| <= ln2 / 2, degree-6 Taylor polynomial (relative error
+// < 2e-7). Inputs below -87 give ~1e-38, not 0: callers zero masked lanes themselves.
+inline __m512 Exp(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.0f / 720);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
 
 }  // namespace
 

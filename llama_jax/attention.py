@@ -307,7 +307,7 @@ def materialized_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None):
     when the mask shows that no query sees a key of a later block (tokens in order, as in
     every packed training row): `_causal_blocks`."""
     if k_pos is None and k_seg is None and kernel_applies(q, k, v):
-        return _padding_rows_mean(_kernel(q, k, v, q_pos, q_seg), v, q_seg)
+        return _kernel(q, k, v, q_pos, q_seg)
     t = q.shape[1]
     block = causal_block(t)
     if k_pos is None and k_seg is None and block:

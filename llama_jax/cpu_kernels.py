@@ -175,7 +175,7 @@ ATTENTION_MULTIPLE = 32  # T and H must be multiples of it (kernels/attention.cc
 def attention_forward(q, k, v, positions, segment_ids):
     """Self-attention of bf16 q [B, T, N, H], k, v [B, T, K, H] under attention_mask(positions,
     segment_ids) twice: (out [B, T, N, H] bf16, log-sum-exp [B, N, T] f32). A query that sees
-    no key gets output 0 and log-sum-exp +inf."""
+    no key gets the mean of all values (the reference's uniform softmax), log-sum-exp +inf."""
     _require(attention_available(), "attention")
     b, t, n, _ = q.shape
     i32 = jnp.int32

@@ -15,8 +15,9 @@
 // sees key (segment b, position r) iff a == b != 0 and r <= p. A 32-key tile is skipped only
 // when no query of the block can see any of its keys (from per-tile ranges of segments and
 // positions), so any token order is exact and rows in order (packed documents) skip the tiles
-// above the diagonal and before their documents. A query that sees no key gets output 0 and
-// log-sum-exp +inf (the caller substitutes the reference's uniform average).
+// above the diagonal and before their documents. A query that sees no key (padding) gets the
+// reference's uniform softmax, the mean of all values (and log-sum-exp +inf); its gradient
+// goes to every value equally.
 //
 // Roundings: logits and softmax in f32; the unnormalised probabilities exp(s - running max) are
 // rounded to bf16 for the value product (the reference rounds the normalised ones), outputs and
@@ -299,8 +300,8 @@ T* Scratch(std::vector<T>& buffer, size_t n) {
 // Forward: out [B, T, N, H] bf16, lse [B, N, T] f32.
 
 void ForwardItem(const Inputs& in, const std::vector<std::vector<Range>>& tiles,
-                 const bf16* kt_pairs, const bf16* v_pairs, int64_t b, int64_t n, int64_t q0,
-                 bf16* out, float* lse) {
+                 const bf16* kt_pairs, const bf16* v_pairs, const float* v_mean, int64_t b,
+                 int64_t n, int64_t q0, bf16* out, float* lse) {
   const Dims& d = in.d;
   const int64_t m = std::min(kQueryBlock, d.t - q0), h = d.h, ld = d.n * d.h;
   const int32_t* seg = in.seg + b * d.t;
@@ -356,10 +357,11 @@ void ForwardItem(const Inputs& in, const std::vector<std::vector<Range>>& tiles,
   }
   for (int64_t r = 0; r < m; ++r) {
     const float l = row_sum[r];
-    const float inv = l > 0 ? 1.0f / l : 0.0f;
     bf16* dst = out + (b * d.t + q0 + r) * ld + n * h;
-    for (int64_t j = 0; j < h; j += 16) {
-      StoreBf16(dst + j, _mm512_mul_ps(_mm512_loadu_ps(o + r * h + j), _mm512_set1_ps(inv)));
+    for (int64_t j = 0; j < h; j += 16) {  // no key seen: the mean of all values
+      StoreBf16(dst + j, l > 0 ? _mm512_mul_ps(_mm512_loadu_ps(o + r * h + j),
+                                               _mm512_set1_ps(1.0f / l))
+                               : _mm512_loadu_ps(v_mean + j));
     }
     lse[(b * d.n + n) * d.t + q0 + r] = l > 0 ? row_max[r] + std::log(l) : INFINITY;
   }
@@ -370,6 +372,7 @@ void Forward(ffi::ThreadPool& pool, const Inputs& in, bf16* out, float* lse) {
   const Dims& d = in.d;
   const int64_t units = d.b * d.kv, unit_size = d.t * d.h, ld = d.kv * d.h;
   std::vector<bf16> kt_pairs(units * unit_size), v_pairs(units * unit_size);
+  std::vector<float> v_mean(units * d.h, 0.0f);
   const auto tiles = TileRanges(in);
   const int64_t blocks = (d.t + kQueryBlock - 1) / kQueryBlock;
   auto team = StartTeam(pool);
@@ -378,13 +381,18 @@ void Forward(ffi::ThreadPool& pool, const Inputs& in, bf16* out, float* lse) {
     const int64_t at = b * d.t * ld + kh * d.h;
     PackPairsOverH(in.k + at, ld, d.t, d.h, kt_pairs.data() + u * unit_size);
     PackPairsOverT(in.v + at, ld, d.t, d.h, v_pairs.data() + u * unit_size);
+    float* mean = v_mean.data() + u * d.h;
+    for (int64_t j = 0; j < d.t; ++j) {
+      for (int64_t e = 0; e < d.h; ++e) mean[e] += Bf16ToFloat(in.v[at + j * ld + e]);
+    }
+    for (int64_t e = 0; e < d.h; ++e) mean[e] /= static_cast<float>(d.t);
   });
   // Items in order of decreasing work (late query blocks see more keys) balance the threads.
   team->Phase(1, d.b * d.n * blocks, [&](int64_t i) {
     const int64_t qb = blocks - 1 - i / (d.b * d.n), bn = i % (d.b * d.n);
     const int64_t b = bn / d.n, n = bn % d.n, u = b * d.kv + n / d.g;
-    ForwardItem(in, tiles, kt_pairs.data() + u * unit_size, v_pairs.data() + u * unit_size, b,
-                n, qb * kQueryBlock, out, lse);
+    ForwardItem(in, tiles, kt_pairs.data() + u * unit_size, v_pairs.data() + u * unit_size,
+                v_mean.data() + u * d.h, b, n, qb * kQueryBlock, out, lse);
   });
   team->finished.store(true, std::memory_order_release);
 }
@@ -427,6 +435,7 @@ void BackwardUnit(const Inputs& in, const Grads& gr, const std::vector<Range>& t
   PackPairsOverT(in.k + at, kv_ld, t, h, k_pairs);
   std::fill(dk_t, dk_t + t * h, 0.0f);
   std::fill(dv_t, dv_t + t * h, 0.0f);
+  std::vector<float> unseen(h, 0.0f);  // sum of dO over the queries that saw no key
   ConfigureTiles();
   for (int64_t g = 0; g < d.g; ++g) {
     const int64_t n = kh * d.g + g;
@@ -437,6 +446,9 @@ void BackwardUnit(const Inputs& in, const Grads& gr, const std::vector<Range>& t
     Transpose(q_head, ld, t, h, q_t);
     Transpose(do_head, ld, t, h, do_t);
     for (int64_t i = 0; i < t; ++i) {  // delta = rowsum(dO * O)
+      if (lse[i] == INFINITY) {
+        for (int64_t e = 0; e < h; ++e) unseen[e] += Bf16ToFloat(do_head[i * ld + e]);
+      }
       __m512 acc = _mm512_setzero_ps();
       for (int64_t j = 0; j < h; j += 16) {
         acc = _mm512_fmadd_ps(LoadBf16(do_head + i * ld + j), LoadBf16(o_head + i * ld + j), acc);
@@ -483,6 +495,12 @@ void BackwardUnit(const Inputs& in, const Grads& gr, const std::vector<Range>& t
     }
   }
   ReleaseTiles();
+  for (int64_t e = 0; e < h; ++e) {  // their output was the mean of all values
+    const float share = unseen[e] / static_cast<float>(t);
+    if (share != 0.0f) {
+      for (int64_t j = 0; j < t; ++j) dv_t[e * t + j] += share;
+    }
+  }
   TransposeRound(dk_t, t, h, gr.dk + at, kv_ld);
   TransposeRound(dv_t, t, h, gr.dv + at, kv_ld);
 }

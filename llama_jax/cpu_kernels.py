@@ -66,6 +66,10 @@ _ADAMW = "llama_jax_adamw"
 _SWIGLU_FORWARD = "llama_jax_swiglu_forward"
 _SWIGLU_BACKWARD = "llama_jax_swiglu_backward"
 _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17")
+# Added for one source: AdamW rounds every product as XLA does (no contraction into FMAs) and
+# lets its plain loop vectorise (no errno from sqrt; 512-bit vectors where the CPU has them).
+_SOURCE_FLAGS = {"adamw.cc": ("-ffp-contract=off", "-fno-math-errno",
+                              "-mprefer-vector-width=512")}
 
 
 def _cpu_signature() -> str:
@@ -82,6 +86,7 @@ def _build(flags: tuple[str, ...] = _FLAGS, source: str = _SOURCE) -> str | None
     """Path of the library compiled from `source` (built if missing), or None with a logged
     reason. flags: the compiler flags (tests build the portable C++ path with -mno-avx512f)."""
     what = os.path.basename(source)[:-len(".cc")]
+    flags = (*flags, *_SOURCE_FLAGS.get(os.path.basename(source), ()))
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         logging.warning("llama_jax: no C++ compiler found; the CPU %s kernel is off (XLA's "
@@ -138,16 +143,28 @@ def local_only() -> bool:
                              if name not in mesh.manual_axes)
 
 
+def _register(source: str, targets: dict[str, str], supported: str | None = None) -> bool:
+    """Builds and loads the library of `source` and registers its handlers (FFI target name ->
+    exported symbol); False when `_library` gives none or its `supported` function returns 0
+    (a CPU without the instructions it was written for)."""
+    lib = _library(source)
+    if lib is None:
+        return False
+    if supported and not getattr(lib, supported)():
+        logging.info("llama_jax: this CPU lacks what the %s kernel needs (AVX-512 BF16, or the "
+                     "AMX tile state); XLA's operations are used instead.",
+                     os.path.basename(source))
+        return False
+    for target, symbol in targets.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    return True
+
+
 @functools.cache
 def available() -> bool:
     """Whether `matmul` runs the kernel (built, loaded and registered once per process)."""
-    lib = _library(_SOURCE)
-    if lib is None:
-        return False
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(lib.SmallMatmul), platform="cpu")
-    jax.ffi.register_ffi_target(_LAYER_TARGET, jax.ffi.pycapsule(lib.DecodeLayer),
-                                platform="cpu")
-    return True
+    return _register(_SOURCE, {_TARGET: "SmallMatmul", _LAYER_TARGET: "DecodeLayer"})
 
 
 @functools.cache
@@ -155,18 +172,9 @@ def attention_available() -> bool:
     """Whether `attention_forward` / `attention_backward` run (built, loaded, registered once
     per process): as `available()`, and the CPU has AVX-512 BF16 (with AMX the process is
     granted the tile state first)."""
-    lib = _library(_ATTENTION_SOURCE)
-    if lib is None:
-        return False
-    if not lib.LlamaJaxAttentionKernel():
-        logging.info("llama_jax: no AVX-512 BF16 (or AMX not granted) on this CPU; training "
-                     "attention uses XLA's operations.")
-        return False
-    jax.ffi.register_ffi_target(_ATTENTION_FORWARD, jax.ffi.pycapsule(lib.AttentionForward),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(_ATTENTION_BACKWARD, jax.ffi.pycapsule(lib.AttentionBackward),
-                                platform="cpu")
-    return True
+    return _register(_ATTENTION_SOURCE, {_ATTENTION_FORWARD: "AttentionForward",
+                                         _ATTENTION_BACKWARD: "AttentionBackward"},
+                     supported="LlamaJaxAttentionKernel")
 
 
 ATTENTION_MULTIPLE = 32  # T and H must be multiples of it (kernels/attention.cc: kKeyTile)
@@ -185,14 +193,19 @@ def attention_forward(q, k, v, positions, segment_ids):
         q, k, v, positions.astype(i32), segment_ids.astype(i32))
 
 
+def attention_backward(q, k, v, positions, segment_ids, out, d_out, lse):
+    """(dq, dk, dv) of `attention_forward` for the output cotangent d_out (bf16)."""
+    i32 = jnp.int32
+    return jax.ffi.ffi_call(
+        _ATTENTION_BACKWARD,
+        tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)))(
+        q, k, v, positions.astype(i32), segment_ids.astype(i32), out, d_out.astype(q.dtype), lse)
+
+
 @functools.cache
 def adamw_available() -> bool:
     """Whether `adamw` runs (built, loaded and registered once per process)."""
-    lib = _library(_ADAMW_SOURCE)
-    if lib is None:
-        return False
-    jax.ffi.register_ffi_target(_ADAMW, jax.ffi.pycapsule(lib.AdamW), platform="cpu")
-    return True
+    return _register(_ADAMW_SOURCE, {_ADAMW: "AdamW"})
 
 
 def adamw(p, g, m, v, scalars, *, b1: float, b2: float, eps: float, decay: bool):
@@ -211,14 +224,9 @@ def adamw(p, g, m, v, scalars, *, b1: float, b2: float, eps: float, decay: bool)
 def swiglu_available() -> bool:
     """Whether `swiglu_forward` / `swiglu_backward` run (built, loaded, registered once per
     process; AVX-512 BF16 needed)."""
-    lib = _library(_SWIGLU_SOURCE)
-    if lib is None or not lib.LlamaJaxSwigluKernel():
-        return False
-    jax.ffi.register_ffi_target(_SWIGLU_FORWARD, jax.ffi.pycapsule(lib.SwigluForward),
-                                platform="cpu")
-    jax.ffi.register_ffi_target(_SWIGLU_BACKWARD, jax.ffi.pycapsule(lib.SwigluBackward),
-                                platform="cpu")
-    return True
+    return _register(_SWIGLU_SOURCE, {_SWIGLU_FORWARD: "SwigluForward",
+                                      _SWIGLU_BACKWARD: "SwigluBackward"},
+                     supported="LlamaJaxSwigluKernel")
 
 
 def swiglu_forward(gate, up):
@@ -235,14 +243,6 @@ def swiglu_backward(dh, g, u):
     out = jax.ShapeDtypeStruct(g.shape, jnp.bfloat16)
     return jax.ffi.ffi_call(_SWIGLU_BACKWARD, (out, out))(dh.astype(jnp.bfloat16), g, u)
 
-
-def attention_backward(q, k, v, positions, segment_ids, out, d_out, lse):
-    """(dq, dk, dv) of `attention_forward` for the output cotangent d_out (bf16)."""
-    i32 = jnp.int32
-    return jax.ffi.ffi_call(
-        _ATTENTION_BACKWARD,
-        tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v)))(
-        q, k, v, positions.astype(i32), segment_ids.astype(i32), out, d_out.astype(q.dtype), lse)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["tiles"],

@@ -262,13 +262,12 @@ inline __m512i Interleave(__m512 row0, __m512 row1) {
   return _mm512_permutexvar_epi16(order, packed);
 }
 
-inline __m512 LoadBf16(const bf16* p) {  // 16 bf16 -> f32 (exact)
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+inline __m512 LoadBf16(const bf16* p) {
+  return WidenBf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 inline void StoreBf16(bf16* dst, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), (__m256i)_mm512_cvtneps_pbh(v));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), RoundBf16(v));
 }
 
 struct Inputs {
@@ -508,11 +507,9 @@ void BackwardUnit(const Inputs& in, const Grads& gr, const std::vector<Range>& t
 void Backward(ffi::ThreadPool& pool, const Inputs& in, const Grads& gr) {
   const Dims& d = in.d;
   const auto tiles = TileRanges(in);
-  auto team = StartTeam(pool);
-  team->Phase(0, d.b * d.kv, [&](int64_t u) {
+  ForEachChunk(pool, d.b * d.kv, [&](int64_t u) {
     BackwardUnit(in, gr, tiles[u / d.kv], u / d.kv, u % d.kv);
   });
-  team->finished.store(true, std::memory_order_release);
 }
 
 // ------------------------------------------------------------------------------------------

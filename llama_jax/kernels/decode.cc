@@ -44,8 +44,7 @@ inline void Store(uint16_t* p, float v) { *p = FloatToBf16(v); }
 template <typename W>
 inline __m512 Load16(const W* p) {
   if constexpr (sizeof(W) == 2) {  // bf16: the high half of an f32
-    __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    return WidenBf16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   } else {
     return _mm512_loadu_ps(p);
   }
@@ -113,9 +112,7 @@ void TileRows(const float* x, const W* w, int64_t t, float* y, int64_t b, int64_
 template <typename W>
 void Product(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t rows,
              int64_t k_dim, int64_t tiles) {
-  auto team = StartTeam(pool);
-  team->Phase(0, tiles, [&](int64_t t) { TileRows(x, w, t, y, rows, k_dim, tiles * kTile); });
-  team->finished.store(true, std::memory_order_release);
+  ForEachChunk(pool, tiles, [&](int64_t t) { TileRows(x, w, t, y, rows, k_dim, tiles * kTile); });
 }
 
 ffi::Error SmallMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
@@ -207,10 +204,6 @@ struct Rounder {
 // scalar. Exp is Cephes' expf (range reduction by ln 2, degree-6 polynomial; within 2 ulp),
 // 0 below -103.97 as IEEE underflow gives, NaN kept.
 #if defined(__AVX512F__)
-inline __mmask16 Mask(int64_t left) {
-  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-}
-
 inline __m512 RoundV(__m512 v, bool on) {
   if (!on) return v;
   const __m512i u = _mm512_castps_si512(v);
@@ -249,7 +242,7 @@ float ExpShifted(float* x, int64_t n, float shift) {
 #if defined(__AVX512F__)
   __m512 sum = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Mask(n - i);
+    const __mmask16 m = Lanes(n - i);
     const __m512 e = ExpV(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(shift)));
     _mm512_mask_storeu_ps(x + i, m, e);
     sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
@@ -266,7 +259,7 @@ float ExpShifted(float* x, int64_t n, float shift) {
 void DivideRound(float* x, int64_t n, float d, bool round) {
 #if defined(__AVX512F__)
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Mask(n - i);
+    const __mmask16 m = Lanes(n - i);
     const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_set1_ps(d));
     _mm512_mask_storeu_ps(x + i, m, RoundV(v, round));
   }
@@ -282,7 +275,7 @@ void SiluMul(const float* gate, const float* up, float* act, int64_t n, bool rou
 #if defined(__AVX512F__)
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Mask(n - i);
+    const __mmask16 m = Lanes(n - i);
     const __m512 g = RoundV(_mm512_maskz_loadu_ps(m, gate + i), round);
     const __m512 e = RoundV(ExpV(_mm512_sub_ps(_mm512_setzero_ps(), g)), round);
     const __m512 sig = RoundV(_mm512_div_ps(one, RoundV(_mm512_add_ps(e, one), round)), round);
@@ -312,10 +305,9 @@ void RmsNorm(const float* x, const void* scale, bool scale_bf16, bool round, flo
     float* yi = y + i * d;
 #if defined(__AVX512F__)
     for (int64_t j = 0; j < d; j += 16) {
-      const __mmask16 m = Mask(d - j);
+      const __mmask16 m = Lanes(d - j);
       const __m512 g = scale_bf16
-          ? _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(
-                m, static_cast<const uint16_t*>(scale) + j)), 16))
+          ? WidenBf16(_mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(scale) + j))
           : _mm512_maskz_loadu_ps(m, static_cast<const float*>(scale) + j);
       const __m512 v = RoundV(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, xi + j), _mm512_set1_ps(inv)),
                               round);
@@ -336,7 +328,7 @@ void RmsNorm(const float* x, const void* scale, bool scale_bf16, bool round, flo
 void AddRound(const float* x, const float* y, float* out, int64_t n, bool round) {
 #if defined(__AVX512F__)
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Mask(n - i);
+    const __mmask16 m = Lanes(n - i);
     const __m512 v = RoundV(_mm512_maskz_loadu_ps(m, y + i), round);
     _mm512_mask_storeu_ps(out + i, m,
                           RoundV(_mm512_add_ps(_mm512_maskz_loadu_ps(m, x + i), v), round));
@@ -351,7 +343,7 @@ float Dot(const float* x, const float* y, int64_t n) {
 #if defined(__AVX512F__)
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Mask(n - i);
+    const __mmask16 m = Lanes(n - i);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i), acc);
   }
   return _mm512_reduce_add_ps(acc);
@@ -365,7 +357,7 @@ float Dot(const float* x, const float* y, int64_t n) {
 void Axpy(float a, const float* x, float* y, int64_t n) {  // y += a x
 #if defined(__AVX512F__)
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = Mask(n - i);
+    const __mmask16 m = Lanes(n - i);
     const __m512 v = _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_maskz_loadu_ps(m, x + i),
                                      _mm512_maskz_loadu_ps(m, y + i));
     _mm512_mask_storeu_ps(y + i, m, v);

@@ -35,26 +35,18 @@ namespace {
 using bf16 = uint16_t;
 constexpr int64_t kChunk = 1 << 14;  // elements per work item (a multiple of 16)
 
-inline __m256i Round(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }  // nearest even
-
 inline __m512 Sigmoid(__m512 x) {  // 1 / (1 + exp(-x))
   const __m512 one = _mm512_set1_ps(1.0f);
   return _mm512_div_ps(one, _mm512_add_ps(one, Exp(_mm512_sub_ps(_mm512_setzero_ps(), x))));
 }
 
-// Lanes [lo, lo + 16) or the masked tail of a chunk.
-inline __mmask16 Lanes(int64_t left) {
-  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
-}
-
 void ForwardChunk(const float* gate, const float* up, bf16* h, bf16* g, bf16* u, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = Lanes(n - i);
-    const __m256i g16 = Round(_mm512_maskz_loadu_ps(k, gate + i));
-    const __m256i u16 = Round(_mm512_maskz_loadu_ps(k, up + i));
-    const __m512 gf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(g16), 16));
-    const __m512 uf = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(u16), 16));
-    const __m256i hv = Round(_mm512_mul_ps(_mm512_mul_ps(gf, Sigmoid(gf)), uf));
+    const __m256i g16 = RoundBf16(_mm512_maskz_loadu_ps(k, gate + i));
+    const __m256i u16 = RoundBf16(_mm512_maskz_loadu_ps(k, up + i));
+    const __m512 gf = WidenBf16(g16), uf = WidenBf16(u16);
+    const __m256i hv = RoundBf16(_mm512_mul_ps(_mm512_mul_ps(gf, Sigmoid(gf)), uf));
     _mm256_mask_storeu_epi16(h + i, k, hv);
     _mm256_mask_storeu_epi16(g + i, k, g16);
     _mm256_mask_storeu_epi16(u + i, k, u16);
@@ -66,28 +58,24 @@ void BackwardChunk(const bf16* dh, const bf16* g, const bf16* u, bf16* dg, bf16*
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 k = Lanes(n - i);
-    const auto load = [&](const bf16* p) {
-      const __m256i v = _mm256_maskz_loadu_epi16(k, p + i);
-      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
-    };
+    const auto load = [&](const bf16* p) { return WidenBf16(_mm256_maskz_loadu_epi16(k, p + i)); };
     const __m512 d = load(dh), gf = load(g), uf = load(u);
     const __m512 s = Sigmoid(gf);
     const __m512 ds = _mm512_mul_ps(d, s);
     const __m512 dgv = _mm512_mul_ps(
         _mm512_mul_ps(ds, uf), _mm512_add_ps(one, _mm512_mul_ps(gf, _mm512_sub_ps(one, s))));
-    _mm256_mask_storeu_epi16(dg + i, k, Round(dgv));
-    _mm256_mask_storeu_epi16(du + i, k, Round(_mm512_mul_ps(ds, gf)));
+    _mm256_mask_storeu_epi16(dg + i, k, RoundBf16(dgv));
+    _mm256_mask_storeu_epi16(du + i, k, RoundBf16(_mm512_mul_ps(ds, gf)));
   }
 }
 
+// fn(lo, len) over [0, n) in chunks of kChunk elements.
 template <typename F>
 void Chunks(ffi::ThreadPool& pool, int64_t n, F&& fn) {
-  auto team = StartTeam(pool);
-  team->Phase(0, (n + kChunk - 1) / kChunk, [&](int64_t c) {
+  ForEachChunk(pool, (n + kChunk - 1) / kChunk, [&](int64_t c) {
     const int64_t lo = c * kChunk;
     fn(lo, std::min(kChunk, n - lo));
   });
-  team->finished.store(true, std::memory_order_release);
 }
 
 ffi::Error SwigluForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gate,

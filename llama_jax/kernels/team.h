@@ -1,6 +1,7 @@
-// Shared by the CPU kernels: bf16 conversions as XLA rounds them, an AVX-512 exp, and `Team`,
-// the caller plus helpers from XLA's intra-op thread pool (the FFI ThreadPool context) that
-// claim the chunks of each phase of one call from atomic counters.
+// Shared by the CPU kernels: bf16 conversions as XLA rounds them (scalar and AVX-512), the
+// lanes of a row's tail, an AVX-512 exp, and `Team`, the caller plus helpers from XLA's
+// intra-op thread pool (the FFI ThreadPool context) that claim the chunks of each phase of one
+// call from atomic counters (`ForEachChunk` for a call of one phase).
 #ifndef LLAMA_JAX_KERNELS_TEAM_H_
 #define LLAMA_JAX_KERNELS_TEAM_H_
 
@@ -11,6 +12,7 @@
 #include <memory>
 #include <thread>
 #include <type_traits>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -106,6 +108,31 @@ std::shared_ptr<Team> StartTeam(xla::ffi::ThreadPool& pool) {
   }
   return team;
 }
+
+// One phase of `chunks` work items fn(chunk), claimed by the caller and the pool's helpers.
+template <typename F>
+void ForEachChunk(xla::ffi::ThreadPool& pool, int64_t chunks, F&& fn) {
+  auto team = StartTeam(pool);
+  team->Phase(0, chunks, std::forward<F>(fn));
+  team->finished.store(true, std::memory_order_release);
+}
+
+#if defined(__AVX512F__)
+// The first min(left, 16) lanes: the tail of a row that is not a multiple of 16.
+inline __mmask16 Lanes(int64_t left) {
+  return left >= 16 ? __mmask16(0xffff) : __mmask16((1u << left) - 1);
+}
+
+// 16 bf16 -> f32 (exact: the high half of an f32).
+inline __m512 WidenBf16(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+#endif
+
+#if defined(__AVX512BF16__)
+// 16 f32 -> bf16, rounded to nearest even as XLA's convert.
+inline __m256i RoundBf16(__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); }
+#endif
 
 #if defined(__AVX512F__)
 // exp(x) for x <= 88: 2^n * e^r, |r| <= ln2 / 2, degree-6 Taylor polynomial (relative error

@@ -7,8 +7,8 @@ setuptools.setup(
     version="0.1.0",
     description="LLaMA 1/2/3.x in JAX + Flax NNX: pretraining, conversion, decoding.",
     packages=setuptools.find_packages(include=["llama_jax", "llama_jax.*"]),
-    # The CPU kernels' sources, compiled on first use (llama_jax/cpu_kernels.py).
-    package_data={"llama_jax": ["kernels/*.cc", "kernels/*.h"]},
+    # The cpu backend's C++ sources, compiled on first use (llama_jax/backends/cpu/kernels.py).
+    package_data={"llama_jax": ["backends/cpu/csrc/*.cc", "backends/cpu/csrc/*.h"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from llama_jax import host_memory, sharding, train  # noqa: E402
+from llama_jax import backends, sharding, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file[:arg].",
                                           lock_config=True)
@@ -31,16 +31,16 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a mul
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Let JAX detect the cluster (TPU VMs).")
 _RETAIN_MEMORY = flags.DEFINE_bool(
-    "retain_host_memory", True, "Keep freed host memory for reuse (llama_jax.host_memory): "
-    "on CPU each step otherwise faults its temporaries in afresh. Hosts with TPU or GPU device "
-    "files skip it.")
+    "retain_host_memory", True, "Keep freed host memory for reuse (the cpu backend's "
+    "host_memory): on CPU each step otherwise faults its temporaries in afresh. Hosts with TPU "
+    "or GPU device files and the plain backend skip it.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    if _RETAIN_MEMORY.value and not host_memory.has_accelerator():  # before JAX's threads
-        host_memory.retain_freed_memory()
+    if _RETAIN_MEMORY.value:  # before JAX starts its threads
+        backends.prepare_host(_CONFIG.value.mesh.backend)
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it writes at INFO
         logging.set_verbosity(logging.WARNING)
     sharding.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

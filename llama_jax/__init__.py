@@ -5,11 +5,13 @@ Public API:
     logits = model(tokens)                # [B, T] int -> [B, T, V] float32
     config = llama_jax.get_config("llama3.1-8b")
     model = llama_jax.create(config)      # random init; llama_jax.abstract(config): no memory
+    model = llama_jax.with_backend(model, llama_jax.backends.get("auto"))  # CPU fast paths
 """
 
 from llama_jax.config import PRESETS, ModelConfig, RopeScaling, get_config
-from llama_jax.model import Llama, abstract, create, init_cache, param_count
+from llama_jax import backends
+from llama_jax.model import Llama, abstract, create, init_cache, param_count, with_backend
 from llama_jax.io import load
 
 __all__ = ["PRESETS", "ModelConfig", "RopeScaling", "get_config", "Llama", "abstract", "create",
-           "init_cache", "param_count", "load"]
+           "init_cache", "param_count", "load", "backends", "with_backend"]

@@ -27,7 +27,7 @@ MAX_STOP_IDS = 8  # stop ids are padded to this many (with -1) so their count do
 def with_dtype(model: model_lib.Llama, dtype: str) -> model_lib.Llama:
     """A copy of the model with parameters and compute in `dtype` ("float32", "bfloat16")."""
     config = model.config.replace(dtype=dtype, param_dtype=dtype)
-    graphdef, _ = nnx.split(model_lib.abstract(config))
+    graphdef, _ = nnx.split(model_lib.abstract(config, model.backend, model.parallel))
     state = jax.tree.map(lambda x: x.astype(dtype), nnx.state(model))
     return nnx.merge(graphdef, state)
 

@@ -17,14 +17,19 @@ Parameters of all layers are stacked along a leading `layers` axis, so scanned a
 execution share one parameter tree (and one checkpoint layout). Every parameter carries its
 logical axis names in the `axes` metadata; `sharding.py` maps them to mesh axes.
 
+The math is written once, as functions of arrays (`block`, `self_attention`, `mlp`,
+`rms_norm`, `project`), and serves training, prefill and decoding (a KV cache written at
+slot = position); the NNX modules declare the parameters. A backend (backends/__init__.py)
+may swap in faster forms of some pieces, each tested equal to the plain one.
+
 Axis letters: B batch, T query length, S key length (cache slots), D model dim, F ffn dim,
 N query heads, K kv heads, H head dim, V vocab, L layers.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,10 +37,11 @@ import numpy as np
 from flax import nnx
 
 from llama_jax import attention
+from llama_jax.backends import PLAIN, Backend
 from llama_jax.config import ModelConfig
-from llama_jax.dense import dense, same_manual_axes, swiglu
 
 Cache = dict[str, jax.Array]  # k, v: [L, B, S, K, H]; pos, seg: [B, S] int32
+Params = dict[str, Any]  # one layer's weights: nnx.to_pure_dict of a Block (see `block`)
 
 _INIT = nnx.initializers.normal(stddev=0.02)  # Hugging Face's initializer_range for Llama
 
@@ -46,23 +52,15 @@ REMAT_POLICIES = {
 }
 
 
-# Execution hooks for sharded steps (set by llama_jax.sharding while a step is traced, so they
-# apply to that trace only): `attention(q, k, v, positions, segment_ids)` replaces the no-cache
-# attention (context parallelism), `layers(model, x, positions, segment_ids)` runs the stacked
-# layers (pipeline parallelism), `activations(x)` constrains the sharding of x [B, T, D] at
-# every block boundary. None = the plain single-program code below.
-_HOOKS: dict[str, Any] = dict(attention=None, layers=None, activations=None)
+@dataclasses.dataclass(frozen=True)
+class Parallel:
+    """How a sharded step runs the layer stack (sharding.parallel builds it; the default runs
+    it as one program): `layers(model, x, positions, segment_ids)` replaces the layer loop
+    (pipeline parallelism), `constrain(x)` fixes the sharding of x [B, T, D] at every block
+    boundary. Context parallelism is the backend's attention, replaced (sharding.parallel)."""
 
-
-@contextlib.contextmanager
-def hooks(attention=None, layers=None, activations=None):
-    """Routes the no-cache attention and/or the layer stack through other implementations."""
-    saved = dict(_HOOKS)
-    _HOOKS.update(attention=attention, layers=layers, activations=activations)
-    try:
-        yield
-    finally:
-        _HOOKS.update(saved)
+    layers: Callable | None = None
+    constrain: Callable | None = None
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
@@ -71,7 +69,26 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
 
 
 # ----------------------------------------------------------------------------------------------
-# Rotary embeddings
+# The math, as functions of arrays. `ops` is the backend (backends/__init__.py): where it
+# swaps a piece in, that piece equals the plain form written here.
+
+
+def project(spec: str, x: jax.Array, w, ops: Backend, out_dtype=None) -> jax.Array:
+    """A weight product einsum(spec, x, w) in x's (compute) dtype with float32 accumulation,
+    rounded once to out_dtype (default x's dtype); f32 master weights are cast first."""
+    if ops.einsum is not None:
+        return ops.einsum(spec, x, w, out_dtype)
+    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float, ops: Backend) -> jax.Array:
+    """x / rms(x) in float32, rounded to x's dtype, times the gain (as HF's LlamaRMSNorm)."""
+    xf = x.astype(jnp.float32)
+    y = (xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)).astype(x.dtype)
+    if ops.norm_gain is not None:
+        return ops.norm_gain(y, scale)
+    return y * scale.astype(y.dtype).reshape((1,) * (y.ndim - 1) + scale.shape)
 
 
 def rope_frequencies(config: ModelConfig) -> np.ndarray:
@@ -93,70 +110,83 @@ def rope_frequencies(config: ModelConfig) -> np.ndarray:
 
 def rope_table(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
     """(cos, sin) [B, T, H/2] float32 of the rotation angles positions [B, T] × inv_freq."""
-    def table():
-        angles = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
-        return jnp.cos(angles), jnp.sin(angles)
-    if jax.default_backend() != "cpu":
-        return table()
-    # XLA:CPU fuses cos and sin into every rotation that reads them and evaluates them there
-    # for each of the n heads' elements, shared table or not (~65 ms of the bench shape's
-    # 0.88 s bf16 train step); a conditional is a fusion boundary. Both branches are the same.
-    return jax.lax.cond(positions[0, 0] != jnp.iinfo(jnp.int32).min, table, table)
+    angles = positions[:, :, None].astype(jnp.float32) * inv_freq[None, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, rope) -> jax.Array:
-    """Rotates x [B, T, n, H] by positions [B, T]; half-split pairs (i, i + H/2). `rope` is
-    the frequencies (rope_frequencies) or their `rope_table` for these positions, which the
-    model computes once per forward for all of its layers."""
-    cos, sin = rope if isinstance(rope, tuple) else rope_table(positions, rope)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """Rotates x [B, T, n, H] by the angles of rope = (cos, sin) [B, T, H/2] (`rope_table`,
+    computed once per forward for all layers); half-split pairs (i, i + H/2)."""
+    cos, sin = rope[0][:, :, None, :], rope[1][:, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
+class LayerCache(NamedTuple):
+    """Where a layer reads and writes the KV cache: the stacked k, v [L, B, S, K, H], this
+    layer's index, each token's slot [B, T] (S: dropped, e.g. padding) and the mask [B, T, S]
+    of these tokens over the slots after the write."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: Any  # int, or a traced index under lax.scan
+    slots: jax.Array
+    mask: jax.Array
+
+
+def self_attention(p: Params, x, positions, segment_ids, rope, ops: Backend,
+                   cache: LayerCache | None = None):
+    """Grouped-query attention of x [B, T, D]: ([B, T, D], (k, v) with this call's keys
+    written, or None). Without a cache the keys are this call's tokens (ops.attend); with one,
+    k/v go to their slots of layer `cache.layer` and the queries attend over all slots."""
+    q = project("btd,dnh->btnh", x, p["wq"], ops)
+    k = project("btd,dkh->btkh", x, p["wk"], ops)
+    v = project("btd,dkh->btkh", x, p["wv"], ops)
+    q, k = apply_rope(q, rope), apply_rope(k, rope)
+    if cache is None:
+        out, new_kv = ops.attend(q, k, v, positions, segment_ids), None
+    else:
+        where = (cache.layer, jnp.arange(x.shape[0])[:, None], cache.slots)
+        ck = cache.k.at[where].set(k.astype(cache.k.dtype), mode="drop")
+        cv = cache.v.at[where].set(v.astype(cache.v.dtype), mode="drop")
+        out = attention.dot_product_attention(q, ck[cache.layer].astype(x.dtype),
+                                              cv[cache.layer].astype(x.dtype), cache.mask)
+        new_kv = (ck, cv)
+    return project("btnh,nhd->btd", out, p["wo"], ops), new_kv
+
+
+def mlp(p: Params, x, ops: Backend):
+    """SwiGLU: down(silu(x · w_gate) * (x · w_up)), x [B, T, D]."""
+    if ops.swiglu is not None:
+        h = ops.swiglu(x, p["w_gate"], p["w_up"])
+    else:
+        h = (jax.nn.silu(project("btd,df->btf", x, p["w_gate"], ops))
+             * project("btd,df->btf", x, p["w_up"], ops))
+    return project("btf,fd->btd", h, p["w_down"], ops)
+
+
+def block(p: Params, x, positions, segment_ids, rope, ops: Backend, eps: float,
+          cache: LayerCache | None = None):
+    """One pre-norm transformer layer: (x [B, T, D], (k, v) or None).
+    p = {attn_norm: {scale}, attn: {wq, wk, wv, wo}, mlp_norm: {scale}, mlp: {w_gate, w_up,
+    w_down}}, the layout of Block's parameters."""
+    with jax.named_scope("attention"):
+        y = rms_norm(x, p["attn_norm"]["scale"], eps, ops)
+        h, new_kv = self_attention(p["attn"], y, positions, segment_ids, rope, ops, cache)
+    x = x + h
+    with jax.named_scope("mlp"):
+        x = x + mlp(p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], eps, ops), ops)
+    return x, new_kv
+
+
 # ----------------------------------------------------------------------------------------------
-# Modules. `stack` is a prefix of parameter dimensions: (L,) for the per-layer modules.
+# The parameters. `stack` is a prefix of parameter dimensions: (L,) for the per-layer modules.
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, stack=(), param_dtype=jnp.float32):
+    def __init__(self, dim: int, *, stack=(), param_dtype=jnp.float32):
         self.scale = nnx.Param(jnp.ones((*stack, dim), param_dtype),
                                axes=("layers",) * len(stack) + ("norm",))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return scale_rows(y.astype(x.dtype), self.scale[...])
-
-
-def scale_rows(y: jax.Array, scale: jax.Array) -> jax.Array:
-    """y [..., D] * scale [D] in y's dtype (as HF's LlamaRMSNorm, which rounds the normalised
-    rows first), with the gain's gradient summed over the rows in float32 and returned in
-    scale's dtype. Autodiff of the bf16 product sums bf16 products (less exact), which
-    XLA:CPU ran as a separate convert pass and a single-threaded reduce-window per gain."""
-    y, scale = same_manual_axes(y, scale)
-    return _scale_rows(y, scale)
-
-
-@jax.custom_vjp
-def _scale_rows(y, scale):
-    return y * scale.astype(y.dtype).reshape((1,) * (y.ndim - 1) + scale.shape)
-
-
-def _scale_rows_fwd(y, scale):
-    return _scale_rows(y, scale), (y, scale)
-
-
-def _scale_rows_bwd(res, g):
-    y, scale = res
-    d_y = g.astype(y.dtype) * scale.astype(y.dtype).reshape((1,) * (y.ndim - 1) + scale.shape)
-    rows = tuple(range(y.ndim - 1))
-    d_scale = jnp.sum(g.astype(jnp.float32) * y.astype(jnp.float32), axis=rows)
-    return d_y, d_scale.astype(scale.dtype)
-
-
-_scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
 
 
 class Attention(nnx.Module):
@@ -168,33 +198,6 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (*pre, d, k, h), (*lx, "embed", "kv_heads", "head_dim"), dt)
         self.wo = _param(rngs, (*pre, n, h, d), (*lx, "q_heads", "head_dim", "embed"), dt)
 
-    def __call__(self, x, positions, segment_ids, rope, kv=None, kv_pos=None, kv_seg=None):
-        """x [B, T, D] -> ([B, T, D], (k, v) written to the cache or None).
-
-        Without a cache the keys are this call's tokens. With one, kv = (k, v) [B, S, K, H]
-        and this call's keys are written to slot `positions` of their row (padding, with
-        segment 0, is dropped); kv_pos / kv_seg [B, S] describe the slots after the write.
-        """
-        dt = x.dtype
-        # dense: einsums "btd,dnh->btnh" etc. in the compute dtype, fast on XLA:CPU in bf16.
-        q, k, v = dense(x, self.wq[...]), dense(x, self.wk[...]), dense(x, self.wv[...])
-        q, k = apply_rope(q, positions, rope), apply_rope(k, positions, rope)
-        if kv is None and _HOOKS["attention"] is not None:
-            out, new_kv = _HOOKS["attention"](q, k, v, positions, segment_ids), None
-        elif kv is None:
-            out = attention.IMPLS[attention.DEFAULT](q, k, v, positions, segment_ids)
-            new_kv = None
-        else:
-            cache_k, cache_v = kv
-            slots = jnp.where(segment_ids != 0, positions, cache_k.shape[1])  # S: dropped
-            rows = jnp.arange(x.shape[0])[:, None]
-            cache_k = cache_k.at[rows, slots].set(k.astype(cache_k.dtype), mode="drop")
-            cache_v = cache_v.at[rows, slots].set(v.astype(cache_v.dtype), mode="drop")
-            mask = attention.attention_mask(positions, segment_ids, kv_pos, kv_seg)
-            out = attention.dot_product_attention(q, cache_k.astype(dt), cache_v.astype(dt), mask)
-            new_kv = (cache_k, cache_v)
-        return dense(out, self.wo[...], n_in=2), new_kv  # btnh,nhd->btd
-
 
 class MLP(nnx.Module):
     def __init__(self, c: ModelConfig, *, stack, rngs: nnx.Rngs):
@@ -203,40 +206,33 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, (*pre, c.dim, c.ffn_dim), (*lx, "embed", "mlp"), dt)
         self.w_down = _param(rngs, (*pre, c.ffn_dim, c.dim), (*lx, "mlp", "embed"), dt)
 
-    def __call__(self, x):
-        # silu(x·w_gate) * (x·w_up), "btd,df->btf"; then "btf,fd->btd"
-        return dense(swiglu(x, self.w_gate[...], self.w_up[...]), self.w_down[...])
-
 
 class Block(nnx.Module):
-    """One transformer layer; constructed with stack=(L,) it holds all layers' parameters."""
+    """The parameters of one transformer layer (`block`); constructed with stack=(L,) it holds
+    all layers' parameters."""
 
     def __init__(self, c: ModelConfig, *, stack=(), rngs: nnx.Rngs):
         pd = jnp.dtype(c.param_dtype)
-        self.attn_norm = RMSNorm(c.dim, c.norm_eps, stack=stack, param_dtype=pd)
+        self.attn_norm = RMSNorm(c.dim, stack=stack, param_dtype=pd)
         self.attn = Attention(c, stack=stack, rngs=rngs)
-        self.mlp_norm = RMSNorm(c.dim, c.norm_eps, stack=stack, param_dtype=pd)
+        self.mlp_norm = RMSNorm(c.dim, stack=stack, param_dtype=pd)
         self.mlp = MLP(c, stack=stack, rngs=rngs)
-
-    def __call__(self, x, positions, segment_ids, rope, kv=None, kv_pos=None, kv_seg=None):
-        with jax.named_scope("attention"):
-            h, new_kv = self.attn(self.attn_norm(x), positions, segment_ids, rope,
-                                  kv, kv_pos, kv_seg)
-        x = x + h
-        with jax.named_scope("mlp"):
-            x = x + self.mlp(self.mlp_norm(x))
-        return x, new_kv
 
 
 class Llama(nnx.Module):
-    """`Llama(config, rngs=nnx.Rngs(0))(tokens [B, T]) -> logits [B, T, V]` (float32)."""
+    """`Llama(config, rngs=nnx.Rngs(0))(tokens [B, T]) -> logits [B, T, V]` (float32).
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    `backend` (backends.get(...); default the plain one) and `parallel` (sharding.parallel)
+    are how the model runs, not what it is: they are static, part of the graph definition,
+    and do not change the parameters or checkpoints."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, backend: Backend = PLAIN,
+                 parallel: Parallel = Parallel()):
         c, pd = config, jnp.dtype(config.param_dtype)
-        self.config = config
+        self.config, self.backend, self.parallel = config, backend, parallel
         self.embed = _param(rngs, (c.vocab_size, c.dim), ("vocab", "embed"), pd)
         self.layers = Block(c, stack=(c.n_layers,), rngs=rngs)
-        self.norm = RMSNorm(c.dim, c.norm_eps, param_dtype=pd)
+        self.norm = RMSNorm(c.dim, param_dtype=pd)
         self.lm_head = (None if c.tie_embeddings else
                         _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), pd))
 
@@ -261,10 +257,13 @@ class Llama(nnx.Module):
         a loss can then project a few tokens at a time (llama_jax.train.loss_fn)."""
         return self.features(self.embed_tokens(tokens), positions, segment_ids)[0]
 
+    def head(self) -> jax.Array:
+        """The output projection [D, V] (the input embedding's transpose when tied)."""
+        return self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
+
     def unembed(self, x) -> jax.Array:
         """Logits [..., V] float32 of final-norm outputs x [..., D]."""
-        head = self.embed[...].T if self.config.tie_embeddings else self.lm_head[...]
-        return dense(x, head, out_dtype=jnp.float32)  # ...d,dv->...v
+        return project("...d,dv->...v", x, self.head(), self.backend, out_dtype=jnp.float32)
 
     def features(self, x, positions=None, segment_ids=None, cache: Cache | None = None):
         """(final-norm output [B, T, D], updated cache or None) of embeddings x [B, T, D]."""
@@ -273,46 +272,68 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
-        new_cache, kv_pos, kv_seg = None, None, None
-        if cache is not None:
-            kv_pos, kv_seg = _update_slots(cache, positions, segment_ids)
-        if cache is None and _HOOKS["layers"] is not None:
-            x, new_kv = _HOOKS["layers"](self, x, positions, segment_ids), None
+        if cache is None and self.parallel.layers is not None:
+            x = self.parallel.layers(self, x, positions, segment_ids)
+            new_cache = None
         else:
-            x, new_kv = self._layers(x, positions, segment_ids, cache, kv_pos, kv_seg)
-        if cache is not None:
-            new_cache = dict(k=new_kv[0], v=new_kv[1], pos=kv_pos, seg=kv_seg)
-        return self.norm(x), new_cache
+            x, new_cache = forward_layers(self.config, self.backend, nnx.state(self.layers), x,
+                                          positions, segment_ids, cache,
+                                          constrain=self.parallel.constrain)
+        return rms_norm(x, self.norm.scale[...], self.config.norm_eps, self.backend), new_cache
 
-    def _layers(self, x, positions, segment_ids, cache, kv_pos, kv_seg, layers=None):
-        """Runs the L stacked layers, by lax.scan or unrolled, with the configured remat.
-        `layers` (a Block stacked over any number of layers) replaces self.layers: a pipeline
-        stage runs its own slice of the stack this way."""
-        c = self.config
-        graphdef, params = nnx.split(self.layers if layers is None else layers)
-        rope = rope_table(positions, rope_frequencies(c))  # once for every layer
 
-        constrain = _HOOKS["activations"] or (lambda x: x)
+def forward_layers(c: ModelConfig, ops: Backend, layers, x, positions, segment_ids,
+                   cache: Cache | None = None, *, constrain=None, remat: bool = True):
+    """The transformer layers on x [B, T, D]: (x, the updated cache or None).
 
-        def layer(x, layer_params, kv):
-            block = nnx.merge(graphdef, layer_params)
-            x, kv = block(constrain(x), positions, segment_ids, rope, kv, kv_pos, kv_seg)
-            return constrain(x), kv
+    layers: the stacked parameters (nnx.State of Block(stack=(L,)), or any number of its
+    layers: a pipeline stage runs its own slice), run by lax.scan or unrolled as configured,
+    under the configured remat; or a tuple of per-layer Params (decoding: one buffer per layer,
+    `decode.prepare`), unrolled. `cache` (init_cache) receives each real token's k/v at slot =
+    its position; `constrain` fixes the activations' sharding at block boundaries."""
+    constrain = constrain or (lambda a: a)
+    rope = (ops.rope_table or rope_table)(positions, rope_frequencies(c))  # once, all layers
+    at = None
+    if cache is not None:
+        kv_pos, kv_seg = _update_slots(cache, positions, segment_ids)
+        slots = jnp.where(segment_ids != 0, positions, cache["pos"].shape[1])  # S: dropped
+        at = (slots, attention.attention_mask(positions, segment_ids, kv_pos, kv_seg))
 
-        if c.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat])
-        kvs = None if cache is None else (cache["k"], cache["v"])
+    def layer(x, p, i, kv):
+        lc = None if at is None else LayerCache(kv[0], kv[1], i, *at)
+        if lc is not None and ops.decode_block is not None:
+            fused = ops.decode_block(c, p, x, positions, segment_ids, rope, lc, kv_pos, kv_seg)
+            if fused is not None:  # the backend's one-call block (tested equal to `block`)
+                return fused
+        x, new_kv = block(_pure(p), constrain(x), positions, segment_ids, rope, ops, c.norm_eps,
+                          lc)
+        return constrain(x), (kv if new_kv is None else new_kv)
+
+    kv = None if cache is None else (cache["k"], cache["v"])
+    if isinstance(layers, tuple):  # per-layer buffers
+        for i, p in enumerate(layers):
+            x, kv = layer(x, p, i, kv)
+    else:
+        if remat and c.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[c.remat], static_argnums=(2,)
+                                   if not c.scan_layers else ())
+        n = jax.tree.leaves(layers)[0].shape[0]
         if c.scan_layers:
-            def body(x, xs):
-                return layer(x, *xs)
-            return jax.lax.scan(body, x, (params, kvs))
-        outs = []
-        for i in range(jax.tree.leaves(params)[0].shape[0]):
-            pick = lambda a: a[i]  # noqa: E731
-            x, kv = layer(x, jax.tree.map(pick, params), jax.tree.map(pick, kvs))
-            outs.append(kv)
-        stacked = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, stacked
+            def body(carry, xs):
+                x, kv = carry
+                return layer(x, xs[0], xs[1], kv), None
+            (x, kv), _ = jax.lax.scan(body, (x, kv), (layers, jnp.arange(n)))
+        else:
+            for i in range(n):
+                x, kv = layer(x, jax.tree.map(lambda a: a[i], layers), i, kv)  # noqa: B023
+    if cache is None:
+        return x, None
+    return x, dict(k=kv[0], v=kv[1], pos=kv_pos, seg=kv_seg)
+
+
+def _pure(p) -> Params:
+    """Params as plain nested dicts of arrays (an nnx.State slice, or already a dict)."""
+    return nnx.to_pure_dict(p) if isinstance(p, nnx.State) else p
 
 
 def _update_slots(cache: Cache, positions, segment_ids):
@@ -334,14 +355,24 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=None) -> Cac
                 seg=jnp.zeros((batch, max_len), jnp.int32))
 
 
-def create(config: ModelConfig, seed: int = 0) -> Llama:
+def create(config: ModelConfig, seed: int = 0, backend: Backend = PLAIN,
+           parallel: Parallel = Parallel()) -> Llama:
     """A randomly initialised model."""
-    return Llama(config, rngs=nnx.Rngs(seed))
+    return Llama(config, rngs=nnx.Rngs(seed), backend=backend, parallel=parallel)
 
 
-def abstract(config: ModelConfig) -> Llama:
+def abstract(config: ModelConfig, backend: Backend = PLAIN,
+             parallel: Parallel = Parallel()) -> Llama:
     """The model with ShapeDtypeStructs for parameters: allocates nothing."""
-    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), backend=backend,
+                                        parallel=parallel))
+
+
+def with_backend(model: Llama, backend: Backend, parallel: Parallel | None = None) -> Llama:
+    """The same parameters (not copied) run by another backend (and Parallel)."""
+    parallel = model.parallel if parallel is None else parallel
+    graphdef, _ = nnx.split(abstract(model.config, backend, parallel))
+    return nnx.merge(graphdef, nnx.state(model))
 
 
 def param_count(model: Llama) -> int:

@@ -28,6 +28,7 @@ Axis letters: B batch, T length, D model dim, L layers; S stages, R repeats, M m
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 
@@ -66,17 +67,17 @@ def _varying(x, axis):
 
 def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int = 0,
                     repeats: int = 1, context_impl: str | None = None,
-                    attention_impl: str = "full", weight_spec=None,
+                    local_attention=None, weight_spec=None,
                     axis: str = "pipeline"):
     """Runs model.layers on x [B, T, D] as an S-stage pipeline; returns [B, T, D].
 
-    A drop-in for the model's own layer loop (installed through llama_jax.model.hooks).
+    A drop-in for the model's own layer loop (model.Parallel.layers, sharding.execution).
     Rows are cut into M microbatches within each data rank's block (`_micro`), so every data
     rank keeps an equal share of every microbatch. With `context_impl`, the shard_map is
     manual over `context` too (tokens split) and attention runs that context-parallel variant
     directly: Shardy does not nest a context shard_map inside the pipeline one.
-    `attention_impl` (a key of attention.IMPLS) is the attention of every stage, or of each
-    rank's gathered keys. When S divides M, the result leaves with its rows split over the
+    `local_attention` (the backend's attention function; default attention's reference) is the
+    attention of every stage, or of each rank's gathered keys. When S divides M, the result leaves with its rows split over the
     pipeline stages too (each stage keeps M/S microbatches), so the final norm, the logits and
     the loss after the pipeline run once per row rather than once per stage.
 
@@ -91,7 +92,7 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
     check(c.n_layers, stages, repeats, m_count, x.shape[0])
     logging.info("pipeline: %d stages x %d repeats, %d microbatches, bubble %.3f", stages,
                  repeats, m_count, bubble_fraction(stages, repeats, m_count))
-    graphdef, params = nnx.split(model.layers)  # leaves [L, ...]
+    params = nnx.state(model.layers)  # leaves [L, ...]
     per_piece = c.n_layers // (stages * repeats)
     # layer (r·S + s)·L/(R·S) + j  ->  [R, S, L/(R·S), ...]; stage s keeps [:, s]
     params = jax.tree.map(lambda a: a.reshape(repeats, stages, per_piece, *a.shape[1:]), params)
@@ -108,9 +109,10 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
     parked = NamedSharding(mesh, P("data", (cp, "tensor") if cp else "tensor", None))
     x = jax.lax.with_sharding_constraint(x, parked)
 
-    attn = (functools.partial(attention.CONTEXT_IMPLS[context_impl], axis=cp,
-                              local=attention_impl) if cp else
-            None if attention_impl == attention.DEFAULT else attention.IMPLS[attention_impl])
+    local = local_attention or attention.reference_attention
+    attn = (functools.partial(attention.CONTEXT_IMPLS[context_impl], axis=cp, local=local)
+            if cp else local)
+    ops = dataclasses.replace(model.backend, attention=attn)  # in the stage: no shard_map
 
     axes = [v.axes for v in jax.tree.leaves(  # in the order of jax.tree.leaves(params)
         nnx.state(model.layers), is_leaf=lambda v: isinstance(v, nnx.Variable))]
@@ -124,8 +126,7 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
             leaves, treedef = jax.tree.flatten(params)
             params = treedef.unflatten([gather(a, ax) for a, ax in zip(leaves, axes)])
         rows = lambda a: jax.lax.with_sharding_constraint(a, P("data"))  # noqa: E731 - [B/M, ..]
-        with model_lib.hooks(attention=attn, activations=rows):
-            outs = _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis)
+        outs = _schedule(model.config, ops, rows, params, xs, ps, ss, stages, repeats, axis)
         return _fan_out(outs, stages, axis) if scatter else jax.lax.psum(outs, axis)
     tokens = P(None, None, cp)  # [M, B/M, T, ...]
     out = jax.shard_map(stage_fn, mesh=attention.context_mesh(mesh),
@@ -172,7 +173,7 @@ def _park(a, lead=0):
     return jax.lax.with_sharding_constraint(a, P(*(None,) * lead, "data", "tensor"))
 
 
-def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
+def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis):
     """The per-stage loop (inside shard_map). xs [M, B/M, T, D]; params leaves [R, 1, L', ...].
     Returns [M, B/M, T, D]: the last stage's outputs, zeros on the other stages.
 
@@ -190,10 +191,11 @@ def _schedule(model, graphdef, params, xs, ps, ss, stages, repeats, axis):
     zeros = _varying(jnp.zeros_like(xs), axis)
 
     def stage(x_in, pos, seg, r, params):  # params whole: a slice by r would be saved per step
-        block = nnx.merge(graphdef, jax.tree.map(lambda a: a[r], params))
+        layers = jax.tree.map(lambda a: a[r], params)
         x = jax.lax.with_sharding_constraint(x_in, P("data"))  # gathers T over tensor
-        return _park(model._layers(x, pos, seg, None, None, None, layers=block)[0])
-    if model.config.remat != "none":
+        return _park(model_lib.forward_layers(c, ops, layers, x, pos, seg,
+                                              constrain=constrain)[0])
+    if c.remat != "none":
         stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
 
     def step(carry, t):

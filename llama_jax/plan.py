@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
-from llama_jax import attention, flops, hardware, hlo_cost, optim, sharding, train
+from llama_jax import backends, flops, hardware, hlo_cost, optim, sharding, train
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
 
@@ -96,7 +96,10 @@ def set_value(config, item: str) -> None:
 def build(config, mesh, mc: sharding.MeshConfig):
     """(jitted step, abstract state, abstract batch, logical axes) for `mesh`; nothing allocated."""
     mcfg = ModelConfig.from_dict(config.model.to_dict())
-    abstract_model = model_lib.abstract(mcfg)
+    # Targets are TPUs and GPUs: their backend (plain until they have their own), never the
+    # cpu one of the machine that plans.
+    backend = backends.get("plain", mc.attention)
+    abstract_model = model_lib.abstract(mcfg, *sharding.execution(mesh, mc, backend))
     graphdef, params = nnx.split(abstract_model, nnx.Param)
     params = nnx.to_pure_dict(params)
     axes = model_lib.logical_axes(abstract_model)
@@ -150,10 +153,7 @@ def compile_on(config, devices, target: hardware.Target, full_shape=None) -> dic
                compiled_state=shard_bytes((state.params, state.opt_state), axes, mesh, mc.fsdp))
     t0 = time.perf_counter()
     try:
-        # Targets are GPUs/TPUs, where attention's causal blocks are off (a CPU measure whose
-        # lax.cond XLA's cost analysis would count both branches of) and so is the CPU
-        # attention kernel (a custom call: no FLOPs in the cost analysis).
-        with jax.set_mesh(mesh), attention.causal_blocks(False), attention.cpu_kernel(False):
+        with jax.set_mesh(mesh):
             compiled = step.lower(state, batch).compile()
     except Exception as e:  # XLA refuses programs that exceed a TPU's HBM
         if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():

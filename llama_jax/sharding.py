@@ -16,7 +16,8 @@ Axes, outermost first (Llama 3 paper §3.3, "4D parallelism", orders them the sa
 
 The mesh axes are `Auto`: parameters and the batch carry shardings from RULES and XLA places
 the rest (the all-gathers of FSDP, the all-reduce after the row-parallel `wo` and `w_down`);
-context and pipeline parallelism are explicit shard_maps installed through llama_jax.model.hooks.
+context and pipeline parallelism are explicit shard_maps that the model runs through the
+backend and model.Parallel values of `execution`.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from llama_jax import attention, model, optim, pipeline
+from llama_jax import attention, backends, model, optim, pipeline
+from llama_jax.backends import Backend
 
 AXES = ("data", "pipeline", "context", "tensor")
 
@@ -61,7 +63,8 @@ class MeshConfig:
     tensor: int = 1
     fsdp: bool = True                    # False: parameters replicated over `data`
     context_impl: str = "all_gather"     # or "ring" (attention.CONTEXT_IMPLS)
-    attention: str = "full"              # or "chunked" (flash-style, O(T) memory) or "reference"
+    backend: str = "auto"                # backends.NAMES: auto, plain, cpu
+    attention: str = "auto"              # the backend's default, or one of its attention_names()
     microbatches: int = 0                # pipeline microbatches M; 0 = the stage count S
     repeats: int = 1                     # circular pipeline repeats R; 1 = GPipe
 
@@ -124,9 +127,6 @@ def check(mc: MeshConfig, mesh: Mesh, config, seq_len: int | None = None,
     if mesh.shape["pipeline"] > 1:
         stages = mesh.shape["pipeline"]
         pipeline.check(config.n_layers, stages, mc.repeats, mc.microbatches or stages, batch)
-    if mc.attention not in attention.IMPLS:
-        raise ValueError(f"Unknown mesh.attention {mc.attention!r}; valid: "
-                         f"{', '.join(attention.IMPLS)}.")
     if mc.context_impl not in attention.CONTEXT_IMPLS:
         raise ValueError(f"Unknown mesh.context_impl {mc.context_impl!r}; valid: "
                          f"{', '.join(attention.CONTEXT_IMPLS)}.")
@@ -244,27 +244,30 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     jax.distributed.initialize(address, int(count), int(index))
 
 
-def hooks(mesh: Mesh, mc: MeshConfig):
-    """The model hooks for this mesh: context-parallel attention, pipelined layers, and the
-    activation sharding at block boundaries (the pipeline's stages run without it: inside its
-    shard_map the activations are per-stage values)."""
-    attn = layers = None
+def execution(mesh: Mesh, mc: MeshConfig, backend: Backend | None = None):
+    """(backend, model.Parallel) of a model run on this mesh: the backend (default
+    backends.get(mc.backend)) with attention mc.attention, context-parallel attention when the context
+    axis is split, the pipelined layer loop when the pipeline axis is, and the activation
+    sharding at block boundaries (the pipeline's stages run without it: inside its shard_map
+    the activations are per-stage values). Build the model with them:
+    `model.abstract(config, *execution(mesh, mc))`."""
+    backend = (backend or backends.get(mc.backend)).with_attention(mc.attention)
+    local = backend.attention or attention.IMPLS[backend.default_attention]
     cp = mc.context_impl if mesh.shape["context"] > 1 else None
     if cp:
-        attn = functools.partial(attention.context_parallel_attention, mesh=mesh, impl=cp,
-                                 local=mc.attention)
-    elif mc.attention != attention.DEFAULT:
-        attn = attention.IMPLS[mc.attention]
+        backend = dataclasses.replace(backend, attention=functools.partial(
+            attention.context_parallel_attention, mesh=mesh, impl=cp, local=local))
+    layers = None
     if mesh.shape["pipeline"] > 1:
         layers = functools.partial(pipeline.pipeline_layers, mesh=mesh, context_impl=cp,
                                    microbatches=mc.microbatches, repeats=mc.repeats,
-                                   attention_impl=mc.attention, weight_spec=functools.partial(
+                                   local_attention=local, weight_spec=functools.partial(
                                        spec, mesh=mesh, fsdp=False))
     # block boundaries: without this XLA may shard D of the activations over data like the
     # FSDP weights instead of gathering the weights (half the tokens/s in tools/bench_mesh.py)
     x_sharding = NamedSharding(mesh, P("data", "context", None))
-    activations = functools.partial(jax.lax.with_sharding_constraint, shardings=x_sharding)
-    return model.hooks(attention=attn, layers=layers, activations=activations)
+    constrain = functools.partial(jax.lax.with_sharding_constraint, shardings=x_sharding)
+    return backend, model.Parallel(layers=layers, constrain=constrain)
 
 
 def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, mc: MeshConfig, axes: Any) -> Any:
@@ -278,13 +281,10 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, mc: MeshConfig, axes: A
 def jit_step(step_fn: Callable, mesh: Mesh, mc: MeshConfig, state: Any, axes: Any,
              donate: bool = True) -> Callable:
     """jit of the pure step_fn(state, batch) -> (state, metrics) with the state placed by the
-    rules, the batch by batch_sharding, and the model hooks of this mesh active while tracing.
-    `state` may be abstract (ShapeDtypeStructs). Call it under `jax.set_mesh(mesh)`."""
+    rules and the batch by batch_sharding; the step's model should run as `execution` says
+    for this mesh. `state` may be abstract (ShapeDtypeStructs). Call it under
+    `jax.set_mesh(mesh)`."""
     shardings = state_shardings(state, axes, mesh, mc.fsdp)
-
-    def step(state, batch):
-        with hooks(mesh, mc):
-            return step_fn(state, batch)
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
                    out_shardings=(shardings, NamedSharding(mesh, P())),
                    donate_argnums=(0,) if donate else ())

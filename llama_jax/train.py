@@ -65,8 +65,8 @@ class Step:
     schedule: Callable[[jax.Array], jax.Array]
     z_loss: float = 0.0  # PaLM's auxiliary loss z_loss * log(Z)^2 (Chowdhery et al. 2022, §5)
     microbatches: int = 1
-    # optim.fused_update(cfg, axes) of the cfg `tx` was made from: the same update in one pass
-    # per parameter where optim.fused_applies (CPU, f32 parameters, no partitioned mesh axis)
+    # The backend's fused_update(cfg, axes) of the cfg `tx` was made from: the same update,
+    # applied, in one pass per parameter; it returns None where it does not apply.
     fused_update: Callable | None = None
 
 
@@ -139,8 +139,10 @@ def train_step(state: TrainState, batch: Batch, s: Step) -> tuple[TrainState, di
                                                   s.microbatches)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    if s.fused_update is not None and optim.fused_applies(state.params):
-        params, opt_state = s.fused_update(grads, grad_norm, ok, state.opt_state, state.params)
+    fused = s.fused_update and s.fused_update(grads, grad_norm, ok, state.opt_state,
+                                              state.params)
+    if fused:
+        params, opt_state = fused
     else:
         updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -187,15 +189,16 @@ def run(config, workdir: str) -> TrainState:
     train_iter = iter(data.make_dataset(dcfg, tokenizer, split="train", **shard))
     val_ds = data.make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
 
-    graphdef, abstract_params = nnx.split(abstract(model_config), nnx.Param)
-    ocfg = optim_config(config)
-    tx = optim.make_optimizer(ocfg, abstract_params)
-    s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
-             microbatches=config.optim.microbatches,
-             fused_update=optim.fused_update(ocfg, abstract_params))
     mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
     mesh = sharding.make_mesh(mc)
     sharding.check(mc, mesh, model_config, dcfg.seq_len, config.data.global_batch)
+    backend, parallel = sharding.execution(mesh, mc)
+    graphdef, abstract_params = nnx.split(abstract(model_config, backend, parallel), nnx.Param)
+    ocfg = optim_config(config)
+    tx = optim.make_optimizer(ocfg, abstract_params)
+    fused = backend.fused_update and backend.fused_update(ocfg, abstract_params)
+    s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
+             microbatches=config.optim.microbatches, fused_update=fused)
     if config.train.init_from and not ckpt.steps():  # continued pretraining, fine-tuning
         state = init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params)
     else:
@@ -214,8 +217,7 @@ def run(config, workdir: str) -> TrainState:
         flops_per_token=flops.train_flops_per_token(model_config, dcfg.seq_len),
         peak_tflops=flops.device_peak_tflops(cpu_peak_tflops=config.train.cpu_peak_tflops))
     evaluate = functools.partial(_evaluate, graphdef=graphdef, ds=val_ds, put=put,
-                                 n_batches=config.train.eval_batches,
-                                 hooks=lambda: sharding.hooks(mesh, mc))
+                                 n_batches=config.train.eval_batches)
     try:
         state = _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, start)
     finally:
@@ -307,12 +309,11 @@ def _report(config, writer, step, metrics, tokens_per_step):
         writer.train(step, metrics, tokens_per_step=tokens_per_step)
 
 
-def _evaluate(params, *, graphdef, ds, put, n_batches, hooks) -> float:
+def _evaluate(params, *, graphdef, ds, put, n_batches) -> float:
     """Mean cross-entropy over the first n_batches of the held-out split (the same each time)."""
     ce, n = 0.0, 0.0
     for batch in itertools.islice(iter(ds), n_batches):
-        with hooks():  # context-parallel attention / pipelined layers, as in the train step
-            c, k = eval_step(params, jax.tree.map(put, batch), graphdef)
+        c, k = eval_step(params, jax.tree.map(put, batch), graphdef)
         ce, n = ce + float(c), n + float(k)
     return ce / max(n, 1.0)
 

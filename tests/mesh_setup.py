@@ -7,6 +7,7 @@ Sizes admit every factorisation of 8 devices over (data, pipeline, context, tens
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import model, optim, sharding, train
+from llama_jax import backends, model, optim, sharding, train
 from llama_jax.config import ModelConfig
 
 CFG = ModelConfig(vocab_size=64, dim=32, n_layers=8, n_heads=8, n_kv_heads=2, ffn_dim=48,
@@ -65,8 +66,15 @@ def make_step(config: ModelConfig = CFG, microbatches: int = 1, lr: float = 1e-4
     return step, jax.tree.map(np.asarray, state), params
 
 
-def step_fn(s: train.Step):
-    """The pure (state, batch) -> (state, metrics) of train.train_step for sharding.jit_step."""
+def step_fn(s: train.Step, mesh=None, mc: sharding.MeshConfig | None = None,
+            backend: backends.Backend = backends.PLAIN, config: ModelConfig = CFG):
+    """The pure (state, batch) -> (state, metrics) of train.train_step for sharding.jit_step;
+    with a mesh, its model runs as sharding.execution says for it, on `backend` (the plain
+    one by default: the mesh tests check the core's math)."""
+    if mesh is not None:
+        graphdef = nnx.split(model.abstract(config, *sharding.execution(mesh, mc, backend)),
+                             nnx.Param)[0]
+        s = dataclasses.replace(s, graphdef=graphdef)
     return lambda state, batch: train.train_step.__wrapped__(state, batch, s)
 
 
@@ -78,12 +86,12 @@ def rel(a, b) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def reference(steps: int = 3):
+def reference(steps: int = 3, t: int = T, config: ModelConfig = CFG):
     """Single-device train.train_step over batches(steps): (losses, host params after each)."""
-    s, state, _ = make_step()
+    s, state, _ = make_step(config)
     state = jax.tree.map(jnp.asarray, state)
     losses, snapshots = [], []
-    for b in batches(steps):
+    for b in batches(steps, t=t):
         state, metrics = train.train_step(state, jax.tree.map(jnp.asarray, b), s)
         losses.append(float(metrics["loss"]))
         snapshots.append(jax.tree.map(np.asarray, state.params))
@@ -92,14 +100,15 @@ def reference(steps: int = 3):
 
 @functools.lru_cache(maxsize=None)  # shared by the tests that compare with one layout
 def run_sharded(mc: sharding.MeshConfig, steps: int = 3, config: ModelConfig = CFG,
-                microbatches: int = 1):
+                microbatches: int = 1, backend: backends.Backend = backends.PLAIN,
+                t: int = T):
     """The same steps through sharding.jit_step on the mesh of `mc` (compiled once)."""
     s, state, params = make_step(config, microbatches)
     mesh = sharding.make_mesh(mc)
-    data = batches(steps)
+    data = batches(steps, t=t)
     sharding.check(mc, mesh, config, data[0]["inputs"].shape[1], data[0]["inputs"].shape[0])
     state = jax.device_put(state, sharding.state_shardings(state, params, mesh, mc.fsdp))
-    step = sharding.jit_step(step_fn(s), mesh, mc, state, params)
+    step = sharding.jit_step(step_fn(s, mesh, mc, backend, config), mesh, mc, state, params)
     losses, snapshots = [], []
     with jax.set_mesh(mesh):
         for b in data:

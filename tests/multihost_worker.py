@@ -36,7 +36,7 @@ def main(process_id: int, num_processes: int, port: int, out: str):
     s, host_state, params = make_step()
     mesh = sharding.make_mesh(MESH)
     state = sharding.put_state(host_state, sharding.state_shardings(host_state, params, mesh))
-    step = sharding.jit_step(step_fn(s), mesh, MESH, state, params)
+    step = sharding.jit_step(step_fn(s, mesh, MESH), mesh, MESH, state, params)
     mine = sharding.process_rows(mesh, batches(1)[0]["inputs"].shape[0])
     assert mine.stop - mine.start == 8  # half of the 16 rows
     losses = []

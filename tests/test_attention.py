@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llama_jax import attention, sharding
+from llama_jax.backends.cpu import attention as cpu_attention
 
 B, T, N, K, H = 2, 24, 4, 2, 8
 
@@ -57,7 +58,7 @@ def test_full_equals_reference_with_gradients(queries):
     q, k, v, pos, seg = _inputs(t=32)
     qs, ps, ss = (q, pos, seg) if queries == "all" else (q[:, 16:], pos[:, 16:], seg[:, 16:])
     ref_fn = lambda q, k, v: attention.reference_attention(q, k, v, ps, ss, pos, seg)  # noqa
-    fn = lambda q, k, v: attention.materialized_attention(q, k, v, ps, ss, pos, seg)  # noqa
+    fn = lambda q, k, v: cpu_attention.materialized_attention(q, k, v, ps, ss, pos, seg)  # noqa
     np.testing.assert_allclose(np.asarray(jax.jit(fn)(qs, k, v)), np.asarray(ref_fn(qs, k, v)),
                                rtol=1e-5, atol=1e-6)
     grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(qs, k, v)
@@ -73,16 +74,16 @@ def test_full_causal_blocks_equal_reference_with_gradients(order):
     permuted row): both equal the reference in value and gradient, padding queries included
     (here also inside the first block, where the blocked path must still average all keys)."""
     t = 256
-    assert attention.causal_block(t) == 128 and attention.causal_block(128) == 0
+    assert cpu_attention.query_block(t) == 128 and cpu_attention.query_block(128) == 0
     q, k, v, pos, seg = _inputs(t=t, seed=1)
     seg = seg.at[0, 40:44].set(0)
     if order == "permuted":
         perm = np.random.default_rng(2).permutation(t)
         q, k, v, pos, seg = q[:, perm], k[:, perm], v[:, perm], pos[:, perm], seg[:, perm]
     mask = attention.attention_mask(pos, seg, pos, seg)
-    assert bool(attention._in_order(mask, 128)) == (order == "in-order")
+    assert bool(cpu_attention._in_order(mask, 128)) == (order == "in-order")
     ref_fn = lambda q, k, v: attention.reference_attention(q, k, v, pos, seg)  # noqa: E731
-    fns = [lambda q, k, v: attention.materialized_attention(q, k, v, pos, seg)]
+    fns = [lambda q, k, v: cpu_attention.materialized_attention(q, k, v, pos, seg)]
     if order == "in-order":  # the blocked computation itself, without the cond around it
         def blocked(q, k, v):
             keys = (pos, seg, pos, seg)
@@ -92,13 +93,13 @@ def test_full_causal_blocks_equal_reference_with_gradients(order):
                 return f_fwd(q, k, v)[0]
 
             def f_fwd(q, k, v):
-                q5, k_h, v_h = attention._layouts(q, k, v)
-                out, probs = attention._blocked_forward(q5, k_h, v_h, *keys, 128, (128, 256),
+                q5, k_h, v_h = cpu_attention._layouts(q, k, v)
+                out, probs = cpu_attention._blocked_forward(q5, k_h, v_h, *keys, 128, (128, 256),
                                                         q.dtype)
                 return out, (q5, k_h, v_h, probs, out)
 
             def f_bwd(res, d_out):
-                return attention._blocked_backward(*res, *keys, 128, d_out)
+                return cpu_attention._blocked_backward(*res, *keys, 128, d_out)
             f.defvjp(f_fwd, f_bwd)
             return jnp.where((seg == 0)[:, :, None, None], ref_fn(q, k, v), f(q, k, v))
         fns.append(blocked)
@@ -117,7 +118,7 @@ def test_full_bf16_gradients_within_rounding():
     bf16 rounding of the f32 reference's."""
     q, k, v, pos, seg = _inputs(t=32)
     bf = lambda a: a.astype(jnp.bfloat16)  # noqa: E731
-    fn = lambda q, k, v: attention.materialized_attention(q, k, v, pos, seg)  # noqa: E731
+    fn = lambda q, k, v: cpu_attention.materialized_attention(q, k, v, pos, seg)  # noqa: E731
     ref_fn = lambda q, k, v: attention.reference_attention(q, k, v, pos, seg)  # noqa: E731
     grads = jax.jit(jax.grad(_loss(fn), argnums=(0, 1, 2)))(bf(q), bf(k), bf(v))
     ref_grads = jax.grad(_loss(ref_fn), argnums=(0, 1, 2))(q, k, v)
@@ -160,8 +161,8 @@ def test_chunked_inside_context_parallel_all_gather():
         return lambda q, k, v: attention.context_parallel_attention(
             perm(q), perm(k), perm(v), perm(pos), perm(seg), mesh=mesh, local=local)[:, inverse]
     with jax.set_mesh(mesh):
-        got = jax.jit(jax.value_and_grad(_loss(cp("chunked")), argnums=(0, 1, 2)))(q, k, v)
-    ref = jax.value_and_grad(_loss(cp("reference")), argnums=(0, 1, 2))
+        got = jax.jit(jax.value_and_grad(_loss(cp(attention.chunked_attention)), argnums=(0, 1, 2)))(q, k, v)
+    ref = jax.value_and_grad(_loss(cp(attention.reference_attention)), argnums=(0, 1, 2))
     with jax.set_mesh(mesh):
         want = jax.jit(ref)(q, k, v)
     np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)

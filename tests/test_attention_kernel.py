@@ -1,4 +1,4 @@
-"""The CPU attention kernel (llama_jax/kernels/attention.cc, bf16 self-attention forward and
+"""The CPU attention kernel (llama_jax/backends/cpu/csrc/attention.cc, bf16 self-attention forward and
 backward) against the reference einsum attention: values and gradients with packed documents,
 padding queries, tokens out of order, GQA groups of 4 and 1, head dims 64 and 128, T not a
 multiple of the 64-query block; its AVX-512 BF16 build for CPUs without AMX; and where
@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import attention, cpu_kernels, sharding
+from llama_jax import attention, sharding
+from llama_jax.backends.cpu import attention as cpu_attention
+from llama_jax.backends.cpu import kernels as cpu_kernels
 
 
 def _cpu_has(flag: str) -> bool:
@@ -56,7 +58,7 @@ def _check_against_reference(q, k, v, pos, seg):
     """The kernel path equals the f32 reference on the same bf16 inputs within bf16 rounding
     (2% of the largest value; a wrong mask or softmax is off by far more), and runs the
     kernel (the custom calls are in the compiled step)."""
-    fn = lambda q, k, v: attention.materialized_attention(q, k, v, pos, seg)  # noqa: E731
+    fn = lambda q, k, v: cpu_attention.materialized_attention(q, k, v, pos, seg)  # noqa: E731
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     ref_fn = lambda q, k, v: attention.reference_attention(f32(q), f32(k), f32(v), pos, seg)  # noqa
     value_and_grad = jax.jit(jax.value_and_grad(_loss(fn), argnums=(0, 1, 2)))
@@ -109,23 +111,23 @@ def test_kernel_runs_only_where_it_applies():
     cannot be split), and inside shard_map on the local shard."""
     q, k, v, pos, seg = _inputs(2, 64, 4, 2, 64, order="in-order")
 
-    def uses_kernel(q, k, v, pos=pos, seg=seg):
-        fn = jax.jit(lambda q, k, v: attention.materialized_attention(q, k, v, pos, seg))
+    def uses_kernel(q, k, v, pos=pos, seg=seg, kernel=True):
+        fn = jax.jit(lambda q, k, v: cpu_attention.materialized_attention(q, k, v, pos, seg,
+                                                                          kernel=kernel))
         return cpu_kernels._ATTENTION_FORWARD in fn.lower(q, k, v).as_text()
     assert uses_kernel(q, k, v)
     assert not uses_kernel(*(a.astype(jnp.float32) for a in (q, k, v)))
     assert not uses_kernel(q[:, :48], k[:, :48], v[:, :48], pos[:, :48], seg[:, :48])
-    with attention.cpu_kernel(False):
-        assert not uses_kernel(q, k, v)
+    assert not uses_kernel(q, k, v, kernel=False)
     mesh = sharding.make_mesh(sharding.MeshConfig(2, 1, 1, 1), jax.devices()[:2])
     with jax.set_mesh(mesh):
         assert not uses_kernel(q, k, v)
     spec = jax.sharding.PartitionSpec("data")
-    local = jax.shard_map(lambda q, k, v, p, s: attention.materialized_attention(q, k, v, p, s),
+    local = jax.shard_map(lambda q, k, v, p, s: cpu_attention.materialized_attention(q, k, v, p, s),
                           mesh=mesh, in_specs=(spec,) * 5, out_specs=spec)
     with jax.set_mesh(mesh):
         text = jax.jit(local).lower(q, k, v, pos, seg).as_text()
         out = jax.jit(local)(q, k, v, pos, seg)
     assert cpu_kernels._ATTENTION_FORWARD in text
-    ref = attention.materialized_attention(q, k, v, pos, seg)
+    ref = cpu_attention.materialized_attention(q, k, v, pos, seg)
     np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))

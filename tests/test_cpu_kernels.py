@@ -1,4 +1,4 @@
-"""The CPU decode kernels (llama_jax/cpu_kernels.py, kernels/decode.cc) against float64
+"""The cpu backend's decode kernels (backends/cpu/kernels.py, csrc/decode.cc) against float64
 products, against the reference attention and against decoding through XLA's dots."""
 
 import ctypes
@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 import llama_jax as lj
-from llama_jax import attention, cpu_kernels, decode, decode_forward
+from llama_jax import attention, backends, decode
 from llama_jax import model as model_lib
+from llama_jax.backends import cpu as cpu_backend
+from llama_jax.backends.cpu import kernels as cpu_kernels
+
+
+def _on_cpu(model):
+    return lj.with_backend(model, backends.get("cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,7 @@ def test_rows_are_independent_of_the_batch():
 @pytest.mark.parametrize("portable", [False, True], ids=["avx512", "portable"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_layer_equals_the_xla_layer(dtype, portable, request, monkeypatch):
-    """One block through the layer kernel equals decode_forward's XLA block on the same
+    """One block through the layer kernel equals model.block (XLA) on the same
     weights: random cache contents, positions and segments, a row that attends to another
     segment's slots, a padding row (segment 0: its k/v dropped, attention uniform over all
     slots), grouped query heads, a head dim whose RoPE halves are not a multiple of 16, and
@@ -85,9 +91,9 @@ def test_decode_layer_equals_the_xla_layer(dtype, portable, request, monkeypatch
         for name, target in request.getfixturevalue("portable_targets").items():
             monkeypatch.setattr(cpu_kernels, name, target)
     c = lj.get_config("tiny", n_layers=2, dim=96, n_heads=6, n_kv_heads=2, ffn_dim=200)
-    model = decode.with_dtype(lj.create(c, seed=1), dtype)
+    model = decode.with_dtype(_on_cpu(lj.create(c, seed=1)), dtype)
     packed, plain = decode.prepare(model), decode.prepare(model, kernel=False)
-    assert isinstance(packed.layers[1]["wq"], cpu_kernels.Packed)
+    assert isinstance(packed.layers[1]["attn"]["wq"], cpu_kernels.Packed)
     rng = np.random.default_rng(0)
     b, s, layer = 11, 37, 1  # 11 rows: two passes of the kernel's 8-row blocks
     shape = (c.n_layers, b, s, c.n_kv_heads, c.head_dim)
@@ -102,12 +108,18 @@ def test_decode_layer_equals_the_xla_layer(dtype, portable, request, monkeypatch
     kv_seg = jnp.asarray(rng.integers(0, 3, (b, s)), jnp.int32).at[rows, slots].set(
         segments, mode="drop")
     mask = attention.attention_mask(positions, segments, kv_pos, kv_seg)
-    at = decode_forward._At(layer, slots, segments, kv_pos, kv_seg, mask)
     rope = model_lib.rope_table(positions, model_lib.rope_frequencies(c))
 
     @jax.jit
     def run(weights, x, ck, cv):
-        return decode_forward._layer(c, weights.layers[layer], x, positions, rope, at, ck, cv)
+        lc = model_lib.LayerCache(ck, cv, layer, slots, mask)
+        p, ops = weights.layers[layer], weights.backend
+        if ops.decode_block is not None:
+            x, (ck, cv) = ops.decode_block(c, p, x, positions, segments, rope, lc, kv_pos,
+                                           kv_seg)
+        else:
+            x, (ck, cv) = model_lib.block(p, x, positions, segments, rope, ops, c.norm_eps, lc)
+        return x, ck, cv
 
     got, want = run(packed, x, ck, cv), run(plain, x, ck, cv)
     step = jax.jit(run).lower(packed, x, ck, cv).as_text()
@@ -130,11 +142,11 @@ def test_decoding_with_the_kernel_equals_xla(dtype):
     """Greedy decoding through packed weights and the kernels (prefill and decode steps) gives
     the tokens of XLA's dots, and log-probabilities within float32 (bf16: bf16) rounding."""
     c = lj.get_config("tiny", n_layers=2, vocab_size=259)  # 259: a padded head tile
-    model = decode.with_dtype(lj.create(c), dtype)
+    model = decode.with_dtype(_on_cpu(lj.create(c)), dtype)
     prompts = [[1, 5, 7, 9, 11], [1, 4], [1, 200, 3]]
     with_kernel = decode.prepare(model)
     assert isinstance(with_kernel.head, cpu_kernels.Packed)
-    assert isinstance(with_kernel.layers[0]["w_up"], cpu_kernels.Packed)
+    assert isinstance(with_kernel.layers[0]["mlp"]["w_up"], cpu_kernels.Packed)
     cache = model_lib.init_cache(model.config, len(prompts), 32)
     ones = jnp.ones((len(prompts), 1), jnp.int32)
     step = jax.jit(decode.forward).lower(with_kernel, ones, ones, ones, cache).as_text()
@@ -159,15 +171,18 @@ def test_decoding_with_the_kernel_equals_xla(dtype):
 def test_kernel_off_by_environment_and_explicit_request_fails(monkeypatch):
     """LLAMA_JAX_CPU_KERNELS=0 turns the kernel off (XLA's dots); prepare(kernel=True) then
     says why instead of silently decoding without it."""
-    model = lj.create(lj.get_config("tiny"))
+    def clear():
+        for cached in (cpu_kernels.available, cpu_backend.make, backends.get):
+            cached.cache_clear()
     monkeypatch.setenv(cpu_kernels.ENV, "0")
-    cpu_kernels.available.cache_clear()
+    clear()
     try:
+        model = _on_cpu(lj.create(lj.get_config("tiny")))
         assert not cpu_kernels.available()
-        assert isinstance(decode.prepare(model).head, tuple)
-        with pytest.raises(ValueError, match="CPU kernel"):
+        assert not isinstance(decode.prepare(model).head, cpu_kernels.Packed)
+        with pytest.raises(ValueError, match="decode kernels"):
             decode.prepare(model, kernel=True)
     finally:
         monkeypatch.delenv(cpu_kernels.ENV)
-        cpu_kernels.available.cache_clear()
+        clear()
     assert cpu_kernels.available()

@@ -9,9 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax import cpu_kernels
-from llama_jax import dense as dense_lib
-from llama_jax.dense import dense
+from llama_jax.backends.cpu import dense as dense_lib
+from llama_jax.backends.cpu import kernels as cpu_kernels
+from llama_jax.backends.cpu.dense import dense
 
 # (x shape, w shape, n_in, einsum): a projection with trailing output dims, and wo's two
 # contracted dims. Every side >= 16: XLA:CPU leaves tiny dots to other code.
@@ -139,13 +139,9 @@ def test_swiglu_kernel_value_and_gradients_near_f32():
                                    atol=0.02 * float(jnp.abs(r).max()))
     # The tail of a 16-lane vector (40 * 96 * 2 is not a multiple of the chunk) and the XLA
     # path agree within bf16 rounding too.
-    dense_lib.SWIGLU_KERNEL = False
-    try:
-        plain_fn = jax.jit(lambda *a: dense_lib.swiglu(*a))  # traced anew: the switch is read
-        plain = plain_fn(x, wg, wu)
-        assert cpu_kernels._SWIGLU_FORWARD not in plain_fn.lower(x, wg, wu).as_text()
-    finally:
-        dense_lib.SWIGLU_KERNEL = True
+    plain_fn = jax.jit(lambda *a: dense_lib.swiglu(*a, kernel=False))
+    plain = plain_fn(x, wg, wu)
+    assert cpu_kernels._SWIGLU_FORWARD not in plain_fn.lower(x, wg, wu).as_text()
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(plain, np.float32),
                                atol=0.02 * float(jnp.abs(want).max()))
 

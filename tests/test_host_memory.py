@@ -15,7 +15,7 @@ PROGRAM = """
 import resource, sys
 retain = sys.argv[1] == "1"
 if retain:
-    from llama_jax import host_memory
+    from llama_jax.backends.cpu import host_memory
     assert host_memory.retain_freed_memory()
 import jax, jax.numpy as jnp
 x = jnp.ones((2048, 2048), jnp.float32)  # 16 MB
@@ -46,7 +46,7 @@ def test_later_steps_reuse_the_temporaries_without_page_faults():
 
 
 def test_accelerator_hosts_are_detected_from_device_files(monkeypatch):
-    from llama_jax import host_memory
+    from llama_jax.backends.cpu import host_memory
 
     for present, expected in (([], False), (["/dev/accel0"], True), (["/dev/nvidia0"], True),
                               (["/dev/vfio/0"], True)):

@@ -13,7 +13,9 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import cpu_kernels, optim
+from llama_jax import optim
+from llama_jax.backends.cpu import kernels as cpu_kernels
+from llama_jax.backends.cpu import optim as cpu_optim
 from llama_jax.model import logical_axes
 
 CFG = optim.OptimConfig(learning_rate=2e-3, warmup_steps=10, total_steps=110)
@@ -145,8 +147,8 @@ def test_fused_update_equals_optax(model, clip_norm, build, monkeypatch):
                             clip_norm=clip_norm)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     axes = logical_axes(model)
-    tx, fused = optim.make_optimizer(cfg, axes), jax.jit(optim.fused_update(cfg, axes))
-    assert optim.fused_applies(params)
+    tx, fused = optim.make_optimizer(cfg, axes), jax.jit(cpu_optim.fused_update(cfg, axes))
+    assert cpu_optim.fused_applies(params)
     ref_p, ref_s = params, tx.init(params)
     got_p, got_s = params, tx.init(params)
     rng = np.random.default_rng(0)
@@ -170,16 +172,16 @@ def test_fused_update_equals_optax(model, clip_norm, build, monkeypatch):
 
 def test_fused_update_applies_only_to_local_f32_parameters(model):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    assert optim.fused_applies(params)
-    assert not optim.fused_applies(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+    assert cpu_optim.fused_applies(params)
+    assert not cpu_optim.fused_applies(jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
     mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
                          devices=jax.devices()[:2])
     with jax.set_mesh(mesh):
-        assert not optim.fused_applies(params)
+        assert not cpu_optim.fused_applies(params)
 
 
 def test_fused_update_rejects_another_optimizers_state(model):
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    update = optim.fused_update(CFG, logical_axes(model))
+    update = cpu_optim.fused_update(CFG, logical_axes(model))
     with pytest.raises(TypeError, match="make_optimizer"):
         update(params, 1.0, True, optax.sgd(1e-3).init(params), params)

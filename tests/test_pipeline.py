@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import attention, model, pipeline, sharding, train
+from llama_jax import attention, backends, model, pipeline, sharding, train
 from mesh_setup import CFG, batches, reference, rel, run_sharded
 from mesh_setup import fast_compiles  # noqa: F401 - autouse fixture
 
@@ -22,7 +22,8 @@ def test_bubble_fraction():
     ((1, 2, 1, 4), 2, 4),   # circular: 4 pieces of 2 layers, M > S
 ], ids=["gpipe", "circular"])
 def test_pipelined_layers_equal_the_layer_loop(sizes, repeats, microbatches):
-    """Forward and gradients of the pipelined stack equal model._layers (no train step)."""
+    """Forward and gradients of the pipelined stack equal model.forward_layers (no train
+    step)."""
     mc = sharding.MeshConfig(*sizes, repeats=repeats, microbatches=microbatches)
     mesh = sharding.make_mesh(mc)
     llama = model.create(CFG, 0)
@@ -32,7 +33,8 @@ def test_pipelined_layers_equal_the_layer_loop(sizes, repeats, microbatches):
     graphdef, params = nnx.split(llama)
 
     def plain(params, x):
-        return nnx.merge(graphdef, params)._layers(x, pos, seg, None, None, None)[0]
+        m = nnx.merge(graphdef, params)
+        return model.forward_layers(m.config, m.backend, nnx.state(m.layers), x, pos, seg)[0]
 
     def piped(params, x):
         return pipeline.pipeline_layers(nnx.merge(graphdef, params), x, pos, seg, mesh=mesh,
@@ -69,3 +71,18 @@ def test_pipeline_context_chunked_attention_and_loss_equal_one_device(monkeypatc
     ref_losses, ref_params = reference()
     np.testing.assert_allclose(losses, ref_losses[:2], rtol=1e-5)
     assert rel(params[1], ref_params[1]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_pipeline_on_the_cpu_backend_at_256_token_rows():
+    """data 4 x pipeline 2 with the cpu backend's attention at 256-token rows, where its causal
+    query blocks (a lax.cond inside the stages' shard_map) switch on: equal to the plain
+    backend on one device. (Its branches once differed in manual axis types and the step did
+    not compile: experiments/configs/tiny.py with mesh.data=4, mesh.pipeline=2.)"""
+    config = CFG.replace(n_layers=2, max_seq_len=256)
+    cpu = backends.get("cpu")
+    mc = sharding.MeshConfig(4, 2, 1, 1)
+    losses, params, _ = run_sharded(mc, steps=1, config=config, backend=cpu, t=256)
+    ref_losses, ref_params = reference(steps=1, t=256, config=config)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+    assert rel(params[0], ref_params[0]) <= 1e-4

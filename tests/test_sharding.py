@@ -124,7 +124,7 @@ def compiled_memory(mc, n_devices, b=16, t=16):
     """memory_analysis() of the sharded train step compiled for the first n_devices."""
     s, state, params = make_step()
     mesh = sharding.make_mesh(mc, jax.devices()[:n_devices])
-    step = sharding.jit_step(step_fn(s), mesh, mc, state, params)
+    step = sharding.jit_step(step_fn(s, mesh, mc), mesh, mc, state, params)
     keys = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
     batch = {k: jax.ShapeDtypeStruct((b, t), np.int32) for k in keys}
     with jax.set_mesh(mesh):

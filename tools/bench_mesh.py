@@ -63,11 +63,12 @@ def _time(fn, steps: int) -> float:
 
 
 def train_tokens_per_second(mc: MC, batch: int = 16, seq: int = 64, steps: int = 5) -> float:
-    graphdef, params = nnx.split(model.create(CONFIG, 0), nnx.Param)
+    mesh = sharding.make_mesh(mc)
+    graphdef, params = nnx.split(model.create(CONFIG, 0, *sharding.execution(mesh, mc)),
+                                 nnx.Param)
     ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=100)
     tx = optim.make_optimizer(ocfg, params)
     s = train.Step(graphdef, tx, optim.make_schedule(ocfg))
-    mesh = sharding.make_mesh(mc)
     sharding.check(mc, mesh, CONFIG, seq, batch)
     host = jax.tree.map(np.asarray, train.init_state(nnx.to_pure_dict(params), tx))
     state = sharding.put_state(host, sharding.state_shardings(host, params, mesh, mc.fsdp))

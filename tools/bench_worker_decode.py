@@ -7,8 +7,8 @@ the checkpoint is the harness's Hugging Face directory, loaded with `llama_jax.l
         --worker "ours=.venv/bin/python tools/bench_worker_decode.py"
     PEERBENCH_TURNS=2 PEERBENCH_STEPS=2 .venv/bin/python tools/bench_worker_decode.py  # standalone
 
-DECODE_PIECES=k sets `prepare`'s column blocks per projection (default: decode_forward's), so
-one harness run can hold two layouts side by side (`--worker "one=env DECODE_PIECES=1 ..."`).
+The model runs on backends.get(LLAMA_JAX_BACKEND, default auto): the cpu backend's decode
+kernels on a CPU host; `LLAMA_JAX_BACKEND=plain` measures the plain math.
 
 Without PEERBENCH_DECODE the worker decodes random prompts with a random `bench` model.
 Table mode, batch 1 and 8, f32 and bf16, next to the memory-bandwidth roofline:
@@ -23,10 +23,7 @@ on a shared 2-core machine absolute tokens/s move with the load, ratios within a
 Times (generate's `timings`): ttft = prefill plus the first token; decode = the other
 new - 1 tokens. Each step is one greedy `decode.generate` of all prompts, no EOS.
 
-bf16 is measured twice: with bf16 weight buffers, and with float32 ones (`prepare(...,
-weight_dtype="float32")`, activations still bf16): XLA:CPU converts bf16 dot operands to
-float32 on every call, so inside the loop bf16 weights cost a read, a 2× write and a 2× read
-per token. Both rows are held against the bf16 roofline (2 bytes per weight).
+bf16 rows are held against the bf16 roofline (2 bytes per weight).
 """
 
 from __future__ import annotations
@@ -41,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import llama_jax
-from llama_jax import cpu_kernels, decode
+from llama_jax import backends, decode
 
 
 def measure_bandwidth(mbytes: int = 0, repeats: int = 5) -> float:
@@ -80,14 +77,14 @@ def timed_generate(weights, prompts, new_tokens):
 
 def benchmark_decode(config, batch: int, prompt_len: int, new_tokens: int, dtype: str,
                      *, repeats: int = 5, bandwidth_gbs: float | None = None,
-                     model=None, weight_dtype: str | None = None) -> dict:
+                     model=None) -> dict:
     """Greedy decode of `batch` random prompts of `prompt_len` tokens, `new_tokens` each.
 
     Returns medians of ttft_ms, decode_tok_s (tokens after the first), e2e_tok_s, and the
     roofline at the measured (or given) memory bandwidth with context prompt + new / 2.
     """
-    model = llama_jax.create(config) if model is None else model
-    weights = decode.prepare(decode.with_dtype(model, dtype), weight_dtype=weight_dtype)
+    model = on_backend(llama_jax.create(config) if model is None else model)
+    weights = decode.prepare(decode.with_dtype(model, dtype))
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, config.vocab_size, size=(batch, prompt_len)).tolist()
     timed_generate(weights, prompts, new_tokens)  # compile and warm up
@@ -97,7 +94,8 @@ def benchmark_decode(config, batch: int, prompt_len: int, new_tokens: int, dtype
     roof = roofline(config, batch, prompt_len + new_tokens // 2, jnp.dtype(dtype).itemsize, bw)
     dec_tok_s = batch * (new_tokens - 1) / dec
     return {"bench": "decode", "batch": batch, "prompt": prompt_len, "new": new_tokens,
-            "dtype": dtype, "weight_buffers": weight_dtype or dtype, "ttft_ms": 1000 * ttft, "decode_tok_s": dec_tok_s,
+            "dtype": dtype, "backend": weights.backend.name, "ttft_ms": 1000 * ttft,
+            "decode_tok_s": dec_tok_s,
             "e2e_tok_s": batch * new_tokens / (ttft + dec), "bandwidth_gbs": bw,
             "roofline_tok_s": roof["roofline_tok_s"],
             "frac_of_roofline": dec_tok_s / roof["roofline_tok_s"],
@@ -119,11 +117,7 @@ def worker():
         job = {"new": 128, "prompts": rng.integers(3, config.vocab_size, (1, 64)).tolist()}
     else:
         model = llama_jax.load(job["ckpt"])
-    # bf16: bf16 weights through the CPU kernel where it is built, else float32 weight
-    # buffers, the faster of the two on XLA's dots (module docstring).
-    pieces = int(os.environ.get("DECODE_PIECES", "1"))
-    buffers = None if pieces == 1 and cpu_kernels.available() else "float32"
-    weights = decode.prepare(decode.with_dtype(model, dtype), pieces, weight_dtype=buffers)
+    weights = decode.prepare(decode.with_dtype(on_backend(model), dtype))
     gate = peerproto.Gate(warmup_steps=int(os.environ.get("PEERBENCH_WARMUP", "1")),
                           info={"system": "llama-jax", "precision": prec,
                                 "kv_bytes": jnp.dtype(dtype).itemsize})
@@ -133,24 +127,27 @@ def worker():
         gate.after_step(extra={"ttft": ttft, "decode": dec, "tokens": out.ids(0)})
 
 
-# (dtype, weight buffers) pairs of the table; None: buffers in the dtype.
-CASES = (("float32", None), ("bfloat16", None), ("bfloat16", "float32"))
+def on_backend(model):
+    """The model on backends.get(LLAMA_JAX_BACKEND or auto)."""
+    return llama_jax.with_backend(model, backends.get(os.environ.get("LLAMA_JAX_BACKEND",
+                                                                     "auto")))
 
 
-# (name, dtype, prepare kwargs) compared by --ab.
-# "default" is the CPU kernel where it is built (llama_jax/cpu_kernels.py); the others are
-# XLA's dots.
+CASES = ("float32", "bfloat16")  # dtypes of the table
+
+
+# (name, dtype, prepare kwargs) compared by --ab: "default" is the backend's decode kernels
+# where it has them (the cpu backend's C++ kernels); the others the model's math on XLA's dots.
 AB_LAYOUTS = (("f32 default", "float32", dict()),
-              ("f32 XLA, one block", "float32", dict(kernel=False)),
-              ("f32 XLA, two blocks", "float32", dict(pieces=2)),
+              ("f32 XLA", "float32", dict(kernel=False)),
               ("bf16 default", "bfloat16", dict()),
-              ("bf16 XLA, f32 buffers", "bfloat16", dict(kernel=False, weight_dtype="float32")))
+              ("bf16 XLA", "bfloat16", dict(kernel=False)))
 
 
 def compare_layouts(batch: int = 1, rounds: int = 15, new_tokens: int = 64):
     """Decode tokens/s of each AB_LAYOUTS layout, interleaved; ratios against the first."""
     config = llama_jax.get_config("bench")
-    model = llama_jax.create(config)
+    model = on_backend(llama_jax.create(config))
     prompts = np.random.default_rng(0).integers(3, config.vocab_size, (batch, 64)).tolist()
     layouts = [(name, decode.prepare(decode.with_dtype(model, dt), **kw))
                for name, dt, kw in AB_LAYOUTS]
@@ -173,10 +170,9 @@ def table():
     bw = measure_bandwidth()
     model = llama_jax.create(config)
     print(json.dumps({"bandwidth_gbs": round(bw, 1)}), flush=True)
-    for dtype, buffers in CASES:
+    for dtype in CASES:
         for batch in (1, 8):
-            r = benchmark_decode(config, batch, 64, 128, dtype, bandwidth_gbs=bw, model=model,
-                                 weight_dtype=buffers)
+            r = benchmark_decode(config, batch, 64, 128, dtype, bandwidth_gbs=bw, model=model)
             print(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                               for k, v in r.items()}), flush=True)
 

@@ -9,7 +9,8 @@ random batch, and speaks the peerproto turn protocol. PEERBENCH_PRECISION=bf16 c
 bfloat16 with float32 weights and optimizer state (MaxText's dtype=bfloat16, weight_dtype=f32).
 PEERBENCH_REMAT (none | full | dots) and PEERBENCH_SCAN (0 | 1; 0, unrolled, as the `bench`
 preset) choose the execution options;
-PEERBENCH_RETAIN_MEMORY=0 leaves glibc's malloc as it is (llama_jax.host_memory).
+PEERBENCH_RETAIN_MEMORY=0 leaves glibc's malloc as it is (llama_jax.backends.prepare_host);
+LLAMA_JAX_BACKEND (auto | plain | cpu) chooses the backend.
 """
 
 import os
@@ -20,10 +21,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.append(os.environ.get("PEERBENCH_DIR", os.path.join(ROOT, "..", "shared", "bench")))
 
-from llama_jax import host_memory  # noqa: E402
+from llama_jax import backends  # noqa: E402
 
 if os.environ.get("PEERBENCH_RETAIN_MEMORY", "1") == "1":  # as experiments/train.py does
-    host_memory.retain_freed_memory()  # before JAX starts its CPU backend
+    backends.prepare_host(os.environ.get("LLAMA_JAX_BACKEND", "auto"))  # before JAX starts
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -61,11 +62,12 @@ def main():
     shape = peerproto.shape_from_env()
     precision = os.environ.get("PEERBENCH_PRECISION", "f32")
     config = model_config(shape, precision)
-    graphdef, params = nnx.split(abstract(config), nnx.Param)
+    backend = backends.get(os.environ.get("LLAMA_JAX_BACKEND", "auto"))
+    graphdef, params = nnx.split(abstract(config, backend), nnx.Param)
     ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     tx = optim.make_optimizer(ocfg, params)
     step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
-                         fused_update=optim.fused_update(ocfg, params))
+                         fused_update=backend.fused_update and backend.fused_update(ocfg, params))
     st = {"state": train.init_state(train.init_params(config, 0), tx)}
     data = jax.device_put(batch(shape))
 

@@ -40,13 +40,14 @@ flags.DEFINE_list("decode_batches", ["1", "8"], "decode: batch sizes.")
 flags.DEFINE_integer("decode_prompt", 64, "decode: prompt tokens per row (the model's max_seq_len "
                      "is raised to fit prompt + new).")
 flags.DEFINE_integer("decode_new", 128, "decode: new tokens per row.")
-flags.DEFINE_enum("attention", "full", ["full", "chunked", "reference"],
+flags.DEFINE_enum("backend", "auto", ["auto", "plain", "cpu"],
+                  "forward/train: the backend (mesh.backend of a training config).")
+flags.DEFINE_enum("attention", "auto", ["auto", "full", "chunked", "reference"],
                   "forward/train: the no-cache attention (mesh.attention of a training config).")
-flags.DEFINE_bool("causal_blocks", True, "forward/train: let the full attention skip the score "
-                  "blocks above the diagonal (on CPU: attention.CAUSAL_BLOCK; false: whole "
-                  "[T, T]).")
-flags.DEFINE_bool("attention_kernel", True, "forward/train: let bf16 self-attention run the CPU "
-                  "kernel (llama_jax/kernels/attention.cc) where it applies; false: XLA's.")
+flags.DEFINE_bool("causal_blocks", True, "forward/train, cpu backend: let the full attention "
+                  "skip the score blocks above the diagonal (false: whole [T, T]).")
+flags.DEFINE_bool("attention_kernel", True, "forward/train, cpu backend: let bf16 self-attention "
+                  "run the C++ kernel (backends/cpu/csrc/attention.cc) where it applies.")
 flags.DEFINE_integer("peak_n", 0, "Side of the square matmul that measures the peak (0: 2048 on "
                      "CPU, 8192 on an accelerator, where 2048 is too small to fill the chip).")
 
@@ -79,7 +80,21 @@ def measure_peak(dtype: str, n: int = 0, iters: int = 10, rounds: int = 5) -> fl
     return 2 * n ** 3 / sec / 1e9
 
 
-def bench_forward(dtype: str, peak_gflops: float) -> dict:
+def bench_backend():
+    """The backend of --backend / --attention, with the cpu backend's switches applied."""
+    import jax
+
+    from llama_jax import backends
+    name = FLAGS.backend
+    if name == "cpu" or (name == "auto" and jax.default_backend() == "cpu"):
+        from llama_jax.backends import cpu
+        backend = cpu.make(causal_blocks=FLAGS.causal_blocks,
+                           attention_kernel=FLAGS.attention_kernel)
+        return backend.with_attention(FLAGS.attention)
+    return backends.get(name, FLAGS.attention)
+
+
+def bench_forward(dtype: str, peak_gflops: float, backend) -> dict:
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -87,7 +102,7 @@ def bench_forward(dtype: str, peak_gflops: float) -> dict:
     import llama_jax as lj
     from llama_jax import flops
     c = lj.get_config(FLAGS.model, dtype=dtype)
-    graphdef, params = nnx.split(lj.create(c))
+    graphdef, params = nnx.split(lj.create(c, backend=backend))
     tokens = jax.random.randint(jax.random.key(1), (FLAGS.batch, FLAGS.seq_len), 0, c.vocab_size)
     fwd = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
     sec = _timeit(lambda: fwd(params, tokens).block_until_ready(), FLAGS.iters)
@@ -100,7 +115,7 @@ def bench_forward(dtype: str, peak_gflops: float) -> dict:
                 device=jax.devices()[0].device_kind)
 
 
-def bench_train(dtype: str, peak_gflops: float) -> dict:
+def bench_train(dtype: str, peak_gflops: float, backend) -> dict:
     """Steady-state train step (AdamW, donated state) on one fixed random batch."""
     import jax
     import numpy as np
@@ -109,11 +124,11 @@ def bench_train(dtype: str, peak_gflops: float) -> dict:
     import llama_jax as lj
     from llama_jax import flops, optim, train
     c = lj.get_config(FLAGS.model, dtype=dtype)
-    graphdef, params = nnx.split(lj.abstract(c), nnx.Param)
+    graphdef, params = nnx.split(lj.abstract(c, backend), nnx.Param)
     ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     tx = optim.make_optimizer(ocfg, params)
     step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
-                         fused_update=optim.fused_update(ocfg, params))
+                         fused_update=backend.fused_update and backend.fused_update(ocfg, params))
     state = {"s": train.init_state(train.init_params(c, 0), tx)}
     b, t = FLAGS.batch, FLAGS.seq_len
     ids = np.random.default_rng(1).integers(0, c.vocab_size, (b, t + 1), dtype=np.int32)
@@ -145,11 +160,9 @@ def main(argv):
     if len(argv) != 2 or argv[1] not in MODES:
         raise app.UsageError(f"Usage: benchmark.py MODE [flags], MODE one of {', '.join(MODES)}.")
     mode = argv[1]
-    from llama_jax import host_memory
-    if mode != "convert" and not host_memory.has_accelerator():
-        # as the training launcher does (convert reports peak RSS); before JAX starts its CPU
-        # backend
-        host_memory.retain_freed_memory()
+    from llama_jax import backends
+    if mode != "convert":  # as the training launcher does (convert reports peak RSS)
+        backends.prepare_host("auto")  # before JAX starts its CPU backend
     if mode == "train" and FLAGS.mesh:
         from tools import bench_mesh
         for row in bench_mesh.benchmark_meshes():
@@ -165,12 +178,10 @@ def main(argv):
         if need > config.max_seq_len:  # a longer context for the same weights
             config = lj.get_config(FLAGS.model, max_seq_len=1 << (need - 1).bit_length())
         model = lj.create(config)
-        cpu = jax.default_backend() == "cpu"  # f32 weight buffers are an XLA:CPU workaround
-        for dtype, buffers in (c for c in bwd.CASES if c[0] in FLAGS.dtypes and (cpu or not c[1])):
+        for dtype in (d for d in bwd.CASES if d in FLAGS.dtypes):
             for batch in map(int, FLAGS.decode_batches):
                 _print(bwd.benchmark_decode(config, batch, FLAGS.decode_prompt, FLAGS.decode_new,
-                                            dtype, model=model,
-                                            bandwidth_gbs=bandwidth, weight_dtype=buffers))
+                                            dtype, model=model, bandwidth_gbs=bandwidth))
         return
     if mode == "convert":
         from tools import convert_checkpoint
@@ -182,15 +193,11 @@ def main(argv):
         if mode == "peak":
             _print(dict(bench="peak", dtype=dtype, gflops=round(peaks[dtype], 1)))
         elif mode in ("forward", "train"):
-            from llama_jax import attention, cpu_kernels, model
             bench = bench_forward if mode == "forward" else bench_train
-            kernel = (FLAGS.attention_kernel and FLAGS.attention == "full" and dtype == "bfloat16"
-                      and cpu_kernels.attention_available())
-            with model.hooks(attention=attention.IMPLS[FLAGS.attention]), \
-                    attention.causal_blocks(FLAGS.causal_blocks), \
-                    attention.cpu_kernel(FLAGS.attention_kernel):  # traced inside
-                _print(dict(bench(dtype, peaks[dtype]), attention=FLAGS.attention,
-                            causal_blocks=FLAGS.causal_blocks, attention_kernel=kernel))
+            backend = bench_backend()
+            _print(dict(bench(dtype, peaks[dtype], backend), backend=backend.name,
+                        attention=FLAGS.attention, causal_blocks=FLAGS.causal_blocks,
+                        attention_kernel=FLAGS.attention_kernel))
 
 
 if __name__ == "__main__":

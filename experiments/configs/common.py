@@ -49,7 +49,8 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.mesh.tensor = 1
     c.mesh.fsdp = True  # False: parameters replicated over data
     c.mesh.context_impl = "all_gather"  # or "ring"
-    c.mesh.attention = "full"  # "chunked": flash-style, no [T, S] scores; "reference": einsums
+    c.mesh.backend = "auto"  # llama_jax.backends: "cpu" where JAX runs on the CPU, else "plain"
+    c.mesh.attention = "auto"  # the backend's default ("full" on cpu), "reference", "chunked"
     c.mesh.microbatches = 0  # pipeline microbatches; 0 = one per stage
     c.mesh.repeats = 1  # circular pipeline repeats; 1 = GPipe
 

@@ -52,7 +52,7 @@ MAX_ROWS = 8  # rows the kernels keep in registers per pass over the weights (mo
 # bf16 150 vs 73.
 PREFILL_ROWS = 128
 ENV = "LLAMA_JAX_CPU_KERNELS"
-_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")
+_KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 _SOURCE = os.path.join(_KERNELS, "decode.cc")
 _ATTENTION_SOURCE = os.path.join(_KERNELS, "attention.cc")
 _ADAMW_SOURCE = os.path.join(_KERNELS, "adamw.cc")
@@ -246,20 +246,25 @@ def swiglu_backward(dh, g, u):
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["tiles"],
-                   meta_fields=["width"])
+                   meta_fields=["width", "out_shape"])
 @dataclasses.dataclass(frozen=True)
 class Packed:
-    """A weight [K, N] as `width` = N columns in tiles [ceil(N/32), K, 32], zero-padded."""
+    """A weight [*I, *O] as a [K, N] matrix (K = prod I, `width` N = prod O, `out_shape` O) in
+    tiles [ceil(N/32), K, 32], zero-padded."""
 
     tiles: jax.Array
     width: int
+    out_shape: tuple[int, ...]
 
     @classmethod
-    def of(cls, w: jax.Array) -> Packed:
+    def of(cls, w: jax.Array, n_in: int = 1) -> Packed:
+        """w packed, its first n_in dims contracted."""
+        out_shape = tuple(w.shape[n_in:])
+        w = w.reshape(math.prod(w.shape[:n_in]), -1)
         k, n = w.shape
         pad = -n % TILE
         w = jnp.pad(w, ((0, 0), (0, pad))) if pad else w
-        return cls(w.reshape(k, -1, TILE).transpose(1, 0, 2), n)
+        return cls(w.reshape(k, -1, TILE).transpose(1, 0, 2), n, out_shape)
 
     def unpacked(self) -> jax.Array:
         """The [K, N] weight (a copy)."""
@@ -284,13 +289,14 @@ def decode_layer(x, p: dict, cos, sin, slots, q_pos, q_seg, kv_pos, kv_seg, cach
                  layer: int, n_heads: int, eps: float):
     """One transformer block for one new token per row, in one kernel call.
 
-    x [B, D] in the compute dtype; p a `decode.prepare` layer (norms [D], projections `Packed`);
+    x [B, D] in the compute dtype; p one layer's weights (norms attn_norm, mlp_norm [D];
+    projections wq, wk, wv, wo, w_gate, w_up, w_down `Packed`);
     cos, sin [B, H/2] float32 (RoPE at each row's position); slots, q_pos, q_seg [B] (the slot
     each row's k/v is written to, >= S drops it; the query's position and segment); kv_pos,
     kv_seg [B, S] (the cache's positions and segments, this token's included); cache_k,
     cache_v [L, B, S, K, H]. Writes the new k/v into layer `layer` in place (the caches are
     aliased to the outputs) and returns (x [B, D], cache_k, cache_v), with
-    decode_forward._layer's math and roundings.
+    model.block's math and roundings.
     """
     f32, i32 = jnp.float32, jnp.int32
     names = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")

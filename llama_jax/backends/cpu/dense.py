@@ -32,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from llama_jax import cpu_kernels
+from llama_jax.backends.cpu import kernels
 
 
 def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.Array:
@@ -56,6 +56,28 @@ def same_manual_axes(x, w):
     custom VJP must return gradients typed like its inputs, so the cast happens outside it."""
     vx, vw = _manual_axes(x), _manual_axes(w)
     return _varying(x, vw - vx), _varying(w, vx - vw)
+
+
+def varying_like(a, *others):
+    """a marked as varying over every manual mesh axis that any of `others` varies over."""
+    axes = frozenset().union(*(_manual_axes(o) for o in others)) - _manual_axes(a)
+    return _varying(a, axes)
+
+
+def einsum(spec: str, x: jax.Array, w, out_dtype=None) -> jax.Array:
+    """The backend's weight product: `spec` is model.project's einsum ("btd,dnh->btnh",
+    "btnh,nhd->btd", "...d,dv->...v"), x's trailing letters contracted with w's leading ones.
+    Runs `dense` for an array w and the product kernel for a decode-packed w (kernels.Packed:
+    up to kernels.PREFILL_ROWS rows, else XLA's dot on the unpacked weight)."""
+    inputs, out = spec.split("->")
+    x_axes, w_axes = inputs.split(",")
+    n_in = sum(1 for a in w_axes if a not in out)
+    if not isinstance(w, kernels.Packed):
+        return dense(x, w, n_in=n_in, out_dtype=out_dtype)
+    lead = x.shape[:x.ndim - n_in]
+    rows = math.prod(lead)
+    y = kernels.matmul(x.reshape(*lead, -1), w, kernel=rows <= kernels.PREFILL_ROWS)
+    return y.reshape(*lead, *w.out_shape).astype(out_dtype or x.dtype)
 
 
 def _manual_axes(a) -> frozenset:
@@ -117,15 +139,15 @@ def transpose(x, perm):
 # backward's dg and du as two more that each re-read dh, g and u; kernels/swiglu.cc does the
 # forward in one pass over the two f32 products and the backward in one over dh, g, u.
 
-SWIGLU_KERNEL = True  # off: the plain path below everywhere
-
-
-def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array) -> jax.Array:
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, *, kernel: bool = True):
     """silu(x · w_gate) * (x · w_up) in x's dtype, x [..., D], w_gate and w_up [D, F]: the
-    products as `dense`, the elementwise part on the CPU kernel for bf16 where no mesh axis is
-    partitioned automatically (elsewhere exactly `silu(dense(x, w_gate)) * dense(x, w_up)`)."""
-    if not (SWIGLU_KERNEL and x.dtype == jnp.bfloat16 and cpu_kernels.local_only()
-            and cpu_kernels.swiglu_available()):
+    products as `dense`, the elementwise part on the CPU kernel (with `kernel`) for bf16 where
+    no mesh axis is partitioned automatically (elsewhere exactly `silu(dense(x, w_gate)) *
+    dense(x, w_up)`)."""
+    if isinstance(w_gate, kernels.Packed):  # decoding: the packed products
+        return jax.nn.silu(einsum("btd,df->btf", x, w_gate)) * einsum("btd,df->btf", x, w_up)
+    if not (kernel and x.dtype == jnp.bfloat16 and kernels.local_only()
+            and kernels.swiglu_available()):
         return jax.nn.silu(dense(x, w_gate)) * dense(x, w_up)
     x, w_gate = same_manual_axes(x, w_gate)
     x, w_up = same_manual_axes(x, w_up)
@@ -140,13 +162,13 @@ def _swiglu(x, w_gate, w_up, w_dtype):
 def _swiglu_fwd(x, w_gate, w_up, w_dtype):
     wg, wu = w_gate.astype(x.dtype), w_up.astype(x.dtype)
     contract = ((x.ndim - 1,), (0,))
-    h, g, u = cpu_kernels.swiglu_forward(_dot(x, wg, *contract), _dot(x, wu, *contract))
+    h, g, u = kernels.swiglu_forward(_dot(x, wg, *contract), _dot(x, wu, *contract))
     return h, (x, wg, wu, g, u)
 
 
 def _swiglu_bwd(w_dtype, res, dh):
     x, wg, wu, g, u = res
-    dg, du = cpu_kernels.swiglu_backward(dh, g, u)
+    dg, du = kernels.swiglu_backward(dh, g, u)
     last = (dg.ndim - 1,)
     dx = _dot(dg, wg, last, (1,)) + _dot(du, wu, last, (1,))
     lead = tuple(range(x.ndim - 1))
@@ -156,3 +178,46 @@ def _swiglu_bwd(w_dtype, res, dh):
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# RMSNorm's gain and RoPE's table in XLA:CPU's forms.
+
+
+def scale_rows(y: jax.Array, scale: jax.Array) -> jax.Array:
+    """y [..., D] * scale [D] in y's dtype (as HF's LlamaRMSNorm, which rounds the normalised
+    rows first), with the gain's gradient summed over the rows in float32 and returned in
+    scale's dtype. Autodiff of the bf16 product sums bf16 products (less exact), which
+    XLA:CPU ran as a separate convert pass and a single-threaded reduce-window per gain."""
+    y, scale = same_manual_axes(y, scale)
+    return _scale_rows(y, scale)
+
+
+@jax.custom_vjp
+def _scale_rows(y, scale):
+    return y * scale.astype(y.dtype).reshape((1,) * (y.ndim - 1) + scale.shape)
+
+
+def _scale_rows_fwd(y, scale):
+    return _scale_rows(y, scale), (y, scale)
+
+
+def _scale_rows_bwd(res, g):
+    y, scale = res
+    d_y = g.astype(y.dtype) * scale.astype(y.dtype).reshape((1,) * (y.ndim - 1) + scale.shape)
+    rows = tuple(range(y.ndim - 1))
+    d_scale = jnp.sum(g.astype(jnp.float32) * y.astype(jnp.float32), axis=rows)
+    return d_y, d_scale.astype(scale.dtype)
+
+
+_scale_rows.defvjp(_scale_rows_fwd, _scale_rows_bwd)
+
+
+def rope_table(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
+    """model.rope_table behind a conditional: XLA:CPU fuses cos and sin into every rotation
+    that reads them and evaluates them there for each of the n heads' elements, shared table
+    or not (~65 ms of the bench shape's 0.88 s bf16 train step); a conditional is a fusion
+    boundary. Both branches are the same."""
+    from llama_jax import model  # noqa: PLC0415 - the plain table
+    table = lambda: model.rope_table(positions, inv_freq)  # noqa: E731
+    return jax.lax.cond(positions[0, 0] != jnp.iinfo(jnp.int32).min, table, table)

@@ -1,0 +1,125 @@
+"""Backends: what one kind of device swaps into the model's plain math, as one frozen value.
+
+    backend = backends.get("auto")          # or "plain", "cpu"; mesh.backend in the configs
+    model = llama_jax.create(config, backend=backend)
+
+model.py and attention.py are the paper's math in plain JAX (einsums, autodiff); that is the
+`plain` backend, and it runs on every device. A backend replaces some of its pieces with forms
+that are faster on one device kind, each tested equal to the plain form:
+
+- `einsum(spec, x, w, out_dtype)`: a weight product (model.project)
+- `norm_gain(y, scale)`: RMSNorm's gain
+- `rope_table(positions, inv_freq)`: RoPE's cos/sin table
+- `attention(q, k, v, positions, segment_ids)`: training self-attention (mesh.attention picks
+  one of `attentions`)
+- `swiglu(x, w_gate, w_up)`: the MLP's gated product
+- `fused_update(cfg, params)`: an optimizer update equal to optim.make_optimizer's, applied in
+  one pass per parameter, or None
+- `decode_pack(w)` / `decode_block(...)`: weights packed once for decoding, and a whole block
+  of a one-token decode step in one call
+- `host_setup()`: process set-up before JAX starts (`prepare_host`)
+
+A backend is chosen once, from the run's config, and passed down: the model holds it (it is
+part of the model's graph definition, so jit traces each backend separately); nothing reads a
+module global at trace time. `cpu` lives in backends/cpu/ and is imported only when selected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import logging
+import os
+from typing import Callable
+
+NAMES = ("auto", "plain", "cpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """The pieces a backend swaps in; None keeps the plain form of model.py / attention.py."""
+
+    name: str = "plain"
+    einsum: Callable | None = None
+    norm_gain: Callable | None = None
+    rope_table: Callable | None = None
+    attention: Callable | None = None  # None: attention.IMPLS[default_attention]
+    # Attention implementations beyond attention.IMPLS, as (name, function) pairs, and the one
+    # `auto` picks.
+    attentions: tuple[tuple[str, Callable], ...] = ()
+    default_attention: str = "reference"
+    swiglu: Callable | None = None
+    fused_update: Callable | None = None
+    decode_pack: Callable | None = None
+    decode_block: Callable | None = None
+    host_setup: Callable | None = None
+
+    def attention_names(self) -> tuple[str, ...]:
+        from llama_jax import attention  # noqa: PLC0415 - attention imports nothing of ours
+        return (*attention.IMPLS, *(name for name, _ in self.attentions))
+
+    def with_attention(self, name: str = "auto") -> Backend:
+        """This backend with training attention `name` (one of attention_names(), or auto)."""
+        from llama_jax import attention  # noqa: PLC0415
+        name = self.default_attention if name == "auto" else name
+        impls = {**attention.IMPLS, **dict(self.attentions)}
+        if name not in impls:
+            raise ValueError(f"mesh.attention={name!r} is not available on the {self.name} "
+                             f"backend; valid: auto, {', '.join(impls)}.")
+        return dataclasses.replace(self, attention=impls[name])
+
+    def attend(self, q, k, v, positions, segment_ids):
+        """Training self-attention of q [B, T, N, H], k, v [B, T, K, H]."""
+        from llama_jax import attention  # noqa: PLC0415
+        fn = self.attention or attention.IMPLS[self.default_attention]
+        return fn(q, k, v, positions, segment_ids)
+
+
+PLAIN = Backend()
+
+
+def _cpu() -> Backend:
+    return importlib.import_module("llama_jax.backends.cpu").make()
+
+
+def _why_not(name: str) -> str | None:
+    """One sentence on why backend `name` cannot run in this process, or None."""
+    import jax  # noqa: PLC0415
+    if name == "cpu" and jax.default_backend() != "cpu":
+        return (f"the cpu backend needs JAX's CPU platform but this process runs on "
+                f"{jax.default_backend()}; use --config.mesh.backend=auto or plain")
+    return None
+
+
+@functools.cache
+def get(name: str = "auto", attention: str = "auto") -> Backend:
+    """The backend `name` (one of NAMES) with training attention `attention`.
+
+    `auto` picks `cpu` where JAX's default platform is the CPU, else `plain` (GPU and TPU
+    kernels are separate backends to come), with one log line saying what it chose.
+    Raises ValueError, in one sentence, for an unknown name or a backend that cannot run here.
+    """
+    if name not in NAMES:
+        raise ValueError(f"unknown backend {name!r}; valid: {', '.join(NAMES)}.")
+    if name == "auto":
+        import jax  # noqa: PLC0415
+        platform = jax.default_backend()
+        name = "cpu" if platform == "cpu" else "plain"
+        logging.info("backend auto: %s (JAX platform %s).", name, platform)
+    reason = _why_not(name)
+    if reason:
+        raise ValueError(reason[0].upper() + reason[1:] + ".")
+    backend = _cpu() if name == "cpu" else PLAIN
+    return backend.with_attention(attention)
+
+
+def prepare_host(name: str = "auto") -> None:
+    """Process set-up of the backend `name` would choose, before JAX starts its threads: on a
+    CPU host (no TPU/GPU device files) the cpu backend keeps freed host memory for reuse
+    (backends/cpu/host_memory.py). Does nothing for other backends."""
+    if name == "plain" or os.environ.get("LLAMA_JAX_RETAIN_HOST_MEMORY", "1") == "0":
+        return
+    host_memory = importlib.import_module("llama_jax.backends.cpu.host_memory")
+    if name == "cpu" or not host_memory.has_accelerator():
+        host_memory.retain_freed_memory()

@@ -40,13 +40,18 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
 _CHAT = flags.DEFINE_bool("chat", False, "Wrap each prompt as a user turn in the chat format.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Weights and compute.")
 _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format.")
+_BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "plain", "cpu"],
+                             "llama_jax.backends: auto = the cpu backend's decode kernels on a "
+                             "CPU, the plain math elsewhere.")
 flags.mark_flags_as_mutual_exclusive(["prompt", "prompt_file", "prompt_ids"], required=True)
 
 
 def load_model(directory: str):
     if checkpoint.is_params_checkpoint(directory):
-        return checkpoint.load_params(directory, dtype=_DTYPE.value)
-    return llama_jax.load(directory, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+        model = checkpoint.load_params(directory, dtype=_DTYPE.value)
+    else:
+        model = llama_jax.load(directory, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
+    return llama_jax.with_backend(model, llama_jax.backends.get(_BACKEND.value))
 
 
 def read_prompts(tok):

@@ -1,21 +1,19 @@
 """CPU kernels through jax.ffi, built on first use: for decode steps a whole transformer block
 per call (`decode_layer`) and the few-row product of the output head (`matmul`); for bf16
 training steps the self-attention forward and backward (`attention_forward`,
-`attention_backward`; kernels/attention.cc, used by attention.materialized_attention); for
-training steps the AdamW update of a parameter in place (`adamw`; kernels/adamw.cc, used by
+`attention_backward`; csrc/attention.cc, used by attention.materialized_attention); for
+training steps the AdamW update of a parameter in place (`adamw`; csrc/adamw.cc, used by
 optim.fused_update) and SwiGLU's elementwise part (`swiglu_forward`, `swiglu_backward`;
-kernels/swiglu.cc, used by dense.swiglu).
+csrc/swiglu.cc, used by dense.swiglu).
 
 XLA:CPU runs a decode step slowly: a batch-1 product on one Eigen thread, 2-8 rows through
 YNNPACK re-packing the weights every call, bf16 dots converting their weights to f32 first, the
 KV-cache write as a loop rewriting the whole stacked cache, and ~20 small operations per layer,
-each waking the thread pool. `kernels/decode.cc` reads weights packed once into 32-column tiles
+each waking the thread pool. `csrc/decode.cc` reads weights packed once into 32-column tiles
 ([N/32, K, 32], `Packed`), f32 or bf16, with the rows' accumulators in AVX-512 registers and f32
 accumulation, and DecodeLayer does a block's norms, RoPE, cache write, attention and SwiGLU in
 the same call, its phases shared between the caller and a helper from XLA's own intra-op pool
-(an OpenMP team fought that pool for the two cores). Bench shape, 2-core AVX-512 VM, same run as
-the peers: f32 batch 1 327 tok/s (XLA's dots ~175), batch 8 930; bf16 batch 1 546, batch 8
-1,719 (BENCHMARKS.md).
+(an OpenMP team fought that pool for the two cores). Measured speeds: BENCHMARKS.md.
 
 Each library is compiled with the system C++ compiler (`$CXX`, else g++ / c++) against the
 XLA FFI headers shipped with jaxlib, with -march=native, into
@@ -47,9 +45,7 @@ import numpy as np
 TILE = 32  # output columns per packed tile (kernels/decode.cc: kTile)
 MAX_ROWS = 8  # rows the kernels keep in registers per pass over the weights (more: 8 at a time)
 # Prefills of up to this many tokens (batch x prompt) use the product kernel too; longer ones
-# XLA's dot on an unpacked copy of the weights. Bench shape, prompt 64 (time to first token,
-# kernel vs XLA): batch 1 f32 27 vs 46 ms, bf16 22 vs 27; batch 8 (512 rows) f32 151 vs 138,
-# bf16 150 vs 73.
+# XLA's dot on an unpacked copy of the weights (the crossover measured in BENCHMARKS.md).
 PREFILL_ROWS = 128
 ENV = "LLAMA_JAX_CPU_KERNELS"
 _KERNELS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax import flops, hardware, hlo_cost, optim, plan, plan_search, sharding, train
+from llama_jax import backends, flops, hardware, hlo_cost, optim, plan, plan_search, sharding, train
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
 
@@ -52,7 +52,8 @@ def test_plan_bytes_match_a_real_step(tiny_plan):
     mc = sharding.from_config(config.mesh)
     mesh = sharding.make_mesh(mc)
     mcfg = ModelConfig.from_dict(config.model.to_dict())
-    model = model_lib.create(mcfg)
+    # the model as the plan compiles it: the plain backend, run as execution() says
+    model = model_lib.create(mcfg, 0, *sharding.execution(mesh, mc, backends.PLAIN))
     graphdef, params = nnx.split(model, nnx.Param)
     axes = model_lib.logical_axes(model)
     ocfg = train.optim_config(config)

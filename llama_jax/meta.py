@@ -72,6 +72,17 @@ def tensor_map(c: ModelConfig, embedding_split: int) -> list[tuple[str, str, int
     return out + [("norm.weight", "model.norm.weight", None, None), ("output.weight", head, None, 0)]
 
 
+def tokenizer_file(directory: str) -> str | None:
+    """The tokenizer.model of a Meta checkpoint directory: beside params.json, or one level up,
+    where Meta's LLaMA 1/2 releases keep the one tokenizer all sizes share (llama-2-7b/,
+    llama-2-13b/, ..., tokenizer.model)."""
+    for d in (directory, os.path.dirname(os.path.abspath(directory))):
+        path = os.path.join(d, "tokenizer.model")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def default_embedding_split(c: ModelConfig) -> int:
     """Llama 3's reference splits the embedding over the vocabulary, LLaMA 1/2's over D."""
     return 0 if c.vocab_size >= 128000 else 1
@@ -111,23 +122,17 @@ class MetaReader:
                 f"found {[os.path.basename(f) for f in files]}.")
         with open(params_path) as f:
             params = json.load(f)
-        tok = os.path.join(directory, "tokenizer.model")
-        self.tokenizer = tok if os.path.isfile(tok) else None
-        self.carried = {"tokenizer.model": tok} if self.tokenizer else {}
-        vocab = None
-        if params.get("vocab_size", -1) <= 0:  # LLaMA 1 and 2 write -1: the tokenizer decides
-            if not self.tokenizer:
-                raise FileNotFoundError(
-                    f"{params_path} has vocab_size -1 and {tok} is missing; copy the model's "
-                    "tokenizer.model next to params.json.")
-            from llama_jax.tokenizer import load_tokenizer
-            vocab = load_tokenizer(self.tokenizer).vocab_size
-        self.config = config_lib.from_meta_params(params, vocab_size=vocab)
+        self.tokenizer = tokenizer_file(directory)
+        self.carried = {"tokenizer.model": self.tokenizer} if self.tokenizer else {}
         self.files = files
         # Shapes and dtypes only: each `get` maps the files afresh and lets go of them, since a
         # mapping kept open would keep every page read so far resident.
         self.shards = [{k: (tuple(t.shape), torch_zip.to_numpy(t.reshape(-1)[:0]).dtype)
                         for k, t in torch_zip.load(f).items()} for f in files]
+        vocab = None
+        if params.get("vocab_size", -1) <= 0:  # LLaMA 1 and 2 write -1: the weights decide
+            vocab = self._embedding_rows(params["dim"])
+        self.config = config_lib.from_meta_params(params, vocab_size=vocab)
         self._check(params_path)
         # params.json has no tying field; an export that adds one is believed but checked.
         hint = params.get("tie_word_embeddings", params.get("tie_embeddings"))
@@ -136,6 +141,17 @@ class MetaReader:
         elif hint:
             raise ValueError(f"{params_path} says the embeddings are tied but output.weight "
                              "differs from tok_embeddings.weight; remove the key or fix the weights.")
+
+    def _embedding_rows(self, dim: int) -> int:
+        """V of tok_embeddings.weight [V, D], whichever way the ranks split it: over D
+        (ParallelEmbedding, LLaMA 1/2) each shard is [V, D/n], over V each is [V/n, D]."""
+        name = "tok_embeddings.weight"
+        shape = self.shards[0].get(name, (None,))[0]
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"{self.files[0]}: tensor {name} is missing or not 2-D, and "
+                             "params.json has vocab_size -1; the checkpoint is incomplete.")
+        rows, cols = shape
+        return rows * len(self.files) if cols == dim else rows
 
     def _check(self, params_path):
         c, n = self.config, len(self.files)

@@ -88,15 +88,6 @@ def default_embedding_split(c: ModelConfig) -> int:
     return 0 if c.vocab_size >= 128000 else 1
 
 
-def _hf_shape(c: ModelConfig, hf_name: str) -> tuple[int, ...]:
-    shapes = {s[0]: s[2] for s in hf._global_tensors(c.replace(tie_embeddings=False))}
-    suffix = hf_name.split(".", 3)[-1] if hf_name.startswith("model.layers.") else None
-    if suffix is not None:
-        shapes.update({s[0]: s[2] for s in hf._layer_tensors(c)})
-        return tuple(shapes[suffix])
-    return tuple(shapes[hf_name])
-
-
 def shard_shape(shape, split: int | None, n: int) -> tuple[int, ...]:
     return tuple(d // n if i == split else d for i, d in enumerate(shape))
 
@@ -170,7 +161,7 @@ class MetaReader:
             for hf_name, (meta, _, split) in self.map.items():
                 if meta not in shard:
                     raise ValueError(f"{f}: tensor {meta} is missing; the checkpoint is incomplete.")
-                want = shard_shape(_hf_shape(c, hf_name), split, n)
+                want = shard_shape(hf.tensor_shape(c, hf_name), split, n)
                 if shard[meta][0] != want:
                     raise ValueError(
                         f"{f}: tensor {meta} has shape {shard[meta][0]} but {params_path} "
@@ -198,7 +189,7 @@ class MetaReader:
         return hf.tensor_names(self.config)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return _hf_shape(self.config, name)
+        return hf.tensor_shape(self.config, name)
 
     def where(self, name: str) -> str:
         return f"{self.files[0]} ({len(self.files)} shards): tensor {self.map[name][0]}"
@@ -228,7 +219,7 @@ def write_meta(directory: str, source, *, model_parallel: int = 1, dtype=None,
     split_e = default_embedding_split(c) if embedding_split is None else embedding_split
     table = tensor_map(c, split_e)
     for meta, hf_name, _, split in table:
-        shape = _hf_shape(c, hf_name)
+        shape = hf.tensor_shape(c, hf_name)
         if split is not None and shape[split] % n:
             raise ValueError(f"Cannot split tensor {meta} {shape} over {n} model-parallel ranks: "
                              f"dim {split} is not divisible; choose a --model_parallel dividing it.")
@@ -239,7 +230,7 @@ def write_meta(directory: str, source, *, model_parallel: int = 1, dtype=None,
     out_dt = None if dtype is None else np.dtype(dtype)
     dt_of = lambda name: out_dt or source.dtype(name)  # noqa: E731
     writers = [torch_zip.Writer(os.path.join(directory, f"consolidated.{r:02d}.pth"),
-                                {m: (shard_shape(_hf_shape(c, h), s, n), dt_of(h))
+                                {m: (shard_shape(hf.tensor_shape(c, h), s, n), dt_of(h))
                                  for m, h, _, s in table}) for r in range(n)]
     order = {name: i for i, name in enumerate(source.names)}  # the order the source reads best
     try:

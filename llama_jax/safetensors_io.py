@@ -149,8 +149,15 @@ class ShardedSafetensors:
     def keys(self) -> Iterable[str]:
         return self._where.keys()
 
+    def path(self, name: str) -> str:
+        """The file that holds tensor `name` (for errors)."""
+        return self._where[name].path
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
 
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)

@@ -400,14 +400,13 @@ def _write_many_tensors(directory, n_layers=8, dim=512, ffn=4096, vocab=4096):
     """An HF checkpoint of 9 * 8 + 3 tensors of up to 8 MB (f32), written with our streaming
     writer (no torch): 240 MB in all, 30x the largest tensor."""
     from llama_jax import config as config_lib
-    from llama_jax.hf import tensor_names
-    from llama_jax.meta import _hf_shape
+    from llama_jax.hf import tensor_names, tensor_shape
     c = llama_jax.ModelConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=4,
                               n_kv_heads=4, ffn_dim=ffn)
     os.makedirs(directory)
     json.dump(config_lib.to_hf_config(c), open(os.path.join(directory, "config.json"), "w"))
     rng = np.random.default_rng(0)
-    specs = {n: (_hf_shape(c, n), np.dtype(np.float32)) for n in tensor_names(c)}
+    specs = {n: (tensor_shape(c, n), np.dtype(np.float32)) for n in tensor_names(c)}
     safetensors_io.write(os.path.join(directory, "model.safetensors"), specs,
                          lambda n: rng.standard_normal(specs[n][0], np.float32))
     return max(int(np.prod(s)) * 4 for s, _ in specs.values()), sum(

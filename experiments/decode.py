@@ -6,9 +6,10 @@
     python experiments/decode.py --checkpoint=DIR --prompt_ids=1,306,4658 --max_new_tokens=32
     python experiments/decode.py --checkpoint=DIR --chat --prompt="Write a haiku about JAX."
 
---checkpoint is a Hugging Face directory or a params-only export (checkpoint.save_params); the
-tokenizer is DIR/tokenizer.model unless --tokenizer says otherwise. A single text prompt is
-streamed to stdout as tokens arrive; a batch is printed when it finishes. --format=json prints
+--checkpoint is any directory llama_jax.load reads (Hugging Face, Meta, a params-only export);
+the tokenizer is DIR/tokenizer.model (for a Meta directory also one level up, as Llama 2 ships
+it) unless --tokenizer says otherwise. A single text prompt is streamed to stdout as tokens
+arrive; a batch is printed when it finishes. --format=json prints
 one object per prompt: {"prompt": i, "ids": [...], "text": "...", "logprobs": [...]} (ids and
 logprobs of the generated tokens, a final stop token included; logprobs under the model at
 temperature 1).
@@ -97,8 +98,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
     sampling.validate(sys.maxsize)  # ranges now; top_k against the vocabulary in generate
-    tok_path = _TOKENIZER.value or os.path.join(_CHECKPOINT.value, "tokenizer.model")
-    tok = tokenizer_lib.load_tokenizer(tok_path) if os.path.exists(tok_path) else None
+    tok_path = _TOKENIZER.value or llama_jax.io.tokenizer_file(_CHECKPOINT.value)
+    tok = tokenizer_lib.load_tokenizer(tok_path) if tok_path and os.path.exists(tok_path) else None
     prompts = read_prompts(tok)
     model = load_model(_CHECKPOINT.value)
     if tok is not None:

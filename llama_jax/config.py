@@ -254,7 +254,8 @@ def load_hf_config(path: str) -> ModelConfig:
 
 def from_meta_params(p: dict[str, Any], *, vocab_size: int | None = None,
                      tie_embeddings: bool = False) -> ModelConfig:
-    """Reads Meta's params.json. LLaMA 1 files carry `vocab_size: -1`; pass the tokenizer's.
+    """Reads Meta's params.json. LLaMA 1 and 2 files carry `vocab_size: -1`; pass V, the rows of
+    the checkpoint's embedding tok_embeddings.weight [V, D] (meta.MetaReader does).
 
     Meta's model always has a separate `output.weight` (Llama 3.2 1B/3B store a copy of the
     embedding there), so params.json cannot say whether embeddings are tied: the converter
@@ -263,7 +264,8 @@ def from_meta_params(p: dict[str, Any], *, vocab_size: int | None = None,
     vocab = p.get("vocab_size", -1)
     if vocab is None or vocab <= 0:
         if vocab_size is None:
-            raise ValueError("params.json has no vocab_size (-1): pass the tokenizer's vocab size.")
+            raise ValueError("params.json has no vocab_size (-1): pass vocab_size, the rows of the "
+                             "checkpoint's tok_embeddings.weight.")
         vocab = vocab_size
     dim, multiple_of = p["dim"], p.get("multiple_of", 256)
     mult = p.get("ffn_dim_multiplier")

@@ -48,10 +48,8 @@ from llama_jax.sampling import SamplingParams
 
 __all__ = ["Weights", "prepare", "forward", "MAX_STOP_IDS", "bucket", "cache_shardings",
            "check_inputs", "check_vocab", "make_mesh", "shard", "with_dtype", "DecodeState",
-           "GenerateOutput", "prefill", "decode_step", "start", "loop", "generate", "TRACES"]
+           "GenerateOutput", "prefill", "decode_step", "start", "loop", "generate"]
 
-_pad_batch = pad_batch  # the name tests and older callers use
-TRACES = {"start": 0, "loop": 0, "decode_step": 0}  # Python-side trace counters, read by tests
 # The current generate() call's stream callback. The compiled loop calls `_stream` (one static
 # function, so a new callback does not recompile), which forwards here.
 _STREAM_TARGET: list[Callable | None] = [None]
@@ -136,7 +134,6 @@ def _emit(state: DecodeState, tok, logprob, stop_ids, max_new) -> DecodeState:
 
 def _decode_step(weights: Weights, state: DecodeState, sampling, stop_ids, max_new):
     """Feeds each row's last token at its position, samples and records the next token."""
-    TRACES["decode_step"] += 1
     b = state.last.shape[0]
     logits, cache = forward(weights, state.last[:, None], state.position[:, None],
                             jnp.ones((b, 1), jnp.int32), state.cache)
@@ -160,7 +157,6 @@ def start(weights: Weights, tokens, lengths, key, sampling, stop_ids, max_new, *
     `SamplingParams.arrays()`; stop_ids [MAX_STOP_IDS] (-1 unused); max_new [] the tokens to
     emit per row, at most n_buffer; cache_len the slots S (>= longest prompt + max_new).
     """
-    TRACES["start"] += 1
     config, b = weights.config, tokens.shape[0]
     cache = model_lib.init_cache(config, b, cache_len)
     if mesh is not None:
@@ -182,8 +178,6 @@ def loop(weights: Weights, state: DecodeState, sampling, stop_ids, max_new, *,
 
     stream: call the host after every step (jax.debug.callback; costs a round trip per token).
     """
-    TRACES["loop"] += 1
-
     def cond(s):
         return (s.step < max_new) & ~jnp.all(s.done)
 

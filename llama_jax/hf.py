@@ -1,6 +1,6 @@
 """Hugging Face `LlamaForCausalLM` checkpoints: the explicit name map, load and save.
 
-One table (`_LAYER_TENSORS`, `_GLOBAL_TENSORS`) names every tensor, where it goes in our
+One table (`layer_tensors`, `global_tensors`) names every tensor, where it goes in our
 parameter tree and how it is transformed; every tensor's shape is asserted against the config
 before it is used. Hugging Face stores `nn.Linear` weights as [out, in]; we store [in, out] with
 heads split out (wq [D, N, H]). Both use the half-split RoPE layout, so q/k need no permutation
@@ -30,7 +30,9 @@ from llama_jax.config import ModelConfig
 _Spec = tuple[str, tuple[str, ...], Callable, Callable, Callable]
 
 
-def _layer_tensors(c: ModelConfig) -> list[_Spec]:
+def layer_tensors(c: ModelConfig) -> list[_Spec]:
+    """The rows of one layer's tensors (suffixes under model.layers.{i}.; our paths under
+    the stacked "layers" subtree, without its leading L axis)."""
     d, n, k, h, f = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim
 
     def heads_in(m):  # [m*H, D] (out, in) <-> [D, m, H]
@@ -54,7 +56,8 @@ def _layer_tensors(c: ModelConfig) -> list[_Spec]:
     ]
 
 
-def _global_tensors(c: ModelConfig) -> list[_Spec]:
+def global_tensors(c: ModelConfig) -> list[_Spec]:
+    """The rows of the tensors outside the layers (no lm_head when embeddings are tied)."""
     same = lambda w: w  # noqa: E731
     specs = [("model.embed_tokens.weight", ("embed",), (c.vocab_size, c.dim), same, same),
              ("model.norm.weight", ("norm", "scale"), (c.dim,), same, same)]
@@ -66,17 +69,18 @@ def _global_tensors(c: ModelConfig) -> list[_Spec]:
 
 def tensor_names(c: ModelConfig) -> list[str]:
     """Every tensor name a checkpoint of this config holds, in file order."""
-    names = [s[0] for s in _global_tensors(c)[:1]]
+    names = [s[0] for s in global_tensors(c)[:1]]
     for i in range(c.n_layers):
-        names += [f"model.layers.{i}.{s[0]}" for s in _layer_tensors(c)]
-    return names + [s[0] for s in _global_tensors(c)[1:]]
+        names += [f"model.layers.{i}.{s[0]}" for s in layer_tensors(c)]
+    return names + [s[0] for s in global_tensors(c)[1:]]
 
 
 # Buffers some older checkpoints carry that are not parameters.
-_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def _get(tree, path):
+def get_path(tree, path):
+    """tree[path[0]][path[1]]...: the node at one of the table's parameter paths."""
     for p in path:
         tree = tree[p]
     return tree
@@ -92,7 +96,7 @@ def read_params(directory: str, c: ModelConfig) -> dict:
     """Reads the safetensors of `directory` into our pure-dict parameter tree (numpy)."""
     st = safetensors_io.ShardedSafetensors(directory)
     expected = set(tensor_names(c))
-    unknown = [k for k in st.keys() if k not in expected and not k.endswith(_IGNORED_SUFFIXES)
+    unknown = [k for k in st.keys() if k not in expected and not k.endswith(IGNORED_SUFFIXES)
                and not (c.tie_embeddings and k == "lm_head.weight")]
     if unknown:
         raise ValueError(f"{directory}: unexpected tensor {unknown[0]} ({len(unknown)} unknown in "
@@ -103,16 +107,22 @@ def read_params(directory: str, c: ModelConfig) -> dict:
                          "the checkpoint is incomplete or its config.json is wrong.")
 
     for name in tensor_names(c):  # shapes from the headers: fail before reading any data
-        _, _, hf_shape, _, _ = _spec_of(c, name)
+        _, _, hf_shape, _, _ = spec_of(c, name)
         _check_shape(name, directory, st.shape(name), hf_shape)
     return stack_params(st, c)
 
 
-def _spec_of(c: ModelConfig, name: str) -> _Spec:
+def spec_of(c: ModelConfig, name: str) -> _Spec:
+    """The table row of HF tensor `name` (model.layers.{i}.* finds its layer row)."""
     if name.startswith("model.layers."):
         suffix = name.split(".", 3)[-1]
-        return next(s for s in _layer_tensors(c) if s[0] == suffix)
-    return next(s for s in _global_tensors(c) if s[0] == name)
+        return next(s for s in layer_tensors(c) if s[0] == suffix)
+    return next(s for s in global_tensors(c) if s[0] == name)
+
+
+def tensor_shape(c: ModelConfig, name: str) -> tuple[int, ...]:
+    """HF shape of tensor `name`; lm_head.weight has one even when tied (Meta's output.weight)."""
+    return tuple(spec_of(c.replace(tie_embeddings=False), name)[2])
 
 
 def stack_params(source, c: ModelConfig) -> dict:
@@ -120,12 +130,12 @@ def stack_params(source, c: ModelConfig) -> dict:
     HF-layout tensors (`source.get(name)`): safetensors here, Meta shards in meta.py."""
     dt = np.dtype(jnp.dtype(c.param_dtype))
     params: dict = {"layers": {}}
-    for name, path, _, _, to_ours in _global_tensors(c):
+    for name, path, _, _, to_ours in global_tensors(c):
         node = params
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = np.asarray(to_ours(source.get(name)), dtype=dt)
-    for suffix, path, hf_shape, _, to_ours in _layer_tensors(c):
+    for suffix, path, hf_shape, _, to_ours in layer_tensors(c):
         shape = to_ours(np.empty(hf_shape, np.int8)).shape
         out = np.empty((c.n_layers, *shape), dt)
         for i in range(c.n_layers):  # filled layer by layer: no list of copies
@@ -159,25 +169,27 @@ def save_hf(model: model_lib.Llama, directory: str, *, dtype: str = "float32",
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np_dtype = np.dtype(jnp.dtype(dtype))
     specs, producers = {}, {}
-    for name, path, hf_shape, to_hf, _ in _global_tensors(c):
+    for name, path, hf_shape, to_hf, _ in global_tensors(c):
         specs[name] = (hf_shape, np_dtype)
-        producers[name] = (lambda path=path, f=to_hf: f(np.asarray(_get(params, path))))
+        producers[name] = (lambda path=path, f=to_hf: f(np.asarray(get_path(params, path))))
     for i in range(c.n_layers):
-        for suffix, path, hf_shape, to_hf, _ in _layer_tensors(c):
+        for suffix, path, hf_shape, to_hf, _ in layer_tensors(c):
             name = f"model.layers.{i}.{suffix}"
             specs[name] = (hf_shape, np_dtype)
             producers[name] = (lambda path=path, f=to_hf, i=i:
-                               f(np.asarray(_get(params["layers"], path)[i])))
+                               f(np.asarray(get_path(params["layers"], path)[i])))
     ordered = {k: specs[k] for k in tensor_names(c)}
     with atomic_directory(directory, overwrite=overwrite) as tmp:
-        _write_shards(tmp, ordered, lambda k: producers[k](), max_shard_bytes)
+        write_shards(tmp, ordered, lambda k: producers[k](), max_shard_bytes)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_lib.to_hf_config(c, torch_dtype=dtype), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(dict(bos_token_id=c.bos_id, eos_token_id=c.eos_id), f, indent=2)
 
 
-def _write_shards(directory, specs, get, max_shard_bytes):
+def write_shards(directory, specs, get, max_shard_bytes):
+    """model.safetensors, or shards of at most max_shard_bytes and their index, tensor by
+    tensor: `specs` {name: (shape, dtype)} in file order, `get(name)` makes each array."""
     shards, current, size = [], {}, 0
     for name, (shape, dt) in specs.items():
         nbytes = int(np.prod(shape)) * dt.itemsize

@@ -23,10 +23,24 @@ def detect_format(path: str) -> str:
         return "hf"
     if "params.json" in files and glob.glob(os.path.join(path, "consolidated.*.pth")):
         return "meta"
+    inside = sorted(d for d in files if os.path.isfile(os.path.join(path, d, "params.json")))
+    if inside:  # Meta's LLaMA 1/2 release root: one directory per size, the tokenizer beside
+        raise ValueError(f"{path} holds Meta checkpoints in subdirectories ({', '.join(inside)}); "
+                         f"pass one of them, e.g. {os.path.join(path, inside[0])}.")
     raise ValueError(
         f"{path} is not a checkpoint directory llama_jax can read: expected config.json with "
         "model.safetensors or model.safetensors.index.json (Hugging Face), params.json with "
         "consolidated.NN.pth (Meta), or a llama_jax params export (config.json + params/).")
+
+
+def tokenizer_file(path: str) -> str | None:
+    """The tokenizer.model that belongs to checkpoint directory `path`, or None: beside the
+    weights, or for a Meta directory also one level up, where Meta's LLaMA 1/2 releases keep it."""
+    if os.path.isfile(os.path.join(path, "params.json")):
+        from llama_jax import meta
+        return meta.tokenizer_file(path)
+    candidate = os.path.join(path, "tokenizer.model")
+    return candidate if os.path.isfile(candidate) else None
 
 
 def load(path: str, **overrides):

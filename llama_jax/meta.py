@@ -72,18 +72,20 @@ def tensor_map(c: ModelConfig, embedding_split: int) -> list[tuple[str, str, int
     return out + [("norm.weight", "model.norm.weight", None, None), ("output.weight", head, None, 0)]
 
 
+def tokenizer_file(directory: str) -> str | None:
+    """The tokenizer.model of a Meta checkpoint directory: beside params.json, or one level up,
+    where Meta's LLaMA 1/2 releases keep the one tokenizer all sizes share (llama-2-7b/,
+    llama-2-13b/, ..., tokenizer.model)."""
+    for d in (directory, os.path.dirname(os.path.abspath(directory))):
+        path = os.path.join(d, "tokenizer.model")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
 def default_embedding_split(c: ModelConfig) -> int:
     """Llama 3's reference splits the embedding over the vocabulary, LLaMA 1/2's over D."""
     return 0 if c.vocab_size >= 128000 else 1
-
-
-def _hf_shape(c: ModelConfig, hf_name: str) -> tuple[int, ...]:
-    shapes = {s[0]: s[2] for s in hf._global_tensors(c.replace(tie_embeddings=False))}
-    suffix = hf_name.split(".", 3)[-1] if hf_name.startswith("model.layers.") else None
-    if suffix is not None:
-        shapes.update({s[0]: s[2] for s in hf._layer_tensors(c)})
-        return tuple(shapes[suffix])
-    return tuple(shapes[hf_name])
 
 
 def shard_shape(shape, split: int | None, n: int) -> tuple[int, ...]:
@@ -111,23 +113,17 @@ class MetaReader:
                 f"found {[os.path.basename(f) for f in files]}.")
         with open(params_path) as f:
             params = json.load(f)
-        tok = os.path.join(directory, "tokenizer.model")
-        self.tokenizer = tok if os.path.isfile(tok) else None
-        self.carried = {"tokenizer.model": tok} if self.tokenizer else {}
-        vocab = None
-        if params.get("vocab_size", -1) <= 0:  # LLaMA 1 and 2 write -1: the tokenizer decides
-            if not self.tokenizer:
-                raise FileNotFoundError(
-                    f"{params_path} has vocab_size -1 and {tok} is missing; copy the model's "
-                    "tokenizer.model next to params.json.")
-            from llama_jax.tokenizer import load_tokenizer
-            vocab = load_tokenizer(self.tokenizer).vocab_size
-        self.config = config_lib.from_meta_params(params, vocab_size=vocab)
+        self.tokenizer = tokenizer_file(directory)
+        self.carried = {"tokenizer.model": self.tokenizer} if self.tokenizer else {}
         self.files = files
         # Shapes and dtypes only: each `get` maps the files afresh and lets go of them, since a
         # mapping kept open would keep every page read so far resident.
         self.shards = [{k: (tuple(t.shape), torch_zip.to_numpy(t.reshape(-1)[:0]).dtype)
                         for k, t in torch_zip.load(f).items()} for f in files]
+        vocab = None
+        if params.get("vocab_size", -1) <= 0:  # LLaMA 1 and 2 write -1: the weights decide
+            vocab = self._embedding_rows(params["dim"])
+        self.config = config_lib.from_meta_params(params, vocab_size=vocab)
         self._check(params_path)
         # params.json has no tying field; an export that adds one is believed but checked.
         hint = params.get("tie_word_embeddings", params.get("tie_embeddings"))
@@ -136,6 +132,17 @@ class MetaReader:
         elif hint:
             raise ValueError(f"{params_path} says the embeddings are tied but output.weight "
                              "differs from tok_embeddings.weight; remove the key or fix the weights.")
+
+    def _embedding_rows(self, dim: int) -> int:
+        """V of tok_embeddings.weight [V, D], whichever way the ranks split it: over D
+        (ParallelEmbedding, LLaMA 1/2) each shard is [V, D/n], over V each is [V/n, D]."""
+        name = "tok_embeddings.weight"
+        shape = self.shards[0].get(name, (None,))[0]
+        if shape is None or len(shape) != 2:
+            raise ValueError(f"{self.files[0]}: tensor {name} is missing or not 2-D, and "
+                             "params.json has vocab_size -1; the checkpoint is incomplete.")
+        rows, cols = shape
+        return rows * len(self.files) if cols == dim else rows
 
     def _check(self, params_path):
         c, n = self.config, len(self.files)
@@ -154,7 +161,7 @@ class MetaReader:
             for hf_name, (meta, _, split) in self.map.items():
                 if meta not in shard:
                     raise ValueError(f"{f}: tensor {meta} is missing; the checkpoint is incomplete.")
-                want = shard_shape(_hf_shape(c, hf_name), split, n)
+                want = shard_shape(hf.tensor_shape(c, hf_name), split, n)
                 if shard[meta][0] != want:
                     raise ValueError(
                         f"{f}: tensor {meta} has shape {shard[meta][0]} but {params_path} "
@@ -182,7 +189,7 @@ class MetaReader:
         return hf.tensor_names(self.config)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return _hf_shape(self.config, name)
+        return hf.tensor_shape(self.config, name)
 
     def where(self, name: str) -> str:
         return f"{self.files[0]} ({len(self.files)} shards): tensor {self.map[name][0]}"
@@ -212,7 +219,7 @@ def write_meta(directory: str, source, *, model_parallel: int = 1, dtype=None,
     split_e = default_embedding_split(c) if embedding_split is None else embedding_split
     table = tensor_map(c, split_e)
     for meta, hf_name, _, split in table:
-        shape = _hf_shape(c, hf_name)
+        shape = hf.tensor_shape(c, hf_name)
         if split is not None and shape[split] % n:
             raise ValueError(f"Cannot split tensor {meta} {shape} over {n} model-parallel ranks: "
                              f"dim {split} is not divisible; choose a --model_parallel dividing it.")
@@ -223,7 +230,7 @@ def write_meta(directory: str, source, *, model_parallel: int = 1, dtype=None,
     out_dt = None if dtype is None else np.dtype(dtype)
     dt_of = lambda name: out_dt or source.dtype(name)  # noqa: E731
     writers = [torch_zip.Writer(os.path.join(directory, f"consolidated.{r:02d}.pth"),
-                                {m: (shard_shape(_hf_shape(c, h), s, n), dt_of(h))
+                                {m: (shard_shape(hf.tensor_shape(c, h), s, n), dt_of(h))
                                  for m, h, _, s in table}) for r in range(n)]
     order = {name: i for i, name in enumerate(source.names)}  # the order the source reads best
     try:

@@ -1,8 +1,9 @@
 """Training metrics: TensorBoard event files, `metrics.jsonl` and one console line per log step.
 
-    writer = MetricsWriter(workdir, total_steps=1000, flops_per_token=..., peak_tflops=...)
-    writer.train(step, {"loss": ..., "grad_norm": ..., "lr": ...}, tokens=B * T)
-    writer.eval(step, {"eval_loss": ...})
+    writer = MetricsWriter(workdir, total_steps=1000, start_step=0, flops_per_token=...,
+                           peak_tflops=...)
+    writer.train(step, {"loss": ..., "grad_norm": ..., "lr": ...}, tokens_per_step=B * T)
+    writer.eval(step, {"eval_loss": ...}, seconds=...)   # seconds: left out of throughput
 
 Throughput is measured between consecutive `train` calls, so it includes the input pipeline
 and any host work: what a user waits for, not a kernel benchmark. Only process 0 writes.

@@ -56,24 +56,28 @@ def make_schedule(cfg: Any) -> optax.Schedule:
         end_value=cfg.learning_rate * cfg.end_lr_fraction)
 
 
-def _path_key(path) -> tuple[str, ...]:
-    """('layers', 'attn_norm', 'scale') for a key path, dropping nnx.Variable's `.value`."""
+def path_key(path) -> tuple[str, ...]:
+    """('layers', 'attn_norm', 'scale') for a jax key path, dropping nnx.Variable's `.value`:
+    the same key for a parameter in an nnx.State, a pure dict, or an optimizer state that
+    holds a copy of the parameter tree (AdamW's mu and nu)."""
     names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
     return tuple(names[:-1] if names and names[-1] == "value" else names)
 
 
-def _axes_by_path(params_or_axes: Any) -> dict[tuple[str, ...], tuple[str, ...]]:
-    """Logical axes per parameter path, from nnx Params (with `axes` metadata) or an axes tree
-    such as `model.logical_axes(model)`."""
+def axes_by_path(params_or_axes: Any) -> dict[tuple[str, ...], tuple[str, ...]]:
+    """Logical axes per parameter path (`path_key`), from nnx Params (with `axes` metadata) or
+    an axes tree such as `model.logical_axes(model)`: {('layers', 'attn', 'wq'): ('layers',
+    'embed', 'q_heads', 'head_dim'), ...}. The decay mask here and sharding.state_shardings
+    look parameters up in it."""
     is_leaf = lambda x: isinstance(x, (nnx.Variable, tuple))  # noqa: E731
     flat, _ = jax.tree_util.tree_flatten_with_path(params_or_axes, is_leaf=is_leaf)
     out = {}
     for path, leaf in flat:
         axes = leaf.get_metadata().get("axes") if isinstance(leaf, nnx.Variable) else leaf
         if not isinstance(axes, tuple):
-            raise ValueError(f"parameter {'/'.join(_path_key(path))} has no logical axes; pass "
+            raise ValueError(f"parameter {'/'.join(path_key(path))} has no logical axes; pass "
                              f"nnx.state(model, nnx.Param) or model.logical_axes(model).")
-        out[_path_key(path)] = axes
+        out[path_key(path)] = axes
     return out
 
 
@@ -81,10 +85,10 @@ def decay_mask(params_or_axes: Any, decay_embeddings: bool = True) -> Callable[[
     """A mask function for optax: True where weight decay applies. It looks parameters up by
     path, so it fits nnx.State trees and plain dicts of the same parameters alike."""
     decays = {path: axes[-1] != "norm" and (decay_embeddings or axes[0] != "vocab")
-              for path, axes in _axes_by_path(params_or_axes).items()}
+              for path, axes in axes_by_path(params_or_axes).items()}
 
     def lookup(path, _):
-        key = _path_key(path)
+        key = path_key(path)
         if key not in decays:
             raise KeyError(f"parameter {'/'.join(key)} is not among the parameters the "
                            f"optimizer was made for; build it from the same model.")

@@ -109,6 +109,8 @@ def write(path: str, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
 def _write_array(f, arr: np.ndarray, dtype: np.dtype, block_bytes: int = 2**20) -> None:
     """Writes arr's bytes as `dtype` in C order, a block of rows at a time: a transposed view
     (our [in, out] as HF's [out, in]) is copied contiguous one block at a time, never whole."""
+    if arr.size == 0:  # nothing to write; a [0, D] tensor has no row to size blocks by
+        return
     flat = arr.reshape(1, -1) if arr.ndim < 2 else arr
     rows = max(1, block_bytes // max(1, flat[0].size * dtype.itemsize))
     for r in range(0, len(flat), rows):
@@ -149,8 +151,15 @@ class ShardedSafetensors:
     def keys(self) -> Iterable[str]:
         return self._where.keys()
 
+    def path(self, name: str) -> str:
+        """The file that holds tensor `name` (for errors)."""
+        return self._where[name].path
+
     def shape(self, name: str) -> tuple[int, ...]:
         return self._where[name].shape(name)
+
+    def dtype(self, name: str) -> np.dtype:
+        return self._where[name].dtype(name)
 
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)

@@ -1,10 +1,13 @@
 """One device mesh over (data, pipeline, context, tensor) and the rules that place every array.
 
-    mc = MeshConfig(data=2, pipeline=1, context=2, tensor=2)       # or from_config(config.mesh)
+    mc = MeshConfig(data=2, pipeline=1, context=2, tensor=2)  # or from_config(config.mesh)
     mesh = make_mesh(mc)
-    state = init_sharded(init_fn, mesh, mc, axes)                    # never whole on one device
-    step = jit_step(step_fn, mesh, mc, state)                        # (state, batch) -> ...
-    state, metrics = step(state, shard_batch(batch, mesh, mc))
+    check(mc, mesh, model_config, seq_len, global_batch)      # errors before compiling
+    axes = model.logical_axes(model.abstract(model_config))
+    state = init_sharded(init_fn, mesh, mc, axes)             # never whole on one device
+    step = jit_step(step_fn, mesh, mc, state, axes)           # (state, batch) -> (state, metrics)
+    with jax.set_mesh(mesh):
+        state, metrics = step(state, shard_batch(batch, mesh))
 
 Axes, outermost first (Llama 3 paper §3.3, "4D parallelism", orders them the same way):
   data      batch split; parameters, gradients and optimizer state sharded too (FSDP) unless
@@ -154,10 +157,10 @@ def state_shardings(abstract: Any, axes: Any, mesh: Mesh, fsdp: bool = True) -> 
     state): a leaf whose path ends with a parameter's path and whose rank matches gets that
     parameter's spec (so AdamW's mu and nu follow their parameter); everything else is
     replicated. `axes` is model.logical_axes(model) or nnx.state(model, nnx.Param)."""
-    by_path = optim._axes_by_path(axes)  # {('layers', 'attn', 'wq'): ('layers', 'embed', ...)}
+    by_path = optim.axes_by_path(axes)  # {('layers', 'attn', 'wq'): ('layers', 'embed', ...)}
 
     def place(path, leaf):
-        key = optim._path_key(path)
+        key = optim.path_key(path)
         for i in range(len(key)):
             names = by_path.get(key[i:])
             if names is not None and len(names) == len(leaf.shape):

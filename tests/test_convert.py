@@ -164,6 +164,42 @@ def test_tokenizer_and_generation_files_carried(tmp_path):
     assert json.load(open(tmp_path / "hf3" / "generation_config.json"))["eos_token_id"] == 2
 
 
+def _sentencepiece_model(path, vocab_size=256):
+    """A SentencePiece BPE model, as LLaMA 1/2 ship theirs, trained on this file's text."""
+    import sentencepiece as spm
+    spm.SentencePieceTrainer.train(input=__file__, model_prefix=path[:-len(".model")],
+                                   vocab_size=vocab_size, model_type="bpe", minloglevel=2)
+
+
+@pytest.mark.parametrize("model_parallel,embedding_split", [(1, None), (2, 1), (2, 0)])
+def test_llama2_release_layout_converts(tmp_path, model_parallel, embedding_split):
+    """As Meta ships Llama 2: llama-2-7b/{params.json with vocab_size -1, consolidated.NN.pth},
+    tokenizer.model one level up. The vocabulary comes from the embedding's shape (split over
+    D as LLaMA 2's ParallelEmbedding does, or over V), the tokenizer from the parent; both
+    outputs give transformers' logits and carry the tokenizer."""
+    _, ref = make_hf(str(tmp_path / "hf"), num_key_value_heads=2)
+    _sentencepiece_model(str(tmp_path / "hf" / "tokenizer.model"))
+    release = tmp_path / "llama-2"
+    src = release / "llama-2-7b"
+    cc.convert(str(tmp_path / "hf"), str(src), to="meta", model_parallel=model_parallel,
+               embedding_split=embedding_split)
+    params = json.load(open(src / "params.json"))
+    json.dump(dict(params, vocab_size=-1), open(src / "params.json", "w"))
+    os.rename(src / "tokenizer.model", release / "tokenizer.model")
+    tokenizer = (release / "tokenizer.model").read_bytes()
+
+    assert llama_jax.io.tokenizer_file(str(src)) == str(release / "tokenizer.model")
+    assert_close(ours(str(src)), ref)
+    for to in ("hf", "orbax"):
+        out = tmp_path / f"out_{to}"
+        cc.convert(str(src), str(out), to=to)
+        assert (out / "tokenizer.model").read_bytes() == tokenizer
+        assert_close(ours(str(out)), ref)
+    assert json.load(open(tmp_path / "out_hf" / "config.json"))["vocab_size"] == 256
+    with pytest.raises(ValueError, match="llama-2-7b"):  # the release root is not a checkpoint
+        llama_jax.io.detect_format(str(release))
+
+
 def _tensors(directory):
     from safetensors.torch import load_file
     out = {}
@@ -300,9 +336,6 @@ META_BAD = {
                         "consolidated.00.pth: tensor layers.0.attention.wk.weight has shape"),
     "truncated": (lambda d: _truncate(d / "consolidated.00.pth", 0.9),
                   "consolidated.00.pth cannot be read"),
-    "vocab_unknown": (lambda d: json.dump(dict(json.load(open(d / "params.json")), vocab_size=-1),
-                                          open(d / "params.json", "w")),
-                      "vocab_size -1 and .*tokenizer.model is missing"),
     "tie_claimed": (lambda d: json.dump(dict(json.load(open(d / "params.json")),
                                              tie_word_embeddings=True),
                                         open(d / "params.json", "w")),
@@ -367,14 +400,13 @@ def _write_many_tensors(directory, n_layers=8, dim=512, ffn=4096, vocab=4096):
     """An HF checkpoint of 9 * 8 + 3 tensors of up to 8 MB (f32), written with our streaming
     writer (no torch): 240 MB in all, 30x the largest tensor."""
     from llama_jax import config as config_lib
-    from llama_jax.hf import tensor_names
-    from llama_jax.meta import _hf_shape
+    from llama_jax.hf import tensor_names, tensor_shape
     c = llama_jax.ModelConfig(vocab_size=vocab, dim=dim, n_layers=n_layers, n_heads=4,
                               n_kv_heads=4, ffn_dim=ffn)
     os.makedirs(directory)
     json.dump(config_lib.to_hf_config(c), open(os.path.join(directory, "config.json"), "w"))
     rng = np.random.default_rng(0)
-    specs = {n: (_hf_shape(c, n), np.dtype(np.float32)) for n in tensor_names(c)}
+    specs = {n: (tensor_shape(c, n), np.dtype(np.float32)) for n in tensor_names(c)}
     safetensors_io.write(os.path.join(directory, "model.safetensors"), specs,
                          lambda n: rng.standard_normal(specs[n][0], np.float32))
     return max(int(np.prod(s)) * 4 for s, _ in specs.values()), sum(

@@ -36,6 +36,29 @@ def test_mesh_fills_minus_one_and_rejects_a_wrong_product():
         sharding.mesh_shape(MC(data=-1, tensor=-1), 8)
 
 
+def test_usage_in_the_docstring_calls_the_real_signatures():
+    """Every call of a sharding function in the module docstring's example binds to the
+    function's signature (right count and names of arguments); `model.` calls too."""
+    import ast
+    import inspect
+    import textwrap
+
+    example = textwrap.dedent(sharding.__doc__.split("\n\n")[1])
+    calls = [n for n in ast.walk(ast.parse(example)) if isinstance(n, ast.Call)]
+    checked = set()
+    for call in calls:
+        f = call.func
+        if isinstance(f, ast.Name) and hasattr(sharding, f.id):
+            fn, name = getattr(sharding, f.id), f.id
+        elif isinstance(f, ast.Attribute) and ast.unparse(f.value) == "model":
+            fn, name = getattr(model, f.attr), f"model.{f.attr}"
+        else:
+            continue
+        inspect.signature(fn).bind(*call.args, **{k.arg: k.value for k in call.keywords})
+        checked.add(name)
+    assert {"make_mesh", "check", "init_sharded", "jit_step", "shard_batch"} <= checked
+
+
 def test_tensor_axis_is_innermost():
     mesh = sharding.make_mesh(MC(data=2, pipeline=1, context=2, tensor=2))
     assert mesh.axis_names == sharding.AXES

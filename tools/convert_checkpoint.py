@@ -52,7 +52,7 @@ class HFReader:
         self.carried = checkpoint.carried_files(directory)  # tokenizer and generation files
         c, expected = self.config, set(hf.tensor_names(self.config))
         for name in self.st.keys():
-            if name not in expected and not name.endswith(hf._IGNORED_SUFFIXES) and not (
+            if name not in expected and not name.endswith(hf.IGNORED_SUFFIXES) and not (
                     c.tie_embeddings and name == "lm_head.weight"):
                 raise ValueError(f"{self.where(name)} is unexpected; is this a LlamaForCausalLM "
                                  f"checkpoint matching {path}?")
@@ -60,20 +60,20 @@ class HFReader:
             if name not in self.st.keys():
                 raise ValueError(f"{directory}: tensor {name} is missing; the checkpoint is "
                                  "incomplete or its config.json is wrong.")
-            if self.st.shape(name) != meta._hf_shape(c, name):
+            if self.st.shape(name) != hf.tensor_shape(c, name):
                 raise ValueError(f"{self.where(name)} has shape {self.st.shape(name)} but {path} "
-                                 f"implies {meta._hf_shape(c, name)}; weights and config differ.")
+                                 f"implies {hf.tensor_shape(c, name)}; weights and config differ.")
 
     names = property(lambda self: hf.tensor_names(self.config))
 
     def where(self, name):
-        return f"{self.st._where[name].path}: tensor {name}"
+        return f"{self.st.path(name)}: tensor {name}"
 
     def shape(self, name):
         return self.st.shape(name)
 
     def dtype(self, name):
-        return self.st._where[name].dtype(name)
+        return self.st.dtype(name)
 
     def get(self, name):
         return self.st.get(name)
@@ -112,7 +112,7 @@ class OrbaxReader:
 
     def _leaf(self, name):
         """(leaf path, layer or None, ours -> HF transform) of an HF tensor name."""
-        _, path, _, to_hf, _ = hf._spec_of(self.config, name)
+        _, path, _, to_hf, _ = hf.spec_of(self.config, name)
         if name.startswith("model.layers."):
             return ("layers", *path), int(name.split(".")[2]), to_hf
         return path, None, to_hf
@@ -121,7 +121,7 @@ class OrbaxReader:
         return f"{self.leaves.directory}: parameter {'.'.join(self._leaf(name)[0])} ({name})"
 
     def shape(self, name):
-        return meta._hf_shape(self.config, name)
+        return hf.tensor_shape(self.config, name)
 
     def dtype(self, name):
         return self.leaves.dtype(self._leaf(name)[0])
@@ -133,7 +133,7 @@ class OrbaxReader:
 
 def _ours_shape(c, name) -> tuple[int, ...]:
     """Our stacked leaf's shape for an HF tensor name ([L, ...] for a layer tensor)."""
-    _, _, hf_shape, _, to_ours = hf._spec_of(c, name)
+    _, _, hf_shape, _, to_ours = hf.spec_of(c, name)
     shape = to_ours(np.empty(hf_shape, np.int8)).shape
     return (c.n_layers, *shape) if name.startswith("model.layers.") else tuple(shape)
 
@@ -165,7 +165,7 @@ def write_hf(directory: str, source, dtype=None, max_shard_bytes: int = 5 * 2**3
     """config.json, generation_config.json and (sharded) safetensors, tensor by tensor."""
     c = source.config
     specs = {n: (source.shape(n), dtype or source.dtype(n)) for n in source.names}
-    hf._write_shards(directory, specs, source.get, max_shard_bytes)
+    hf.write_shards(directory, specs, source.get, max_shard_bytes)
     torch_dtype = _DTYPE_NAMES[np.dtype(dtype or source.dtype(hf.tensor_names(c)[0]))]
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(config_lib.to_hf_config(c, torch_dtype=torch_dtype), f, indent=2)
@@ -212,12 +212,12 @@ def write_orbax(directory: str, source, c: config_lib.ModelConfig, mesh=None) ->
     variables = nnx.state(model_lib.abstract(c), nnx.Param)
     dt = meta.np_dtype(c.param_dtype)
     with orbax_stream.Writer(directory) as w:
-        for name, path, _, _, to_ours in hf._global_tensors(c):
-            var = hf._get(variables, path)
+        for name, path, _, _, to_ours in hf.global_tensors(c):
+            var = hf.get_path(variables, path)
             leaf = w.leaf(path, var.shape, dt, _sharding(mesh, var.axes, var.shape))
             leaf.write(np.asarray(to_ours(source.get(name)), dt))
-        for suffix, path, _, _, to_ours in hf._layer_tensors(c):
-            var = hf._get(variables, ("layers", *path))
+        for suffix, path, _, _, to_ours in hf.layer_tensors(c):
+            var = hf.get_path(variables, ("layers", *path))
             leaf = w.leaf(("layers", *path), var.shape, dt, _sharding(mesh, var.axes, var.shape),
                           stacked=True)
             for i in range(c.n_layers):
@@ -294,8 +294,8 @@ def benchmark_convert(size_gb: float = 1.0, workdir: str | None = None) -> list[
         with open(os.path.join(hf_dir, "config.json"), "w") as fh:
             json.dump(config_lib.to_hf_config(c, torch_dtype="bfloat16"), fh)
         rng = np.random.default_rng(0)
-        specs = {n: (meta._hf_shape(c, n), DTYPES["bf16"]) for n in hf.tensor_names(c)}
-        hf._write_shards(hf_dir, specs, lambda n: (0.02 * rng.standard_normal(
+        specs = {n: (hf.tensor_shape(c, n), DTYPES["bf16"]) for n in hf.tensor_names(c)}
+        hf.write_shards(hf_dir, specs, lambda n: (0.02 * rng.standard_normal(
             specs[n][0], np.float32)).astype(DTYPES["bf16"]), 2 * 2**30)
     size_mb = sum(os.path.getsize(os.path.join(hf_dir, x)) for x in os.listdir(hf_dir)) / 1e6
     rows = []

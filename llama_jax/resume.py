@@ -13,6 +13,7 @@ The checks read only JSON and Orbax metadata, and run before anything is compile
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -108,7 +109,7 @@ def config_changes(saved: dict | None, config) -> str:
     """"optim.clip_norm 1.0 -> 0.0, ..." for the fields that differ (train.restart aside)."""
     if not saved:
         return ""
-    old, new = _flatten(saved), _flatten(config.to_dict())
+    old, new = _flatten(saved), _flatten(json.loads(json.dumps(config.to_dict())))  # as saved
     keys = sorted(k for k in old.keys() | new.keys()
                   if k != "train.restart" and old.get(k) != new.get(k))
     return _few([f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys], 6)

@@ -185,11 +185,6 @@ class Manager:
     def steps(self) -> list[int]:
         return list(self._mgr.all_steps())
 
-    def run_config(self, step: int) -> dict | None:
-        """The experiment config saved with `step` (None for steps saved without one)."""
-        record = checksums.read(os.path.join(self.directory, str(step)))
-        return (record or {}).get("run_config")
-
     def saved_shapes(self, step: int) -> dict[str, tuple] | None:
         """{path: shape} of the state arrays saved at `step`, from Orbax's metadata (no array is
         read); None if the metadata is unreadable (the restore then reports why)."""
@@ -323,6 +318,9 @@ def _write_json(path: str, obj) -> None:
 
 
 def _remove(path: str) -> None:
+    """Removes a file or folder, on process 0 only (the others see the same filesystem)."""
+    if jax.process_index() != 0:
+        return
     if os.path.isdir(path):
         shutil.rmtree(path)
     elif os.path.exists(path):

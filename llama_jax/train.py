@@ -184,7 +184,7 @@ def run(config, workdir: str) -> TrainState:
     mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
     mesh = sharding.make_mesh(mc)
     sharding.check(mc, mesh, model_config, config.data.seq_len, config.data.global_batch)
-    restart = resume.check_workdir(workdir, config, model_config)  # why, if train.restart
+    why_restart = resume.check_workdir(workdir, config, model_config)  # with train.restart
     tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer, workdir, config.data)
     check_tokenizer(tokenizer, model_config)
     dcfg = data_config(config.data)
@@ -205,9 +205,9 @@ def run(config, workdir: str) -> TrainState:
         keep=config.train.keep_checkpoints, tokenizer_file=tokenizer_file,
         run_config=config.to_dict())
     built = jax.eval_shape(lambda p: init_state(p, tx), nnx.to_pure_dict(abstract_params))
-    restart = restart or resume.check_state(ckpt, config, built)
-    if restart:
-        ckpt.start_over(restart)
+    why_restart = why_restart or resume.check_state(ckpt, config, built)
+    if why_restart:
+        ckpt.start_over(why_restart)
     state, start = _initial_state(config, ckpt, train_iter, model_config, tx, built, mesh, mc,
                                   abstract_params)
     step_fn = sharding.jit_step(lambda st, b: train_step.__wrapped__(st, b, s), mesh, mc,

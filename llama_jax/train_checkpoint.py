@@ -130,7 +130,8 @@ class Manager:
             return False
         if not self._wrote_run_files:
             self._write_run_files()
-        self._saving.append(step)
+        if jax.process_index() == 0:  # where Orbax runs the callback
+            self._saving.append(step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state),
                                   data=grain.checkpoint.CheckpointSave(data_iter))
         return self._mgr.save(step, args=args, force=True)

@@ -26,7 +26,7 @@ import zlib
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 flags.DEFINE_string("dtype", "bfloat16", "Compute dtype of the train step.")
 flags.DEFINE_integer("steps", 6, "Timed steps per block.")
@@ -52,22 +52,24 @@ def bench_hashes():
 
 def main(argv):
     del argv
+    from llama_jax import backends
+    backends.prepare_host("auto")  # before JAX starts its threads, as the launcher does
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every file it writes at INFO
     import grain
     import jax
     import numpy as np
     from flax import nnx
 
     import llama_jax as lj
-    from llama_jax import checksums, host_memory, optim, train, train_checkpoint
-    if not host_memory.has_accelerator():
-        host_memory.retain_freed_memory()  # as the launcher does
+    from llama_jax import backends, checksums, optim, train, train_checkpoint
     bench_hashes()
+    backend = backends.get("auto")  # as tools/benchmark.py train
     c = lj.get_config("bench", dtype=FLAGS.dtype)
-    graphdef, params = nnx.split(lj.abstract(c), nnx.Param)
+    graphdef, params = nnx.split(lj.abstract(c, backend), nnx.Param)
     ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
     tx = optim.make_optimizer(ocfg, params)
     step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
-                         fused_update=optim.fused_update(ocfg, params))
+                         fused_update=backend.fused_update and backend.fused_update(ocfg, params))
     state = {"s": train.init_state(train.init_params(c, 0), tx)}
     b, t = 4, 512
     ids = np.random.default_rng(1).integers(0, c.vocab_size, (b, t + 1), dtype=np.int32)

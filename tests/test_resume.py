@@ -128,8 +128,9 @@ def test_changed_optimizer_structure_is_refused_before_compiling(tmp_path, monke
     assert _files(workdir) == before  # every byte kept
 
 
-@pytest.mark.parametrize("override, field", [({"data.global_batch": 16}, "data.global_batch 8 -> 16"),
-                                             ({"data.seq_len": 32}, "data.seq_len 64 -> 32")])
+@pytest.mark.parametrize("override, field", [
+    ({"data.global_batch": 16}, "data.global_batch 8 -> 16"),
+    ({"data.seq_len": 32}, "data.seq_len 64 -> 32")])
 def test_another_batch_shape_is_refused_before_compiling(tmp_path, monkeypatch, override,
                                                          field):
     workdir = _saved(tmp_path, config())

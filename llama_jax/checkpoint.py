@@ -1,4 +1,4 @@
-"""Checkpoints: a params-only export for decoding and conversion, and training checkpoints.
+"""Checkpoints: the params-only export for decoding and conversion.
 
 Params-only export (stable; `decode.py` and `tools/convert_checkpoint.py` load it):
 
@@ -11,21 +11,16 @@ Params-only export (stable; `decode.py` and `tools/convert_checkpoint.py` load i
     DIR/tokenizer.json, tokenizer_config.json, special_tokens_map.json, generation_config.json
                          optional, carried from a Hugging Face checkpoint by the converter
 
-Training checkpoints (`Manager`) are an Orbax CheckpointManager over `WORKDIR/checkpoints/<step>/`
-with items `state` (the TrainState pytree), `data` (the Grain iterator state) and `meta` (model
-config and tokenizer name, JSON); the model config and tokenizer are also written once to
-`WORKDIR/checkpoints/config.json` and `tokenizer.model`, so a workdir belonging to another model
-is refused before anything is compiled.
+Training checkpoints (steps with optimizer and data-iterator state) are
+`llama_jax.train_checkpoint`; their directory also holds a config.json in this format.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 
-import grain.checkpoint
 import jax
 import jax.numpy as jnp
 from jax.experimental import multihost_utils
@@ -202,94 +197,3 @@ def _with_shardings(target, shardings, mesh):
                             target)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         target, shardings)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training checkpoints
-
-
-class Manager:
-    """Async Orbax checkpoints of a training run under `workdir/checkpoints/`.
-
-    Each step directory holds `state` (the TrainState pytree, StandardSave) and `data` (the
-    Grain iterator state, one JSON file per process). The model config and tokenizer are written
-    once beside the steps; `__init__` refuses a workdir whose config has another architecture,
-    which is cheap, so the caller does it before compiling anything.
-    """
-
-    def __init__(self, workdir: str, model_config: ModelConfig, *, save_every: int,
-                 keep: int, tokenizer_file: str | None = None, async_save: bool = True):
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-        check_workdir(workdir, model_config)
-        os.makedirs(self.directory, exist_ok=True)
-        if not os.path.exists(os.path.join(self.directory, CONFIG_FILE)):
-            with open(os.path.join(self.directory, CONFIG_FILE), "w") as f:
-                json.dump({"format": FORMAT, "model": model_config.to_dict()}, f, indent=2)
-        if tokenizer_file and not tokenizer_path(self.directory):
-            shutil.copyfile(tokenizer_file, os.path.join(self.directory, TOKENIZER_FILE))
-        self._warn_partial()
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_every, max_to_keep=keep, create=True,
-            enable_async_checkpointing=async_save)
-        self._mgr = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "data"))
-
-    def _warn_partial(self):
-        """Orbax writes a step to `<step>.orbax-checkpoint-tmp*` and renames it when complete;
-        a leftover one was killed mid-save. It is never read; say so and remove it."""
-        for name in sorted(os.listdir(self.directory)):
-            if ocp.utils.TMP_DIR_SUFFIX in name:
-                logging.warning("Checkpoint %s was only partially written (killed mid-save?); "
-                                "skipping it in favour of the last complete step.", name)
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
-
-    def save(self, step: int, state, data_iter, *, force: bool = False) -> bool:
-        """Starts an async save if `step` is due (or `force`) and not saved yet; returns whether
-        it saved."""
-        if self._mgr.latest_step() == step:
-            return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iter))
-        return self._mgr.save(step, args=args, force=force)
-
-    def steps(self) -> list[int]:
-        return list(self._mgr.all_steps())
-
-    def restore_latest(self, abstract_state, data_iter):
-        """(state, step) from the latest step that restores, or (None, 0) for a fresh run.
-
-        A step that fails to restore (a truncated file, a missing item) is skipped with a
-        warning in favour of the one before it.
-        """
-        for step in sorted(self._mgr.all_steps(), reverse=True):
-            args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                      data=grain.checkpoint.CheckpointRestore(data_iter))
-            try:
-                restored = self._mgr.restore(step, args=args)
-            except Exception as e:  # noqa: BLE001 - any unreadable step is skipped, not fatal
-                logging.warning("Checkpoint step %d in %s cannot be restored (%s: %s); "
-                                "skipping it in favour of an earlier step.", step,
-                                self.directory, type(e).__name__, str(e)[:200])
-                continue
-            return restored.state, step
-        return None, 0
-
-    def wait(self):
-        self._mgr.wait_until_finished()
-
-    def close(self):
-        self._mgr.wait_until_finished()
-        self._mgr.close()
-
-
-def check_workdir(workdir: str, model_config: ModelConfig) -> None:
-    """Raises if `workdir` holds checkpoints of a model with another architecture."""
-    path = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isfile(os.path.join(path, CONFIG_FILE)):
-        return
-    saved = load_config(path)
-    if saved.arch() != model_config.arch():
-        diff = {k: (v, model_config.arch()[k]) for k, v in saved.arch().items()
-                if model_config.arch()[k] != v}
-        raise ValueError(f"{workdir} holds checkpoints of another model (saved vs configured: "
-                         f"{diff}); use a fresh --workdir or the model config it was trained with.")

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llama_jax import checkpoint, data, decode, flops, io, optim, sharding
+from llama_jax import checkpoint, data, decode, flops, io, optim, resume, sharding
+from llama_jax import train_checkpoint
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
@@ -172,26 +173,26 @@ def eval_step(params, batch: Batch, graphdef) -> tuple[jax.Array, jax.Array]:
 def run(config, workdir: str) -> TrainState:
     """Trains `config` (an experiments/configs ConfigDict) in `workdir`, resuming if it can.
 
-    Everything that can be checked cheaply (tokenizer vs vocabulary, sequence length, batch vs
-    devices, another model's checkpoints in the workdir) is checked before anything compiles.
+    Everything that can be checked cheaply (config values, tokenizer vs vocabulary, sequence
+    length, batch vs devices, checkpoints in the workdir this config cannot resume) is checked
+    before anything compiles, and nothing is written into the workdir before the config and the
+    data have been checked. A workdir that cannot be resumed is refused (llama_jax.resume).
     """
     t_start = time.perf_counter()
     model_config = ModelConfig.from_dict(config.model.to_dict())
     check(config, model_config)
-    checkpoint.check_workdir(workdir, model_config)
+    mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
+    mesh = sharding.make_mesh(mc)
+    sharding.check(mc, mesh, model_config, config.data.seq_len, config.data.global_batch)
+    why_restart = resume.check_workdir(workdir, config, model_config)  # with train.restart
     tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer, workdir, config.data)
     check_tokenizer(tokenizer, model_config)
-    ckpt = checkpoint.Manager(workdir, model_config, save_every=config.train.checkpoint_every,
-                              keep=config.train.keep_checkpoints, tokenizer_file=tokenizer_file)
     dcfg = data_config(config.data)
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                  max_seq_len=model_config.max_seq_len)
     train_iter = iter(data.make_dataset(dcfg, tokenizer, split="train", **shard))
     val_ds = data.make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
 
-    mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
-    mesh = sharding.make_mesh(mc)
-    sharding.check(mc, mesh, model_config, dcfg.seq_len, config.data.global_batch)
     backend, parallel = sharding.execution(mesh, mc)
     graphdef, abstract_params = nnx.split(abstract(model_config, backend, parallel), nnx.Param)
     ocfg = optim_config(config)
@@ -199,18 +200,18 @@ def run(config, workdir: str) -> TrainState:
     fused = backend.fused_update and backend.fused_update(ocfg, abstract_params)
     s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
              microbatches=config.optim.microbatches, fused_update=fused)
-    if config.train.init_from and not ckpt.steps():  # continued pretraining, fine-tuning
-        state = init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params)
-    else:
-        state = sharding.init_sharded(  # every device creates only its own shards
-            lambda: init_state(init_params(model_config, config.train.seed), tx), mesh, mc,
-            abstract_params)
+    ckpt = train_checkpoint.Manager(
+        workdir, model_config, save_every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints, tokenizer_file=tokenizer_file,
+        run_config=config.to_dict())
+    built = jax.eval_shape(lambda p: init_state(p, tx), nnx.to_pure_dict(abstract_params))
+    why_restart = why_restart or resume.check_state(ckpt, config, built)
+    if why_restart:
+        ckpt.start_over(why_restart)
+    state, start = _initial_state(config, ckpt, train_iter, model_config, tx, built, mesh, mc,
+                                  abstract_params)
     step_fn = sharding.jit_step(lambda st, b: train_step.__wrapped__(st, b, s), mesh, mc,
                                 state, abstract_params)
-    restored, start = ckpt.restore_latest(jax.tree.map(_abstract, state), train_iter)
-    if restored is not None:
-        state = restored
-        print(f"Resumed from step {start} in {ckpt.directory}.", flush=True)
     put = sharding.array_putter(mesh)
     writer = MetricsWriter(
         workdir, total_steps=config.train.steps, start_step=start,
@@ -227,6 +228,28 @@ def run(config, workdir: str) -> TrainState:
         _print(f"Trained {config.train.steps} steps in {time.perf_counter() - t_start:.0f}s.")
         _finish(config, workdir, nnx.merge(graphdef, state.params), tokenizer, tokenizer_file)
     return state
+
+
+def _initial_state(config, ckpt, train_iter, model_config, tx, built, mesh, mc,
+                   abstract_params):
+    """(state, step): the latest checkpoint that restores (onto this mesh), else a fresh state
+    or the weights of train.init_from. A workdir none of whose checkpoints restores is refused
+    (with train.restart: moved aside); a step whose data-iterator state alone is lost keeps its
+    weights and replays the data."""
+    if ckpt.steps():
+        target = sharding.abstract_state(built, abstract_params, mesh, mc.fsdp)
+        restored = ckpt.restore_latest(target, train_iter)
+        if restored.state is not None:
+            if restored.data_problem:
+                resume.replay(train_iter, restored.step, restored.data_problem)
+            _print(f"Resumed from step {restored.step} in {ckpt.directory}.")
+            return restored.state, restored.step
+        ckpt.start_over(resume.no_restorable_step(ckpt, restored.skipped, config))
+    if config.train.init_from:  # continued pretraining, fine-tuning
+        return init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params), 0
+    return sharding.init_sharded(  # every device creates only its own shards
+        lambda: init_state(init_params(model_config, config.train.seed), tx), mesh, mc,
+        abstract_params), 0
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -342,10 +365,6 @@ def _print(message: str) -> None:
         print(message, flush=True)
 
 
-def _abstract(x):
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-
-
 # ----------------------------------------------------------------------------------------------
 # From the experiment config to the library's pieces.
 
@@ -395,8 +414,28 @@ def check_tokenizer(tokenizer, model_config: ModelConfig) -> None:
                          f"vocab_size is {model_config.vocab_size}; raise model.vocab_size.")
 
 
+# The smallest value of each count, and what it means or why it cannot be smaller.
+MINIMUM = {
+    "train.steps": (1, "the number of steps to train"),
+    "train.log_every": (1, "metrics are logged every N steps"),
+    "train.checkpoint_every": (0, "0 = only at the end and on SIGTERM"),
+    "train.keep_checkpoints": (1, "the run resumes from the checkpoints it keeps"),
+    "train.eval_every": (0, "0 = never"),
+    "train.eval_batches": (1, "set train.eval_every=0 to skip evaluation"),
+    "train.max_bad_steps": (1, "consecutive non-finite steps that stop the run"),
+    "train.sample_tokens": (0, "0 = no sample"),
+    "optim.microbatches": (1, "1 = no gradient accumulation"),
+    "optim.warmup_steps": (0, "0 = no warmup"),
+}
+
+
 def check(config, model_config: ModelConfig) -> None:
     """One-sentence errors for a config that cannot train, raised before anything compiles."""
+    for key, (least, meaning) in MINIMUM.items():
+        section, field = key.split(".")
+        if config[section][field] < least:
+            raise ValueError(f"{key} is {config[section][field]} but must be >= {least} "
+                             f"({meaning}).")
     data.check_config(config.data, process_count=jax.process_count(),
                       max_seq_len=model_config.max_seq_len)
     rows = config.data.global_batch

@@ -19,7 +19,7 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import checkpoint, data, hf, sharding, train
+from llama_jax import checkpoint, data, hf, sharding, train, train_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
@@ -221,7 +221,9 @@ def test_bad_config_fails_before_compile(tmp_path, monkeypatch, override, messag
 
 def test_workdir_of_another_model_fails_before_compile(tmp_path, monkeypatch):
     other = llama_jax.get_config("tiny", dim=32, n_heads=2, n_kv_heads=1)
-    checkpoint.Manager(str(tmp_path), other, save_every=1, keep=1).close()
+    mgr = train_checkpoint.Manager(str(tmp_path), other, save_every=1, keep=1)
+    mgr.save(1, {"x": jnp.zeros(2)}, iter(data.grain.MapDataset.range(2).to_iter_dataset()))
+    mgr.close()
     monkeypatch.setattr(train, "abstract", _must_not_run)
     with pytest.raises(ValueError, match="holds checkpoints of another model"):
         train.run(tiny_config(), str(tmp_path))

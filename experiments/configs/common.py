@@ -62,8 +62,13 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 500  # 0 = never
     c.train.eval_batches = 8
-    c.train.checkpoint_every = 500
-    c.train.keep_checkpoints = 3
+    c.train.checkpoint_every = 500  # 0 = only at the end and on SIGTERM
+    c.train.keep_checkpoints = 3  # >= 1
+    # A workdir whose checkpoints this config cannot resume (another model, batch shape or
+    # optimizer structure, or none restores) is refused; True starts over in it instead (the
+    # old run is kept in WORKDIR/previous_run until the new one saves a step). Checkpoints
+    # that restore are always resumed, so a relaunch with the flag continues the new run.
+    c.train.restart = False
     c.train.max_bad_steps = 10  # consecutive non-finite steps that stop the run
     c.train.cpu_peak_tflops = 0.19  # ../shared/bench: 190 GFLOP/s f32 matmul on 2 cores
     c.train.sample_prompt = "def "

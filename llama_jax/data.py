@@ -6,8 +6,9 @@
     batch = next(it)              # dict of numpy [B_local, T]
 
 Pipeline (one Grain graph; no TensorFlow anywhere):
-1. `data/text_files.py` builds the corpus once into array_record; `tfds.data_source` reads it
-   with random access, so the iterator state is a handful of integers and resume is exact.
+1. `llama_jax/corpus.py` builds the corpus once into array_record (again when its files
+   change); its TFDS data source reads it with random access, so the iterator state is a
+   handful of integers and resume is exact.
 2. Documents are shuffled with `cfg.seed` (a new order each epoch) and repeated forever.
 3. The global batch has `global_batch` *lanes*; lane j packs documents j, j+G, j+2G, ... of
    the shuffled stream into rows of T+1 tokens with grain's ConcatThenSplitIterDataset. Process
@@ -28,14 +29,12 @@ Batch fields, all [B_local, T] (T = seq_len): `inputs`, `targets` (inputs shifte
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
-import sys
 from typing import Any, Protocol
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
+
+from llama_jax import corpus
 
 
 class Tokenizer(Protocol):
@@ -78,15 +77,6 @@ class DataConfig:
     shuffle: bool = True       # shuffle the train split (validation is never shuffled)
 
 
-def _text_files():
-    """The TFDS builder module in the repo's data/ folder, which setup.py does not package: put
-    the repo root on sys.path so `python experiments/train.py` finds it like pytest does."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.append(root)
-    return importlib.import_module("data.text_files")
-
-
 def check_config(cfg: Any, *, process_count: int = 1, max_seq_len: int | None = None) -> None:
     """One-sentence errors for settings that would fail later, before any data is touched."""
     if cfg.seq_len < 1 or cfg.global_batch < 1:
@@ -101,14 +91,13 @@ def check_config(cfg: Any, *, process_count: int = 1, max_seq_len: int | None = 
 
 
 def data_source(cfg: Any, split: str):
-    """The random-access TFDS source of documents (`{"text": bytes}`), built on first use."""
-    tf = _text_files()
-    config = tf.make_config(cfg.name, cfg.files, cfg.jsonl_field)
-    builder = tf.prepare(config, cfg.data_dir)
+    """The random-access TFDS source of documents (`{"text": bytes}`), built on first use and
+    again whenever the corpus's files change."""
+    builder = corpus.prepare(corpus.make_config(cfg.name, cfg.files, cfg.jsonl_field),
+                             cfg.data_dir)
     if split not in builder.info.splits:
         raise ValueError(f"no split {split!r}; use one of {sorted(builder.info.splits)}.")
-    return tfds.data_source("text_files", split=split, data_dir=builder.data_dir_root,
-                            download=False, builder_kwargs={"config": config})
+    return builder.as_data_source(split)
 
 
 def _tokenize(tokenizer: Tokenizer):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llama_jax import checkpoint, data, decode, flops, io, optim, sharding
+from llama_jax import checkpoint, data, decode, flops, io, optim, sharding, tokenizer_training
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
@@ -355,20 +355,19 @@ def make_tokenizer(spec: str, workdir: str, data_cfg):
 
     "byte": UTF-8 bytes (259 ids); a tokenizer.model path (SentencePiece as in LLaMA 1/2, or
     Llama 3's tiktoken file); "train:V": a V-piece SentencePiece BPE trained with LLaMA's options
-    by tools/train_tokenizer.py on the run's corpus, once, into workdir/tokenizer.model (seconds
-    for the stdlib; a resumed run reuses the file).
+    (llama_jax.tokenizer_training) on the run's corpus, once, into workdir/tokenizer.model
+    (seconds for the stdlib; a resumed run reuses the file).
     """
     if spec == "byte":
         return data.ByteTokenizer(), None
     if spec.startswith("train:"):
         path = os.path.join(workdir, "tokenizer.model")
         if not os.path.isfile(path):
-            from tools import train_tokenizer  # noqa: PLC0415 - tools/ is beside the package
             os.makedirs(workdir, exist_ok=True)
             t = time.perf_counter()
-            train_tokenizer.train(os.path.join(workdir, "tokenizer"), files=data_cfg.files,
-                                  vocab_size=int(spec[len("train:"):]),
-                                  jsonl_field=data_cfg.jsonl_field, max_sentences=200_000)
+            tokenizer_training.train(os.path.join(workdir, "tokenizer"), files=data_cfg.files,
+                                     vocab_size=int(spec[len("train:"):]),
+                                     jsonl_field=data_cfg.jsonl_field, max_sentences=200_000)
             print(f"Trained a {spec[6:]}-piece tokenizer in {time.perf_counter() - t:.0f}s: "
                   f"{path}.", flush=True)
         spec = path

@@ -66,11 +66,16 @@ class ByteTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """The fields `make_dataset` reads; an ml_collections ConfigDict with them works too."""
+    """The fields `make_dataset` reads; an ml_collections ConfigDict with them works too.
+    The experiment config's `data` section is built from these fields (llama_jax.experiment)."""
+    # "byte" (UTF-8 bytes, 259 ids), a tokenizer.model path, or "train:V" (a V-piece
+    # SentencePiece trained on the corpus at the start of a run); train.make_tokenizer reads
+    # it, make_dataset takes the tokenizer itself
+    tokenizer: str = "byte"
     name: str = "stdlib"       # corpus name (a Python identifier)
     files: str = ""            # glob of .txt/.py/... (one document per file) or .jsonl; "" = stdlib
     jsonl_field: str = "text"  # field of each JSONL object that holds the document
-    seq_len: int = 128         # T: tokens per row fed to the model
+    seq_len: int = 2048        # T: tokens per row fed to the model
     global_batch: int = 8      # rows per step, summed over all processes
     seed: int = 0              # document shuffle seed
     data_dir: str = ""         # TFDS data_dir; "" = ~/.cache/llama_jax/tfds

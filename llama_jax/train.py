@@ -198,7 +198,7 @@ def run(config, workdir: str) -> TrainState:
     tx = optim.make_optimizer(ocfg, abstract_params)
     fused = backend.fused_update and backend.fused_update(ocfg, abstract_params)
     s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
-             microbatches=config.optim.microbatches, fused_update=fused)
+             microbatches=config.optim.accumulation_steps, fused_update=fused)
     if config.train.init_from and not ckpt.steps():  # continued pretraining, fine-tuning
         state = init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params)
     else:
@@ -374,18 +374,14 @@ def make_tokenizer(spec: str, workdir: str, data_cfg):
     return tokenizer_lib.load_tokenizer(spec), spec
 
 
-def data_config(c) -> data.DataConfig:
-    return data.DataConfig(name=c.name, files=c.files, jsonl_field=c.jsonl_field,
-                           seq_len=c.seq_len, global_batch=c.global_batch, seed=c.seed,
-                           data_dir=c.data_dir, shuffle=c.shuffle)
+def data_config(section) -> data.DataConfig:
+    """config.data as the dataclass it was built from (llama_jax.experiment.section)."""
+    return data.DataConfig(**section)
 
 
 def optim_config(config) -> optim.OptimConfig:
-    o = config.optim
-    return optim.OptimConfig(
-        learning_rate=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=config.train.steps,
-        end_lr_fraction=o.end_lr_fraction, b1=o.b1, b2=o.b2, eps=o.eps,
-        weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay_embeddings=o.decay_embeddings)
+    """config.optim as an OptimConfig whose cosine ends at train.steps."""
+    return optim.OptimConfig(**config.optim, total_steps=config.train.steps)
 
 
 def check_tokenizer(tokenizer, model_config: ModelConfig) -> None:
@@ -398,11 +394,12 @@ def check(config, model_config: ModelConfig) -> None:
     """One-sentence errors for a config that cannot train, raised before anything compiles."""
     data.check_config(config.data, process_count=jax.process_count(),
                       max_seq_len=model_config.max_seq_len)
-    rows = config.data.global_batch
+    rows, accumulation = config.data.global_batch, config.optim.accumulation_steps
     data_ranks = sharding.mesh_shape(sharding.from_config(config.mesh), jax.device_count())[0]
-    if rows % (config.optim.microbatches * data_ranks):
-        raise ValueError(f"data.global_batch {rows} must be a multiple of optim.microbatches × "
-                         f"mesh.data = {config.optim.microbatches} × {data_ranks}.")
+    if rows % (accumulation * data_ranks):
+        raise ValueError(f"data.global_batch {rows} must be a multiple of "
+                         f"optim.accumulation_steps × mesh.data = {accumulation} × "
+                         f"{data_ranks}.")
     if config.train.steps <= config.optim.warmup_steps:
         raise ValueError(f"train.steps {config.train.steps} must exceed optim.warmup_steps "
                          f"{config.optim.warmup_steps}; lower the warmup or train longer.")

@@ -179,6 +179,7 @@ def run(config, workdir: str) -> TrainState:
     model_config = ModelConfig.from_dict(config.model.to_dict())
     check(config, model_config)
     checkpoint.check_workdir(workdir, model_config)
+    _print(describe_run(config, model_config, workdir))
     tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer, workdir, config.data)
     check_tokenizer(tokenizer, model_config)
     ckpt = checkpoint.Manager(workdir, model_config, save_every=config.train.checkpoint_every,
@@ -382,6 +383,20 @@ def data_config(section) -> data.DataConfig:
 def optim_config(config) -> optim.OptimConfig:
     """config.optim as an OptimConfig whose cosine ends at train.steps."""
     return optim.OptimConfig(**config.optim, total_steps=config.train.steps)
+
+
+def describe_run(config, model_config: ModelConfig, workdir: str) -> str:
+    """What the run is, before anything is built: the two lines that open its output."""
+    n = jax.device_count()
+    sizes = sharding.mesh_shape(sharding.from_config(config.mesh), n)
+    axes = " × ".join(f"{a} {k}" for a, k in zip(sharding.AXES, sizes) if k > 1)
+    devices = f"{n} {jax.devices()[0].platform} device{'s' * (n > 1)}"
+    rows, t = config.data.global_batch, config.data.seq_len
+    # TODO(lead): config.mesh.backend once sharding.MeshConfig has the field
+    backend = getattr(config.mesh, "backend", "auto")
+    return (f"{model_config.name}: {flops.param_count(model_config):,} parameters, "
+            f"{rows * t:,} tokens per step ({rows} rows × {t}), {config.train.steps:,} steps\n"
+            f"{devices}{' as ' + axes if axes else ''}, backend {backend}, workdir {workdir}")
 
 
 def check_tokenizer(tokenizer, model_config: ModelConfig) -> None:

@@ -392,11 +392,10 @@ def describe_run(config, model_config: ModelConfig, workdir: str) -> str:
     axes = " × ".join(f"{a} {k}" for a, k in zip(sharding.AXES, sizes) if k > 1)
     devices = f"{n} {jax.devices()[0].platform} device{'s' * (n > 1)}"
     rows, t = config.data.global_batch, config.data.seq_len
-    # TODO(lead): config.mesh.backend once sharding.MeshConfig has the field
-    backend = getattr(config.mesh, "backend", "auto")
     return (f"{model_config.name}: {flops.param_count(model_config):,} parameters, "
             f"{rows * t:,} tokens per step ({rows} rows × {t}), {config.train.steps:,} steps\n"
-            f"{devices}{' as ' + axes if axes else ''}, backend {backend}, workdir {workdir}")
+            f"{devices}{' as ' + axes if axes else ''}, backend {config.mesh.backend}, "
+            f"workdir {workdir}")
 
 
 def check_tokenizer(tokenizer, model_config: ModelConfig) -> None:

@@ -15,6 +15,12 @@ trap 'rm -rf "$tmp"' EXIT
 purelib() { "$1" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"; }
 
 "$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$tmp/dist" .
+# Every non-Python source under llama_jax/ (the cpu backend's C++) must be in the wheel: a
+# warm kernel cache would hide a missing one.
+missing=$(git ls-files 'llama_jax/*.cc' 'llama_jax/*.h' | "$PYTHON" -c "
+import sys, zipfile; names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+print(' '.join(p for p in sys.stdin.read().split() if p not in names))" "$tmp"/dist/llama_jax-*.whl)
+if [ -n "$missing" ]; then echo "not in the wheel: $missing"; exit 1; fi
 "$PYTHON" -m venv "$tmp/venv"
 py="$tmp/venv/bin/python"
 purelib "$PYTHON" > "$(purelib "$py")/borrowed_dependencies.pth"

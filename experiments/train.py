@@ -14,9 +14,11 @@ on TPU VMs --distributed finds them itself.
 import os
 import sys
 
-# `experiments.configs.common` is imported by the config files: put the repository root on the
-# path, since `python experiments/train.py` only adds experiments/ itself.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Inside a checkout the launcher runs that checkout's llama_jax (`python experiments/train.py`
+# puts only experiments/ on the path); a copy of this file elsewhere runs the installed package.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.path.isfile(os.path.join(_ROOT, "llama_jax", "__init__.py")):
+    sys.path.insert(0, _ROOT)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -3,7 +3,7 @@
     checksums.write(step_dir, items=("state", "data"))   # STEP/checksums.json
     problems = checksums.verify(step_dir, under="state")  # [] when every file matches
 
-`checkpoint.Manager` calls `write` from Orbax's post-finalization callback: on the background
+`train_checkpoint.Manager` calls `write` from Orbax's post-finalization callback: on the background
 save thread of the primary process, after every process has written its files and before the
 temporary step directory is renamed into place, so a step is never visible without its
 checksums. Orbax and TensorStore check no data bytes themselves: one flipped bit in the middle

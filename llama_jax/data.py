@@ -6,8 +6,9 @@
     batch = next(it)              # dict of numpy [B_local, T]
 
 Pipeline (one Grain graph; no TensorFlow anywhere):
-1. `data/text_files.py` builds the corpus once into array_record; `tfds.data_source` reads it
-   with random access, so the iterator state is a handful of integers and resume is exact.
+1. `llama_jax/corpus.py` builds the corpus once into array_record (again when its files
+   change); its TFDS data source reads it with random access, so the iterator state is a
+   handful of integers and resume is exact.
 2. Documents are shuffled with `cfg.seed` (a new order each epoch) and repeated forever.
 3. The global batch has `global_batch` *lanes*; lane j packs documents j, j+G, j+2G, ... of
    the shuffled stream into rows of T+1 tokens with grain's ConcatThenSplitIterDataset. Process
@@ -28,14 +29,12 @@ Batch fields, all [B_local, T] (T = seq_len): `inputs`, `targets` (inputs shifte
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import os
-import sys
 from typing import Any, Protocol
 
 import grain
 import numpy as np
-import tensorflow_datasets as tfds
+
+from llama_jax import corpus
 
 
 class Tokenizer(Protocol):
@@ -67,24 +66,20 @@ class ByteTokenizer:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """The fields `make_dataset` reads; an ml_collections ConfigDict with them works too."""
+    """The fields `make_dataset` reads; an ml_collections ConfigDict with them works too.
+    The experiment config's `data` section is built from these fields (llama_jax.experiment)."""
+    # "byte" (UTF-8 bytes, 259 ids), a tokenizer.model path, or "train:V" (a V-piece
+    # SentencePiece trained on the corpus at the start of a run); train.make_tokenizer reads
+    # it, make_dataset takes the tokenizer itself
+    tokenizer: str = "byte"
     name: str = "stdlib"       # corpus name (a Python identifier)
     files: str = ""            # glob of .txt/.py/... (one document per file) or .jsonl; "" = stdlib
     jsonl_field: str = "text"  # field of each JSONL object that holds the document
-    seq_len: int = 128         # T: tokens per row fed to the model
+    seq_len: int = 2048        # T: tokens per row fed to the model
     global_batch: int = 8      # rows per step, summed over all processes
     seed: int = 0              # document shuffle seed
     data_dir: str = ""         # TFDS data_dir; "" = ~/.cache/llama_jax/tfds
     shuffle: bool = True       # shuffle the train split (validation is never shuffled)
-
-
-def _text_files():
-    """The TFDS builder module in the repo's data/ folder, which setup.py does not package: put
-    the repo root on sys.path so `python experiments/train.py` finds it like pytest does."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.append(root)
-    return importlib.import_module("data.text_files")
 
 
 def check_config(cfg: Any, *, process_count: int = 1, max_seq_len: int | None = None) -> None:
@@ -101,14 +96,13 @@ def check_config(cfg: Any, *, process_count: int = 1, max_seq_len: int | None = 
 
 
 def data_source(cfg: Any, split: str):
-    """The random-access TFDS source of documents (`{"text": bytes}`), built on first use."""
-    tf = _text_files()
-    config = tf.make_config(cfg.name, cfg.files, cfg.jsonl_field)
-    builder = tf.prepare(config, cfg.data_dir)
+    """The random-access TFDS source of documents (`{"text": bytes}`), built on first use and
+    again whenever the corpus's files change."""
+    builder = corpus.prepare(corpus.make_config(cfg.name, cfg.files, cfg.jsonl_field),
+                             cfg.data_dir)
     if split not in builder.info.splits:
         raise ValueError(f"no split {split!r}; use one of {sorted(builder.info.splits)}.")
-    return tfds.data_source("text_files", split=split, data_dir=builder.data_dir_root,
-                            download=False, builder_kwargs={"config": config})
+    return builder.as_data_source(split)
 
 
 def _tokenize(tokenizer: Tokenizer):

@@ -35,6 +35,13 @@ def head_params(c: ModelConfig) -> int:
     return c.dim * c.vocab_size
 
 
+def param_count(c: ModelConfig) -> int:
+    """Every parameter, from the config alone: embedding (and untied head), the layers'
+    matmuls, and the RMSNorm gains (two per layer and the final one)."""
+    embeddings = head_params(c) * (1 + (not c.tie_embeddings))
+    return embeddings + layer_matmul_params(c) + c.dim * (2 * c.n_layers + 1)
+
+
 def attention_flops_per_token(c: ModelConfig, seq_len: int) -> float:
     """Forward causal attention (scores and context) per token: 2 · L · T · N · H."""
     return 2.0 * c.n_layers * seq_len * c.n_heads * c.head_dim

@@ -23,9 +23,12 @@ Sources:
 from __future__ import annotations
 
 import dataclasses
+import glob
+import importlib.util
 import math
 import os
 import re
+import sys
 
 GB, GiB = 1e9, 2**30
 
@@ -183,3 +186,26 @@ def tpu_devices(topology: str, slices: int = 1) -> list:
     kw = dict(num_slices=slices) if slices > 1 else {}
     return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                              **kw).devices)
+
+
+# Device files of the accelerators JAX drives on Linux: TPUs (accel: v4 and v5p; vfio: v5e and
+# v6e), NVIDIA GPUs, AMD GPUs (ROCm's kfd) and WSL's GPU bridge.
+ACCELERATOR_FILES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd",
+                     "/dev/dxg")
+
+
+def skip_absent_tpu() -> bool:
+    """Keeps JAX from starting libtpu on a Linux host without any accelerator: installed for
+    TPU planning (the `plan` extra), libtpu prints "Failed to find host bounds" and an
+    INVALID_ARGUMENT trace at every start there, and JAX then runs on the CPU anyway. Restricts
+    JAX to the CPU only when nothing chose its platforms (JAX_PLATFORMS, jax.config) and
+    before any backend started; returns whether it did."""
+    if (sys.platform != "linux" or os.environ.get("JAX_PLATFORMS")
+            or any(glob.glob(p) for p in ACCELERATOR_FILES)
+            or importlib.util.find_spec("libtpu") is None):
+        return False
+    import jax
+    if jax.config.jax_platforms:
+        return False
+    jax.config.update("jax_platforms", "cpu")
+    return True

@@ -31,10 +31,12 @@ from flax import nnx
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    """The fields `make_schedule` / `make_optimizer` read; a ConfigDict with them works too."""
-    learning_rate: float = 3e-4    # peak; LLaMA 7B/13B 3e-4, 33B/65B 1.5e-4 (LLaMA Table 2)
+    """The fields `make_schedule` / `make_optimizer` read; a ConfigDict with them works too.
+    The experiment config's `optim` section is built from these fields (llama_jax.experiment),
+    all but total_steps, which a run takes from train.steps."""
+    peak_lr: float = 3e-4          # LLaMA 7B/13B 3e-4, 33B/65B 1.5e-4 (LLaMA Table 2)
     warmup_steps: int = 2000
-    total_steps: int = 100_000     # the cosine ends here at end_lr_fraction * learning_rate
+    total_steps: int = 100_000     # the cosine ends here at end_lr_fraction * peak_lr
     end_lr_fraction: float = 0.1
     b1: float = 0.9
     b2: float = 0.95
@@ -42,6 +44,7 @@ class OptimConfig:
     weight_decay: float = 0.1
     clip_norm: float = 1.0         # global-norm clipping; 0 turns it off
     decay_embeddings: bool = True
+    accumulation_steps: int = 1    # microbatches per update, gradients weighted by tokens
 
 
 def make_schedule(cfg: Any) -> optax.Schedule:
@@ -51,9 +54,9 @@ def make_schedule(cfg: Any) -> optax.Schedule:
         raise ValueError(f"warmup_steps ({cfg.warmup_steps}) must be in [0, total_steps = "
                          f"{cfg.total_steps}); raise total_steps or lower warmup_steps.")
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+        init_value=0.0, peak_value=cfg.peak_lr, warmup_steps=cfg.warmup_steps,
         decay_steps=cfg.total_steps,  # optax counts the warmup inside decay_steps
-        end_value=cfg.learning_rate * cfg.end_lr_fraction)
+        end_value=cfg.peak_lr * cfg.end_lr_fraction)
 
 
 def path_key(path) -> tuple[str, ...]:

@@ -22,7 +22,6 @@ flight); total = arguments + outputs − donated aliases + temporaries (memory_a
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -37,7 +36,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
-from llama_jax import backends, flops, hardware, hlo_cost, optim, sharding, train
+from llama_jax import backends, experiment, flops, hardware, hlo_cost, optim, sharding, train
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
 
@@ -48,21 +47,12 @@ BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
 
 # ----------------------------------------------------------------------------------------------
-# Config: the experiment file plus --config.a.b=value overrides, with a mesh section.
+# Config: the experiment file plus --config.a.b=value overrides.
 
 
 def load_config(path: str, overrides=()):
-    """The ConfigDict of `path[:arg]` with overrides applied; adds a default `mesh` section
-    (sharding.MeshConfig) when the file has none."""
-    path, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("plan_config", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path)))))
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-    with config.unlocked():
-        if "mesh" not in config:
-            config.mesh = dict(vars(sharding.MeshConfig()))
+    """The ConfigDict of `path[:arg]` (experiment.load) with overrides applied."""
+    config = experiment.load(path)
     for item in overrides:
         set_value(config, item)
     return config
@@ -107,7 +97,7 @@ def build(config, mesh, mc: sharding.MeshConfig):
     tx = optim.make_optimizer(ocfg, axes)
     state = jax.eval_shape(lambda p: train.init_state(p, tx), params)
     s = train.Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
-                   microbatches=config.optim.microbatches)
+                   microbatches=config.optim.accumulation_steps)
     step = sharding.jit_step(lambda st, b: train.train_step(st, b, s), mesh, mc, state, axes)
     shardings = sharding.state_shardings(state, axes, mesh, mc.fsdp)
     state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
@@ -131,9 +121,10 @@ def check_layout(config, mesh, mc) -> None:
     mcfg = ModelConfig.from_dict(config.model.to_dict())
     sharding.check(mc, mesh, mcfg, config.data.seq_len, config.data.global_batch)
     rows_per_rank = config.data.global_batch // mesh.shape["data"]
-    if rows_per_rank % config.optim.microbatches:
+    if rows_per_rank % config.optim.accumulation_steps:
         raise ValueError(f"{rows_per_rank} rows per data rank do not split into "
-                         f"optim.microbatches = {config.optim.microbatches}; pick a divisor.")
+                         f"optim.accumulation_steps = {config.optim.accumulation_steps}; pick a "
+                         f"divisor.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +207,7 @@ def _scale_loop(m: dict, config, full, kp: int) -> None:
     """Scales a stand-in's per-step costs (FLOPs, HBM and collective bytes) from its S/kp-stage
     pipeline loop to the target's S stages: R·M + S − 1 steps instead of R·M + S/kp − 1
     (an approximation: the loss and optimizer parts are scaled too)."""
-    work = config.mesh.repeats * (config.mesh.microbatches or full[1])
+    work = config.mesh.repeats * (config.mesh.pipeline_microbatches or full[1])
     f = (work + full[1] - 1) / (work + full[1] // kp - 1)
     for key in ("hlo_flops", "hbm_bytes", "fast_bytes", "slow_bytes"):
         m[key] *= f
@@ -312,8 +303,9 @@ def report(config, target: hardware.Target, full_shape, m: dict, overrides) -> d
     out = dict(config=mcfg.name, target=target.name, device=dev.name, devices=n,
                estimate=target.estimate, overrides=list(overrides),
                mesh=dict(zip(sharding.AXES, full_shape)), remat=mcfg.remat,
-               global_batch=rows, seq_len=t, microbatches=config.optim.microbatches,
-               pipeline_microbatches=config.mesh.microbatches)
+               global_batch=rows, seq_len=t,
+               accumulation_steps=config.optim.accumulation_steps,
+               pipeline_microbatches=config.mesh.pipeline_microbatches)
     if "invalid" in m:
         return dict(out, fits=False, reason=f"invalid layout: {m['invalid']}")
     analytic = flops.train_flops_per_token(mcfg, t) * rows * t / n
@@ -350,7 +342,8 @@ def report(config, target: hardware.Target, full_shape, m: dict, overrides) -> d
                          f"{capacity / 2**30:.1f} GiB: parameters {m['params'] / 2**30:.1f}, "
                          f"optimizer {m['optimizer'] / 2**30:.1f}, temporaries "
                          f"{m['temporaries'] / 2**30:.1f} GiB; shard more (mesh.tensor, "
-                         f"mesh.pipeline, a larger data axis), remat=full or more microbatches")
+                         f"mesh.pipeline, a larger data axis), remat=full or more "
+                         f"optim.accumulation_steps")
     return out
 
 

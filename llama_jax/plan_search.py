@@ -66,7 +66,7 @@ def candidates(config, target: hardware.Target):
                 continue  # accumulation only pays once recomputation is already maximal
             out.append([f"mesh.{a}={s}" for a, s in zip(("data", "pipeline", "context",
                                                          "tensor"), mesh)]
-                       + [f"model.remat={remat}", f"optim.microbatches={micro}"])
+                       + [f"model.remat={remat}", f"optim.accumulation_steps={micro}"])
     return out
 
 
@@ -96,7 +96,7 @@ def format_report(r: dict) -> str:
     head = [f"{r['config']} on {r['target']}: {r['devices']} x {r['device']}"
             + ("  [ESTIMATE: compiled for simulated CPU devices]" if r["estimate"] else ""),
             f"  mesh {mesh}; remat {r['remat']}; batch {r['global_batch']} x {r['seq_len']} "
-            f"tokens, {r['microbatches']} accumulation microbatch(es)"]
+            f"tokens, {r['accumulation_steps']} accumulation step(s)"]
     if r.get("compiled_mesh") and r["compiled_mesh"] != r["mesh"]:
         head.append(f"  compiled on a smaller stand-in mesh {r['compiled_mesh']} with the same "
                     f"rows and model shards per device (parameter/optimizer bytes: full mesh; "
@@ -133,7 +133,7 @@ def format_ranking(results: list[dict]) -> str:
         m, total = r["mesh"], r.get("memory", {}).get("total", float("nan"))
         rl = r.get("roofline", {})
         lines.append(f"{i:2d} {m['data']:5d} {m['pipeline']:4d} {m['context']:3d} "
-                     f"{m['tensor']:3d}  {r['remat']:<14} {r['microbatches']:5d} "
+                     f"{m['tensor']:3d}  {r['remat']:<14} {r['accumulation_steps']:5d} "
                      f"{total / 2**30:11.2f}  {'yes' if r['fits'] else 'no':>4}  "
                      f"{rl.get('step_s', float('nan')):7.3g} {100 * rl.get('mfu', 0):5.1f}%")
     return "\n".join(lines)

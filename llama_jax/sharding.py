@@ -58,7 +58,8 @@ RULES: dict[str, tuple[str, ...]] = {
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh sizes (one may be -1: all remaining devices) and the parallel execution options."""
+    """Mesh sizes (one may be -1: all remaining devices) and the parallel execution options.
+    The experiment config's `mesh` section is built from these fields (llama_jax.experiment)."""
 
     data: int = -1
     pipeline: int = 1
@@ -68,7 +69,7 @@ class MeshConfig:
     context_impl: str = "all_gather"     # or "ring" (attention.CONTEXT_IMPLS)
     backend: str = "auto"                # backends.NAMES: auto, plain, cpu
     attention: str = "auto"              # the backend's default, or one of its attention_names()
-    microbatches: int = 0                # pipeline microbatches M; 0 = the stage count S
+    pipeline_microbatches: int = 0       # M; 0 = the stage count S
     repeats: int = 1                     # circular pipeline repeats R; 1 = GPipe
 
     def sizes(self) -> tuple[int, int, int, int]:
@@ -129,7 +130,8 @@ def check(mc: MeshConfig, mesh: Mesh, config, seq_len: int | None = None,
                          f"global batch a multiple of it.")
     if mesh.shape["pipeline"] > 1:
         stages = mesh.shape["pipeline"]
-        pipeline.check(config.n_layers, stages, mc.repeats, mc.microbatches or stages, batch)
+        pipeline.check(config.n_layers, stages, mc.repeats,
+                       mc.pipeline_microbatches or stages, batch)
     if mc.context_impl not in attention.CONTEXT_IMPLS:
         raise ValueError(f"Unknown mesh.context_impl {mc.context_impl!r}; valid: "
                          f"{', '.join(attention.CONTEXT_IMPLS)}.")
@@ -263,7 +265,7 @@ def execution(mesh: Mesh, mc: MeshConfig, backend: Backend | None = None):
     layers = None
     if mesh.shape["pipeline"] > 1:
         layers = functools.partial(pipeline.pipeline_layers, mesh=mesh, context_impl=cp,
-                                   microbatches=mc.microbatches, repeats=mc.repeats,
+                                   microbatches=mc.pipeline_microbatches, repeats=mc.repeats,
                                    local_attention=local, weight_spec=functools.partial(
                                        spec, mesh=mesh, fsdp=False))
     # block boundaries: without this XLA may shard D of the activations over data like the

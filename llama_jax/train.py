@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 
 from llama_jax import checkpoint, data, decode, flops, io, optim, resume, sharding
-from llama_jax import train_checkpoint
+from llama_jax import tokenizer_training, train_checkpoint
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
@@ -185,6 +185,7 @@ def run(config, workdir: str) -> TrainState:
     mesh = sharding.make_mesh(mc)
     sharding.check(mc, mesh, model_config, config.data.seq_len, config.data.global_batch)
     why_restart = resume.check_workdir(workdir, config, model_config)  # with train.restart
+    _print(describe_run(config, model_config, workdir))
     tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer, workdir, config.data)
     check_tokenizer(tokenizer, model_config)
     dcfg = data_config(config.data)
@@ -199,7 +200,7 @@ def run(config, workdir: str) -> TrainState:
     tx = optim.make_optimizer(ocfg, abstract_params)
     fused = backend.fused_update and backend.fused_update(ocfg, abstract_params)
     s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
-             microbatches=config.optim.microbatches, fused_update=fused)
+             microbatches=config.optim.accumulation_steps, fused_update=fused)
     ckpt = train_checkpoint.Manager(
         workdir, model_config, save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, tokenizer_file=tokenizer_file,
@@ -374,38 +375,46 @@ def make_tokenizer(spec: str, workdir: str, data_cfg):
 
     "byte": UTF-8 bytes (259 ids); a tokenizer.model path (SentencePiece as in LLaMA 1/2, or
     Llama 3's tiktoken file); "train:V": a V-piece SentencePiece BPE trained with LLaMA's options
-    by tools/train_tokenizer.py on the run's corpus, once, into workdir/tokenizer.model (seconds
-    for the stdlib; a resumed run reuses the file).
+    (llama_jax.tokenizer_training) on the run's corpus, once, into workdir/tokenizer.model
+    (seconds for the stdlib; a resumed run reuses the file).
     """
     if spec == "byte":
         return data.ByteTokenizer(), None
     if spec.startswith("train:"):
         path = os.path.join(workdir, "tokenizer.model")
         if not os.path.isfile(path):
-            from tools import train_tokenizer  # noqa: PLC0415 - tools/ is beside the package
             os.makedirs(workdir, exist_ok=True)
             t = time.perf_counter()
-            train_tokenizer.train(os.path.join(workdir, "tokenizer"), files=data_cfg.files,
-                                  vocab_size=int(spec[len("train:"):]),
-                                  jsonl_field=data_cfg.jsonl_field, max_sentences=200_000)
+            tokenizer_training.train(os.path.join(workdir, "tokenizer"), files=data_cfg.files,
+                                     vocab_size=int(spec[len("train:"):]),
+                                     jsonl_field=data_cfg.jsonl_field, max_sentences=200_000)
             print(f"Trained a {spec[6:]}-piece tokenizer in {time.perf_counter() - t:.0f}s: "
                   f"{path}.", flush=True)
         spec = path
     return tokenizer_lib.load_tokenizer(spec), spec
 
 
-def data_config(c) -> data.DataConfig:
-    return data.DataConfig(name=c.name, files=c.files, jsonl_field=c.jsonl_field,
-                           seq_len=c.seq_len, global_batch=c.global_batch, seed=c.seed,
-                           data_dir=c.data_dir, shuffle=c.shuffle)
+def data_config(section) -> data.DataConfig:
+    """config.data as the dataclass it was built from (llama_jax.experiment.section)."""
+    return data.DataConfig(**section)
 
 
 def optim_config(config) -> optim.OptimConfig:
-    o = config.optim
-    return optim.OptimConfig(
-        learning_rate=o.peak_lr, warmup_steps=o.warmup_steps, total_steps=config.train.steps,
-        end_lr_fraction=o.end_lr_fraction, b1=o.b1, b2=o.b2, eps=o.eps,
-        weight_decay=o.weight_decay, clip_norm=o.clip_norm, decay_embeddings=o.decay_embeddings)
+    """config.optim as an OptimConfig whose cosine ends at train.steps."""
+    return optim.OptimConfig(**config.optim, total_steps=config.train.steps)
+
+
+def describe_run(config, model_config: ModelConfig, workdir: str) -> str:
+    """What the run is, before anything is built: the two lines that open its output."""
+    n = jax.device_count()
+    sizes = sharding.mesh_shape(sharding.from_config(config.mesh), n)
+    axes = " × ".join(f"{a} {k}" for a, k in zip(sharding.AXES, sizes) if k > 1)
+    devices = f"{n} {jax.devices()[0].platform} device{'s' * (n > 1)}"
+    rows, t = config.data.global_batch, config.data.seq_len
+    return (f"{model_config.name}: {flops.param_count(model_config):,} parameters, "
+            f"{rows * t:,} tokens per step ({rows} rows × {t}), {config.train.steps:,} steps\n"
+            f"{devices}{' as ' + axes if axes else ''}, backend {config.mesh.backend}, "
+            f"workdir {workdir}")
 
 
 def check_tokenizer(tokenizer, model_config: ModelConfig) -> None:
@@ -424,7 +433,7 @@ MINIMUM = {
     "train.eval_batches": (1, "set train.eval_every=0 to skip evaluation"),
     "train.max_bad_steps": (1, "consecutive non-finite steps that stop the run"),
     "train.sample_tokens": (0, "0 = no sample"),
-    "optim.microbatches": (1, "1 = no gradient accumulation"),
+    "optim.accumulation_steps": (1, "1 = no gradient accumulation"),
     "optim.warmup_steps": (0, "0 = no warmup"),
 }
 
@@ -438,11 +447,12 @@ def check(config, model_config: ModelConfig) -> None:
                              f"({meaning}).")
     data.check_config(config.data, process_count=jax.process_count(),
                       max_seq_len=model_config.max_seq_len)
-    rows = config.data.global_batch
+    rows, accumulation = config.data.global_batch, config.optim.accumulation_steps
     data_ranks = sharding.mesh_shape(sharding.from_config(config.mesh), jax.device_count())[0]
-    if rows % (config.optim.microbatches * data_ranks):
-        raise ValueError(f"data.global_batch {rows} must be a multiple of optim.microbatches × "
-                         f"mesh.data = {config.optim.microbatches} × {data_ranks}.")
+    if rows % (accumulation * data_ranks):
+        raise ValueError(f"data.global_batch {rows} must be a multiple of "
+                         f"optim.accumulation_steps × mesh.data = {accumulation} × "
+                         f"{data_ranks}.")
     if config.train.steps <= config.optim.warmup_steps:
         raise ValueError(f"train.steps {config.train.steps} must exceed optim.warmup_steps "
                          f"{config.optim.warmup_steps}; lower the warmup or train longer.")

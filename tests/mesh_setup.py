@@ -59,7 +59,7 @@ def make_step(config: ModelConfig = CFG, microbatches: int = 1, lr: float = 1e-4
     weight by 2·lr: lr 1e-4 keeps that within 1e-5 of the parameter norm, and still moves the
     parameters by ~0.5% a step (asserted)."""
     graphdef, params = nnx.split(model.create(config, 0), nnx.Param)
-    ocfg = optim.OptimConfig(learning_rate=lr, warmup_steps=0, total_steps=100)
+    ocfg = optim.OptimConfig(peak_lr=lr, warmup_steps=0, total_steps=100)
     tx = optim.make_optimizer(ocfg, params)
     step = train.Step(graphdef, tx, optim.make_schedule(ocfg), microbatches=microbatches)
     state = train.init_state(nnx.to_pure_dict(params), tx)

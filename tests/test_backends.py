@@ -95,7 +95,7 @@ def test_cpu_fused_update_equals_plain_train_step():
     results = []
     for backend in (backends.PLAIN, backends.get("cpu")):
         graphdef, params = nnx.split(lj.abstract(CFG, backend), nnx.Param)
-        ocfg = optim.OptimConfig(learning_rate=1e-3, warmup_steps=1, total_steps=10)
+        ocfg = optim.OptimConfig(peak_lr=1e-3, warmup_steps=1, total_steps=10)
         tx = optim.make_optimizer(ocfg, params)
         fused = backend.fused_update and backend.fused_update(ocfg, params)
         assert (fused is not None) == (backend.name == "cpu")

@@ -1,9 +1,9 @@
-"""Every experiment config loads, is locked, and builds its model with eval_shape."""
+"""Every experiment config loads, is locked, declares exactly the library's keys, and builds its
+model with eval_shape."""
 
+import dataclasses
 import glob
-import importlib.util
 import os
-import sys
 
 import jax
 import numpy as np
@@ -11,22 +11,23 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import flops
+from llama_jax import data, experiment, flops, optim, sharding, train
 from llama_jax.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # the config files import experiments.configs.common
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "configs", "*.py"))
-                 if os.path.basename(p) not in ("__init__.py", "common.py"))
+                 if os.path.basename(p) != "__init__.py")
+# Each section and the dataclass it is built from; optim's total_steps is train.steps.
+SECTIONS = {"model": (ModelConfig, ()), "data": (data.DataConfig, ()),
+            "optim": (optim.OptimConfig, ("total_steps",)), "mesh": (sharding.MeshConfig, ())}
 
 
 def load(path, arg=""):
-    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    config = experiment.load(f"{path}:{arg}" if arg else path)
     # The launch line (experiments/train.py, or tools/plan.py for the plan_* layouts).
-    assert f"--config=experiments/configs/{os.path.basename(path)}" in module.__doc__
-    return module.get_config(arg)
+    module_doc = open(path).read().split('"""')[1]
+    assert f"--config=experiments/configs/{os.path.basename(path)}" in module_doc
+    return config
 
 
 def test_all_configs_are_found():
@@ -45,10 +46,47 @@ def test_config_loads_locked_and_model_builds_abstractly(path):
     model = llama_jax.abstract(model_config)
     leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
-    n = sum(int(np.prod(x.shape)) for x in leaves)
-    embeddings = model_config.vocab_size * model_config.dim * (1 + (not model_config.tie_embeddings))
-    assert n - embeddings == flops.layer_matmul_params(model_config) + \
-        model_config.dim * (2 * model_config.n_layers + 1)  # matmuls + RMSNorm gains
+    assert sum(int(np.prod(x.shape)) for x in leaves) == flops.param_count(model_config)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_sections_declare_exactly_the_dataclass_fields(path):
+    config = load(path)
+    assert set(config) == set(SECTIONS) | {"train"}
+    for name, (cls, run_fields) in SECTIONS.items():
+        fields = {f.name for f in dataclasses.fields(cls)} - set(run_fields)
+        assert set(config[name]) == fields, name
+    # and the run turns them back into the dataclasses without renaming anything
+    assert train.data_config(config.data) == data.DataConfig(**config.data.to_dict())
+    ocfg = train.optim_config(config)
+    assert ocfg.total_steps == config.train.steps and ocfg.peak_lr == config.optim.peak_lr
+    assert sharding.from_config(config.mesh).sizes() == (
+        config.mesh.data, config.mesh.pipeline, config.mesh.context, config.mesh.tensor)
+
+
+def test_base_takes_the_library_defaults():
+    """A default changed in a dataclass is the experiments' default: nothing restates it."""
+    c = experiment.base("tiny")
+    for name, (cls, run_fields) in SECTIONS.items():
+        if cls is ModelConfig:
+            continue
+        want = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in run_fields}
+        assert c[name].to_dict() == want, name
+
+
+def test_section_refuses_unknown_fields():
+    with pytest.raises(KeyError, match="no field"):
+        experiment.section(optim.OptimConfig, microbatches=2)
+
+
+def test_plan_layouts_set_no_dead_keys():
+    """The plan_* configs change their recipe only where the layout differs."""
+    for name, recipe in [("plan_llama1_65b.py", "llama1_65b.py"),
+                         ("plan_llama3_405b_paper.py", "llama3_405b.py")]:
+        plan_c = load(os.path.join(ROOT, "experiments", "configs", name))
+        base_c = load(os.path.join(ROOT, "experiments", "configs", recipe))
+        assert plan_c.optim.to_dict() == base_c.optim.to_dict()
+        assert plan_c.mesh.attention == "chunked" and plan_c.mesh != base_c.mesh
 
 
 # Published recipes (LLaMA Table 2; Llama 3 Table 3 and §3.4.1): lr, tokens per batch, seq len.
@@ -77,3 +115,8 @@ def test_tiny_test_variant_and_bad_arg():
     assert test.train.steps < base.train.steps and test.model.dim < base.model.dim
     with pytest.raises(ValueError, match="Unknown tiny.py argument"):
         load(tiny, "nope")
+
+
+def test_missing_config_file_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no config file"):
+        experiment.load(str(tmp_path / "nope.py:test"))

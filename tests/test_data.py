@@ -1,4 +1,4 @@
-"""Tests of data/text_files.py (TFDS builder) and llama_jax/data.py (Grain pipeline).
+"""Tests of llama_jax/corpus.py (TFDS builder) and llama_jax/data.py (Grain pipeline).
 
 Expected batches are rebuilt here from the raw documents with plain Python loops, independent of
 grain's packer: concatenate `[BOS] + bytes + [EOS]` per lane, cut into rows of T+1 tokens.
@@ -7,14 +7,11 @@ grain's packer: concatenate `[BOS] + bytes + [EOS]` per lane, cut into rows of T
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-# data/ and tools/ are repo folders, not installed packages (setup.py ships llama_jax).
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from data import text_files  # noqa: E402
+from llama_jax import corpus
 from llama_jax import data
 
 T, G = 16, 4
@@ -44,12 +41,14 @@ def _texts(source):
 def test_stdlib_corpus_builds_with_disjoint_deterministic_splits(data_dir):
     cfg = data.DataConfig(data_dir=data_dir)
     train, val = data.data_source(cfg, "train"), data.data_source(cfg, "validation")
-    files = text_files.corpus_files("")
-    assert len(train) + len(val) == len(files) > 300
-    assert 0 < len(val) < len(files) // 10
-    root = text_files.corpus_root("")
-    want_val = sorted(open(p, encoding="utf-8", errors="replace").read() for p in files
-                      if text_files.key_hash(os.path.relpath(p, root)) < 0.02)
+    files = corpus.corpus_files("")
+    root = corpus.corpus_root("")
+    texts = {os.path.relpath(p, root): open(p, encoding="utf-8", errors="replace").read()
+             for p in files}
+    texts = {k: v for k, v in texts.items() if v.strip()}  # empty files are no documents
+    assert len(train) + len(val) == len(texts) > 300
+    assert 0 < len(val) < len(texts) // 10
+    want_val = sorted(v for k, v in texts.items() if corpus.key_hash(k) < 0.02)
     assert sorted(_texts(val)) == want_val
     built = os.path.join(data_dir, "text_files")
     assert not [d for d in os.listdir(os.path.join(built, os.listdir(built)[0]))
@@ -59,13 +58,13 @@ def test_stdlib_corpus_builds_with_disjoint_deterministic_splits(data_dir):
 @pytest.mark.parametrize("fraction", [0.0, 0.3])
 def test_split_documents_partitions_and_never_leaves_validation_empty(fraction):
     docs = [(f"file{i}.txt", f"text {i}") for i in range(40)]
-    train = list(text_files.split_documents(iter(docs), fraction, False))
-    val = list(text_files.split_documents(iter(docs), fraction, True))
+    train = list(corpus.split_documents(iter(docs), fraction, False))
+    val = list(corpus.split_documents(iter(docs), fraction, True))
     assert sorted(train + val) == sorted(docs) and val
     if fraction == 0.0:  # no hash below 0: the smallest-hash document is held out
-        assert val == [min(docs, key=lambda d: text_files.key_hash(d[0]))]
+        assert val == [min(docs, key=lambda d: corpus.key_hash(d[0]))]
     else:
-        assert val == [d for d in docs if text_files.key_hash(d[0]) < fraction]
+        assert val == [d for d in docs if corpus.key_hash(d[0]) < fraction]
 
 
 def test_jsonl_corpus_reads_the_configured_field(jsonl_cfg):
@@ -178,7 +177,7 @@ def test_bad_inputs_fail_in_one_sentence(jsonl_cfg, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="matches no files"):
         data.make_dataset(bad, tok)
     (tmp_path / "a.txt").write_text("hello")
-    monkeypatch.setattr(text_files.os, "access", lambda p, mode: False)  # root reads anything
+    monkeypatch.setattr(corpus.os, "access", lambda p, mode: False)  # root reads anything
     with pytest.raises(PermissionError, match="cannot read"):
         data.make_dataset(dataclasses.replace(bad, files=str(tmp_path / "*.txt")), tok)
     monkeypatch.undo()
@@ -197,3 +196,69 @@ def test_bad_inputs_fail_in_one_sentence(jsonl_cfg, tmp_path, monkeypatch):
               if d.startswith("broken")]
     assert broken and all(not os.listdir(os.path.join(jsonl_cfg.data_dir, "text_files", d))
                           for d in broken), broken
+
+
+# ----------------------------------------------------------------------------------------------
+# The build follows the files: an edit, an added file, or empty files.
+
+
+def _first_inputs(cfg):
+    it = iter(data.make_dataset(cfg, data.ByteTokenizer(), split="train", prefetch=0))
+    return next(it)["inputs"]
+
+
+def test_edited_corpus_is_rebuilt_and_changes_the_first_batch(tmp_path, capsys):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"{i}.txt").write_text(f"document {i} " * 4)
+    cfg = data.DataConfig(name="edited", files=str(folder / "*.txt"), seq_len=T, global_batch=2,
+                          data_dir=str(tmp_path / "tfds"), shuffle=False)
+    before = _first_inputs(cfg)
+    assert "Building the corpus from 6 files" in capsys.readouterr().out
+    np.testing.assert_array_equal(_first_inputs(cfg), before)  # unchanged: the same build
+    assert capsys.readouterr().out == ""
+
+    # Same size, new text: only the modification time tells.
+    for i in range(6):
+        (folder / f"{i}.txt").write_text(f"DOCUMENT {i} " * 4)
+        os.utime(folder / f"{i}.txt", ns=(1, 10**18 + i))
+    after = _first_inputs(cfg)
+    assert not np.array_equal(after, before)
+    assert data.ByteTokenizer().decode(after[0]).startswith("DOCUMENT")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "changed since the corpus was built" in out[0], out
+
+    (folder / "6.txt").write_text("an added file")  # a new file under the same glob
+    texts = _texts(data.data_source(cfg, "train")) + _texts(data.data_source(cfg, "validation"))
+    assert "an added file" in texts and len(texts) == 7
+
+
+def test_corpus_of_empty_files_fails_in_one_sentence(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text("")
+    cfg = data.DataConfig(name="empty", files=str(tmp_path / "*.txt"), seq_len=T, global_batch=2,
+                          data_dir=str(tmp_path / "tfds"))
+    with pytest.raises(ValueError, match=r"the 3 file\(s\) matched by .* are all empty"):
+        data.make_dataset(cfg, data.ByteTokenizer())
+    assert not os.path.exists(tmp_path / "tfds" / "text_files")  # nothing was written
+    # Whitespace and empty JSONL texts are no documents either: one sentence, not a run.
+    (tmp_path / "0.txt").write_text(" \n\t\n")
+    (tmp_path / "1.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
+    with pytest.raises(ValueError, match="fewer than two documents with text"):
+        data.make_dataset(dataclasses.replace(cfg, files=str(tmp_path / "*.*")),
+                          data.ByteTokenizer())
+
+
+def test_building_prints_no_tfds_notices(tmp_path, capsys, caplog):
+    (tmp_path / "a.txt").write_text("first document")
+    (tmp_path / "b.txt").write_text("second document")
+    cfg = data.DataConfig(name="quiet", files=str(tmp_path / "*.txt"), seq_len=T, global_batch=2,
+                          data_dir=str(tmp_path / "tfds"))
+    data.make_dataset(cfg, data.ByteTokenizer(), prefetch=0)
+    data.make_dataset(cfg, data.ByteTokenizer(), split="validation", prefetch=0)
+    out = capsys.readouterr()
+    assert "Downloading and preparing" not in out.out + out.err
+    assert out.out.count("Building the corpus") == 1
+    assert not [r for r in caplog.records if "custom data configuration" in r.getMessage()
+                or "Variant folder" in r.getMessage()]

@@ -18,7 +18,7 @@ from llama_jax.backends.cpu import kernels as cpu_kernels
 from llama_jax.backends.cpu import optim as cpu_optim
 from llama_jax.model import logical_axes
 
-CFG = optim.OptimConfig(learning_rate=2e-3, warmup_steps=10, total_steps=110)
+CFG = optim.OptimConfig(peak_lr=2e-3, warmup_steps=10, total_steps=110)
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +64,13 @@ def _changed(model, cfg, params):
 
 def test_weight_decay_skips_norm_gains(model):
     params = nnx.state(model, nnx.Param).to_pure_dict()
-    cfg = optim.OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10)
+    cfg = optim.OptimConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10)
     moved = _changed(model, cfg, params)
     assert moved["layers"]["mlp"]["w_up"] and moved["layers"]["attn"]["wq"]
     assert moved["lm_head"] and moved["embed"]
     assert not moved["norm"]["scale"] and not moved["layers"]["attn_norm"]["scale"]
     assert not moved["layers"]["mlp_norm"]["scale"]
-    off = optim.OptimConfig(learning_rate=1e-2, warmup_steps=1, total_steps=10,
+    off = optim.OptimConfig(peak_lr=1e-2, warmup_steps=1, total_steps=10,
                             decay_embeddings=False)
     moved = _changed(model, off, params)
     assert not moved["embed"] and moved["lm_head"]
@@ -143,7 +143,7 @@ def test_fused_update_equals_optax(model, clip_norm, build, monkeypatch):
         target = cpu_kernels._ADAMW + "_portable"
         jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.AdamW), platform="cpu")
         monkeypatch.setattr(cpu_kernels, "_ADAMW", target)
-    cfg = optim.OptimConfig(learning_rate=1e-2, warmup_steps=2, total_steps=6,
+    cfg = optim.OptimConfig(peak_lr=1e-2, warmup_steps=2, total_steps=6,
                             clip_norm=clip_norm)
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     axes = logical_axes(model)

@@ -24,7 +24,7 @@ def test_bubble_fraction():
 def test_pipelined_layers_equal_the_layer_loop(sizes, repeats, microbatches):
     """Forward and gradients of the pipelined stack equal model.forward_layers (no train
     step)."""
-    mc = sharding.MeshConfig(*sizes, repeats=repeats, microbatches=microbatches)
+    mc = sharding.MeshConfig(*sizes, repeats=repeats, pipeline_microbatches=microbatches)
     mesh = sharding.make_mesh(mc)
     llama = model.create(CFG, 0)
     b = batches(1)[0]
@@ -53,7 +53,7 @@ def test_circular_pipeline_with_accumulation_remat_and_unrolled_layers():
     """The full train step: circular schedule (R 2, M 4) on 2 stages x 2 data x 2 tensor, two
     accumulation microbatches, full remat and unrolled layers, against one device."""
     config = CFG.replace(remat="full", scan_layers=False)
-    mc = sharding.MeshConfig(2, 2, 1, 2, repeats=2, microbatches=4)
+    mc = sharding.MeshConfig(2, 2, 1, 2, repeats=2, pipeline_microbatches=4)
     losses, params, _ = run_sharded(mc, steps=2, config=config, microbatches=2)
     ref_losses, ref_params = reference()
     np.testing.assert_allclose(losses, ref_losses[:2], rtol=1e-5)
@@ -66,7 +66,7 @@ def test_pipeline_context_chunked_attention_and_loss_equal_one_device(monkeypatc
     memory-saving paths of the 405B recipes change nothing but memory."""
     monkeypatch.setattr(attention, "BLOCK", 4)
     monkeypatch.setattr(train, "LOSS_TOKENS", 4)
-    mc = sharding.MeshConfig(1, 2, 2, 2, attention="chunked", microbatches=4)
+    mc = sharding.MeshConfig(1, 2, 2, 2, attention="chunked", pipeline_microbatches=4)
     losses, params, _ = run_sharded(mc, steps=2)
     ref_losses, ref_params = reference()
     np.testing.assert_allclose(losses, ref_losses[:2], rtol=1e-5)

@@ -181,7 +181,7 @@ def test_failed_start_leaves_no_claim_on_the_workdir(tmp_path):
     ({"train.keep_checkpoints": 0}, "train.keep_checkpoints is 0 but must be >= 1"),
     ({"train.log_every": 0}, "train.log_every is 0 but must be >= 1"),
     ({"train.checkpoint_every": -1}, r"must be >= 0 \(0 = only at the end and on SIGTERM\)"),
-    ({"optim.microbatches": 0}, "optim.microbatches is 0 but must be >= 1"),
+    ({"optim.accumulation_steps": 0}, "optim.accumulation_steps is 0 but must be >= 1"),
     ({"train.eval_batches": 0}, "set train.eval_every=0 to skip evaluation"),
 ])
 def test_counts_are_checked_before_compiling(tmp_path, monkeypatch, override, message):

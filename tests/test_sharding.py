@@ -111,7 +111,7 @@ def test_sharded_init_matches_and_is_sharded():
     (CFG.replace(n_layers=6), MC(data=2, pipeline=4), 16, 16,
      "6 layers do not split into 4 pipeline stages x 1 repeats"),
     (CFG, MC(data=2, pipeline=4, repeats=4), 16, 16, "8 layers do not split into 4 pipeline"),
-    (CFG, MC(data=2, pipeline=4, microbatches=2), 16, 16,
+    (CFG, MC(data=2, pipeline=4, pipeline_microbatches=2), 16, 16,
      "2 pipeline microbatches are fewer than the 4 stages"),
     (CFG, MC(data=8), 16, 12, "batch of 12 rows does not split over data = 8"),
 ])

@@ -23,7 +23,6 @@ from llama_jax import checkpoint, data, hf, sharding, train, train_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "experiments", "configs", "tiny.py")
-sys.path.insert(0, ROOT)  # the config files import experiments.configs.common
 
 
 def tiny_config(**overrides):
@@ -211,7 +210,7 @@ def test_loop_stops_after_consecutive_non_finite_steps(caplog):
 @pytest.mark.parametrize("override, message", [
     ({"data.seq_len": 128}, "exceeds the model's max_seq_len"),
     ({"model.vocab_size": 200}, "raise model.vocab_size"),
-    ({"data.global_batch": 12}, "must be a multiple of optim.microbatches"),
+    ({"data.global_batch": 12}, "must be a multiple of optim.accumulation_steps"),
 ])
 def test_bad_config_fails_before_compile(tmp_path, monkeypatch, override, message):
     monkeypatch.setattr(train, "abstract", _must_not_run)

@@ -1,8 +1,9 @@
-"""Tests of tools/train_tokenizer.py: a tiny LLaMA-style SentencePiece model trained on a few
-stdlib files, checked for byte fallback, split digits, LLaMA's special ids, and use in the data
-pipeline."""
+"""Tests of llama_jax/tokenizer_training.py and its command line, tools/train_tokenizer.py: a
+tiny LLaMA-style SentencePiece model trained on a few stdlib files, checked for byte fallback,
+split digits, LLaMA's special ids, and use in the data pipeline."""
 
 import os
+import subprocess
 import sys
 import sysconfig
 
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 
 from llama_jax import data
+from llama_jax import tokenizer_training as train_tokenizer
 from llama_jax.tokenizer import load_tokenizer
-# data/ and tools/ are repo folders, not installed packages (setup.py ships llama_jax).
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tools import train_tokenizer  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FILES = os.path.join(sysconfig.get_paths()["stdlib"], "json", "*.py")
 
@@ -66,3 +67,16 @@ def test_trained_tokenizer_feeds_the_pipeline(tok, tmp_path):
 def test_too_small_vocab_is_refused(tmp_path):
     with pytest.raises(ValueError, match="at least 300"):
         train_tokenizer.train(str(tmp_path / "t"), vocab_size=200, files=FILES)
+
+
+def test_command_line_trains_and_refuses_plain_mistakes_in_one_line(tmp_path):
+    tool = os.path.join(ROOT, "tools", "train_tokenizer.py")
+    run = lambda *args: subprocess.run([sys.executable, tool, *args], cwd=tmp_path,  # noqa: E731
+                                       capture_output=True, text=True, timeout=300)
+    ok = run(f"--files={FILES}", f"--output={tmp_path / 'cli'}", "--vocab_size=400",
+             "--num_threads=1")
+    assert ok.returncode == 0 and ok.stdout.strip() == str(tmp_path / "cli.model"), ok.stderr
+    bad = run(f"--files={tmp_path / 'none*.txt'}", f"--output={tmp_path / 'x'}")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        f"error: the glob '{tmp_path / 'none*.txt'}' matches no files; check the path (use ** "
+        f"with quotes for recursive matches)."]

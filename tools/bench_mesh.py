@@ -36,7 +36,7 @@ CONFIG = ModelConfig(vocab_size=256, dim=64, n_layers=8, n_heads=8, n_kv_heads=2
 MESHES = {
     "data8": MC(8, 1, 1, 1), "data8-replicated": MC(8, 1, 1, 1, fsdp=False),
     "tensor8": MC(1, 1, 1, 8), "context8": MC(1, 1, 8, 1), "context8-ring": MC(
-        1, 1, 8, 1, context_impl="ring"), "pipeline8": MC(1, 8, 1, 1, microbatches=16),
+        1, 1, 8, 1, context_impl="ring"), "pipeline8": MC(1, 8, 1, 1, pipeline_microbatches=16),
     "d2-p2-c2": MC(2, 2, 2, 1), "d2-c2-t2": MC(2, 1, 2, 2), "p2-c2-t2": MC(1, 2, 2, 2),
 }
 
@@ -66,7 +66,7 @@ def train_tokens_per_second(mc: MC, batch: int = 16, seq: int = 64, steps: int =
     mesh = sharding.make_mesh(mc)
     graphdef, params = nnx.split(model.create(CONFIG, 0, *sharding.execution(mesh, mc)),
                                  nnx.Param)
-    ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=100)
+    ocfg = optim.OptimConfig(peak_lr=1e-4, warmup_steps=0, total_steps=100)
     tx = optim.make_optimizer(ocfg, params)
     s = train.Step(graphdef, tx, optim.make_schedule(ocfg))
     sharding.check(mc, mesh, CONFIG, seq, batch)

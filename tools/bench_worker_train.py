@@ -64,7 +64,7 @@ def main():
     config = model_config(shape, precision)
     backend = backends.get(os.environ.get("LLAMA_JAX_BACKEND", "auto"))
     graphdef, params = nnx.split(abstract(config, backend), nnx.Param)
-    ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
+    ocfg = optim.OptimConfig(peak_lr=1e-4, warmup_steps=0, total_steps=10**6)
     tx = optim.make_optimizer(ocfg, params)
     step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
                          fused_update=backend.fused_update and backend.fused_update(ocfg, params))

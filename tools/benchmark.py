@@ -125,7 +125,7 @@ def bench_train(dtype: str, peak_gflops: float, backend) -> dict:
     from llama_jax import flops, optim, train
     c = lj.get_config(FLAGS.model, dtype=dtype)
     graphdef, params = nnx.split(lj.abstract(c, backend), nnx.Param)
-    ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
+    ocfg = optim.OptimConfig(peak_lr=1e-4, warmup_steps=0, total_steps=10**6)
     tx = optim.make_optimizer(ocfg, params)
     step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
                          fused_update=backend.fused_update and backend.fused_update(ocfg, params))

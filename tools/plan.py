@@ -31,7 +31,7 @@ def main(argv=None) -> int:
     parser.add_argument("--target", required=True, help="e.g. v5p:4x4x4, h100:64, cpu:8")
     parser.add_argument("--format", choices=("text", "json"), default="text")
     parser.add_argument("--search", action="store_true",
-                        help="search remat, microbatches and mesh factorisations")
+                        help="search remat, accumulation steps and mesh factorisations")
     parser.add_argument("--max_compiles", type=int, default=8, help="layouts --search compiles")
     parser.add_argument("--max_devices", type=int, default=0,
                         help="simulated CPU devices for a GPU target (default 2048); above it "

@@ -6,12 +6,12 @@ steps, cosine to 10% of the peak, 1.0T tokens; AdamW β 0.9/0.95, weight decay 0
         --config.data.tokenizer=/path/llama/tokenizer.model --config.data.files='/data/*.jsonl'
 """
 
-from experiments.configs import common
+from llama_jax import experiment
 
 
 def get_config(arg: str = ""):
     del arg
     # 1.0e12 tokens / (2,048 × 2,048 = 4,194,304 tokens per step) = the number of steps.
-    return common.paper_recipe(
+    return experiment.paper_recipe(
         "llama1-13b", peak_lr=3e-4, batch_tokens=2048 * 2048, seq_len=2048, warmup_steps=2000,
         train_tokens=1.0e12)

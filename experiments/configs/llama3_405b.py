@@ -10,11 +10,11 @@ in all. This config is the main stage: 2,048 sequences × 8,192 tokens = 16M tok
         --config.data.tokenizer=/path/llama3/tokenizer.model --config.data.files='/data/*.jsonl'
 """
 
-from experiments.configs import common
+from llama_jax import experiment
 
 
 def get_config(arg: str = ""):
     del arg
-    return common.paper_recipe(
+    return experiment.paper_recipe(
         "llama3.1-405b", peak_lr=8e-5, batch_tokens=2048 * 8192, seq_len=8192, warmup_steps=8000,
         steps=1_200_000, end_lr_fraction=0.01)

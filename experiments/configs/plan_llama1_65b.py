@@ -8,15 +8,13 @@ the 256 nodes. The recipe itself is llama1_65b.py.
     python tools/plan.py --config=experiments/configs/plan_llama1_65b.py --target=a100:2048
 """
 
-from experiments.configs import llama1_65b
+import os
+
+from llama_jax import experiment
 
 
 def get_config(arg: str = ""):
     del arg
-    c = llama1_65b.get_config()
-    with c.unlocked():
-        if "mesh" not in c:  # common.base has one once the sharding change is in
-            c.mesh = {}
-        c.mesh.update(data=256, pipeline=1, context=1, tensor=8,
-                      attention="chunked")  # §2.4: xformers memory-efficient attention
+    c = experiment.load(os.path.join(os.path.dirname(__file__), "llama1_65b.py"))
+    c.mesh.update(data=256, tensor=8, attention="chunked")  # §2.4: xformers' efficient attention
     return c

@@ -9,18 +9,17 @@ DP 8, 131,072-token sequences, 16 sequences per DP rank = 128 rows = 16M tokens 
 Same 128-layer padding as plan_llama3_405b_paper.py.
 """
 
-from experiments.configs import llama3_405b
+import os
+
+from llama_jax import experiment
 
 
 def get_config(arg: str = ""):
     del arg
-    c = llama3_405b.get_config()
-    with c.unlocked():
-        c.model.n_layers = 128  # 126 + 2: equal pipeline stages
-        c.model.max_seq_len = 131072
-        c.data.seq_len, c.data.global_batch = 131072, 128
-        if "mesh" not in c:  # common.base has one once the sharding change is in
-            c.mesh = {}
-        c.mesh.update(data=8, pipeline=16, context=16, tensor=8, microbatches=16,
-                      attention="chunked")  # local queries vs gathered keys, blockwise
+    c = experiment.load(os.path.join(os.path.dirname(__file__), "llama3_405b.py"))
+    c.model.n_layers = 128  # 126 + 2: equal pipeline stages
+    c.model.max_seq_len = 131072
+    c.data.seq_len, c.data.global_batch = 131072, 128
+    c.mesh.update(data=8, pipeline=16, context=16, tensor=8, pipeline_microbatches=16,
+                  attention="chunked")  # local queries vs gathered keys, blockwise
     return c

@@ -11,18 +11,17 @@ less (§3.3.2); our pipeline needs equal stages, so the plan pads the stack to 1
 (+1.6% parameters).
 """
 
-from experiments.configs import llama3_405b
+import os
+
+from llama_jax import experiment
 
 
 def get_config(arg: str = ""):
     del arg
-    c = llama3_405b.get_config()
-    with c.unlocked():
-        c.model.n_layers = 128  # 126 + 2: equal stages (see above)
-        if "mesh" not in c:  # common.base has one once the sharding change is in
-            c.mesh = {}
-        # 32 rows per data rank, one 8,192-token row per pipeline microbatch: bubble
-        # 15/47 rather than 15/31 with 16, and half the activations per loop step
-        c.mesh.update(data=64, pipeline=16, context=1, tensor=8, microbatches=32,
-                      attention="chunked")  # flash attention, as Meta trained (§3.3.4)
+    c = experiment.load(os.path.join(os.path.dirname(__file__), "llama3_405b.py"))
+    c.model.n_layers = 128  # 126 + 2: equal stages (see above)
+    # 32 rows per data rank, one 8,192-token row per pipeline microbatch: bubble 15/47 rather
+    # than 15/31 with 16, and half the activations per loop step
+    c.mesh.update(data=64, pipeline=16, tensor=8, pipeline_microbatches=32,
+                  attention="chunked")  # flash attention, as Meta trained (§3.3.4)
     return c

@@ -13,17 +13,16 @@ sample after "def ". `tiny.py:test` is a seconds-long variant for the tests.
 seconds at the start: --config.data.tokenizer=train:1024 --config.model.vocab_size=1024.
 """
 
-from experiments.configs import common
+from llama_jax import experiment
 
 
 def get_config(arg: str = ""):
-    c = common.base("tiny")
+    c = experiment.base("tiny")
     # D 256, L 4, N 4 heads of 64 (K 2: GQA as in Llama 3), F 704 ≈ 8/3·D (LLaMA's SwiGLU width).
     c.model.update(vocab_size=259, dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=704,
                    max_seq_len=256, name="tiny-bytes", scan_layers=False)  # CPU: unrolled
     c.data.seq_len, c.data.global_batch = 256, 16  # 4,096 tokens per step
     c.optim.peak_lr, c.optim.warmup_steps = 3e-3, 30
-    c.optim.weight_decay = 0.1
     c.train.steps = 300
     c.train.log_every, c.train.eval_every, c.train.eval_batches = 10, 100, 4
     c.train.checkpoint_every, c.train.keep_checkpoints = 100, 2

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llama_jax import checkpoint, data, decode, flops, io, optim, resume, sharding
+from llama_jax import backends, checkpoint, data, decode, flops, io, optim, resume, sharding
 from llama_jax import tokenizer_training, train_checkpoint
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
@@ -411,10 +411,14 @@ def describe_run(config, model_config: ModelConfig, workdir: str) -> str:
     axes = " × ".join(f"{a} {k}" for a, k in zip(sharding.AXES, sizes) if k > 1)
     devices = f"{n} {jax.devices()[0].platform} device{'s' * (n > 1)}"
     rows, t = config.data.global_batch, config.data.seq_len
+    backend = backends.get(config.mesh.backend, config.mesh.attention)  # checks both names
+    attention = config.mesh.attention
+    if attention == "auto":
+        attention = backend.default_attention
     return (f"{model_config.name}: {flops.param_count(model_config):,} parameters, "
             f"{rows * t:,} tokens per step ({rows} rows × {t}), {config.train.steps:,} steps\n"
-            f"{devices}{' as ' + axes if axes else ''}, backend {config.mesh.backend}, "
-            f"workdir {workdir}")
+            f"{devices}{' as ' + axes if axes else ''}, backend {backend.name} "
+            f"({attention} attention), workdir {workdir}")
 
 
 def check_tokenizer(tokenizer, model_config: ModelConfig) -> None:

@@ -29,6 +29,9 @@ import dataclasses
 import functools
 import math
 import os
+import socket
+import sys
+import threading
 from typing import Any, Callable
 
 import jax
@@ -228,25 +231,79 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, auto: bool = False) -> None:
+               process_id: int | None = None, auto: bool = False,
+               timeout_s: int | None = None) -> None:
     """Starts JAX's multi-controller runtime, before anything touches a device.
 
     Arguments (from flags) win over JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID; with none of them a run is one process, unless `auto`, where
     jax.distributed.initialize() finds the cluster itself (TPU VMs, SLURM, Open MPI).
+
+    Says on stderr whom it waits for. If not every process has connected after `timeout_s`
+    (default: $LLAMA_JAX_DISTRIBUTED_TIMEOUT or 300) it ends the process with exit code 2 and
+    one sentence naming what did not arrive: JAX aborts the process from C++ at its own
+    deadline ("another task died"), so only a watchdog thread can say it first.
     """
     env = os.environ
     address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
     count = num_processes or int(env.get("JAX_NUM_PROCESSES", "0")) or None
     index = process_id if process_id is not None else env.get("JAX_PROCESS_ID")
+    timeout_s = int(timeout_s or env.get("LLAMA_JAX_DISTRIBUTED_TIMEOUT", "300"))
     if address is None and count is None:
-        if auto:
-            jax.distributed.initialize()
-        return
-    if address is None or count is None or index is None:
+        if not auto:
+            return
+        me, who, args = "This process", "the cluster JAX detects", {}
+    elif address is None or count is None or index is None:
         raise ValueError("multi-process runs need a coordinator address, a process count and "
                          "a process id; set all three (flags or JAX_* environment variables).")
-    jax.distributed.initialize(address, int(count), int(index))
+    else:
+        count, index = int(count), int(index)
+        me = f"Process {index} of {count}"
+        who = (f"{_others(count)} to connect at {address}" if index == 0 else
+               f"the coordinator (process 0) at {address} and the other processes")
+        args = dict(coordinator_address=address, num_processes=count, process_id=index)
+    print(f"{me}: waiting up to {timeout_s} s for {who}.", file=sys.stderr, flush=True)
+    watchdog = threading.Timer(timeout_s, _no_show, (address, count, index, timeout_s, not args))
+    watchdog.daemon = True
+    watchdog.start()
+    try:  # JAX's own deadline later than ours, so that the sentence comes first
+        jax.distributed.initialize(**args, initialization_timeout=timeout_s + 30)
+    finally:
+        watchdog.cancel()
+
+
+def _no_show(address, count, index, timeout_s, auto) -> None:
+    """The watchdog of `initialize`: one sentence naming who did not arrive, then exit 2."""
+    hint = "start every process with the same --coordinator_address and --num_processes and its "\
+           "own --process_id, or raise --distributed_timeout"
+    if auto:
+        msg = f"the cluster JAX detected did not come up within {timeout_s} s; {hint}."
+    elif index == 0:
+        msg = (f"process 0 of {count} waited {timeout_s} s at {address}, but "
+               f"{_others(count, some=True)} never connected; {hint}.")
+    elif not _listening(address):
+        msg = (f"process {index} of {count} waited {timeout_s} s for the coordinator at "
+               f"{address}, which is not listening; start process 0 there with the same "
+               f"--coordinator_address and --num_processes, or raise --distributed_timeout.")
+    else:
+        msg = (f"process {index} of {count} reached the coordinator at {address}, but not all "
+               f"{count} processes connected within {timeout_s} s; {hint}.")
+    sys.stderr.write(f"error: {msg}\n")
+    sys.stderr.flush()
+    os._exit(2)  # the main thread is blocked inside JAX's C++ connect
+
+
+def _others(count: int, some: bool = False) -> str:
+    return "process 1" if count == 2 else f"{'some of ' * some}processes 1-{count - 1}"
+
+
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def execution(mesh: Mesh, mc: MeshConfig, backend: Backend | None = None):

@@ -201,4 +201,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from llama_jax import cli  # one `error:` line for a plain mistake
+
+    cli.run(main)

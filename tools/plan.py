@@ -12,7 +12,6 @@ simulated CPU devices and labelled an estimate), cpu:N. Prints per-device memory
 device's, FLOPs (compiler vs analytic), and the roofline step time and MFU.
 """
 
-import argparse
 import json
 import os
 import sys
@@ -22,11 +21,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # plans never run on the local ac
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiets libtpu's init on a non-TPU VM
 
-from llama_jax import plan, plan_search  # noqa: E402
+from llama_jax import cli, plan, plan_search  # noqa: E402
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="experiment config file[:arg]")
     parser.add_argument("--target", required=True, help="e.g. v5p:4x4x4, h100:64, cpu:8")
     parser.add_argument("--format", choices=("text", "json"), default="text")
@@ -43,6 +42,8 @@ def main(argv=None) -> int:
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         parser.error(f"unknown arguments {bad}; config overrides look like --config.mesh.tensor=8")
+    if not os.path.isfile(args.config.partition(":")[0]):
+        parser.error(f"--config: the config file {args.config.partition(':')[0]} does not exist")
     try:
         config = plan.load_config(args.config, overrides)
         results = (plan_search.search(config, args.target, args.max_compiles) if args.search
@@ -60,4 +61,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.call(main))

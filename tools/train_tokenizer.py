@@ -17,9 +17,9 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.path.isfile(os.path.join(_ROOT, "llama_jax", "__init__.py")):
     sys.path.insert(0, _ROOT)
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
-from llama_jax import tokenizer_training  # noqa: E402
+from llama_jax import cli, tokenizer_training  # noqa: E402
 
 _FILES = flags.DEFINE_string("files", "", "Glob of text or .jsonl files; empty = the Python "
                              "stdlib.")
@@ -48,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -7,8 +7,9 @@
     python experiments/decode.py --checkpoint=DIR --chat --prompt="Write a haiku about JAX."
 
 --checkpoint is any directory llama_jax.load reads (Hugging Face, Meta, a params-only export);
-the tokenizer is DIR/tokenizer.model (for a Meta directory also one level up, as Llama 2 ships
-it) unless --tokenizer says otherwise. A single text prompt is streamed to stdout as tokens
+the tokenizer is the one stored with it (DIR/tokenizer.model, for a Meta directory also one
+level up as Llama 2 ships it, or the byte tokenizer a byte-level run's export records) unless
+--tokenizer names a file or "byte". A single text prompt is streamed to stdout as tokens
 arrive; a batch is printed when it finishes. --format=json prints
 one object per prompt: {"prompt": i, "ids": [...], "text": "...", "logprobs": [...]} (ids and
 logprobs of the generated tokens, a final stop token included; logprobs under the model at
@@ -21,17 +22,18 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags, logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 import llama_jax  # noqa: E402
-from llama_jax import checkpoint, decode, tokenizer as tokenizer_lib  # noqa: E402
+from llama_jax import checkpoint, cli, decode, io, tokenizer as tokenizer_lib  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "One text prompt.")
 _PROMPT_FILE = flags.DEFINE_string("prompt_file", None, "Text prompts, one per line (a batch).")
 _PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "One prompt as token ids: 1,2,3.")
-_TOKENIZER = flags.DEFINE_string("tokenizer", None, "tokenizer.model (default: in --checkpoint).")
+_TOKENIZER = flags.DEFINE_string(
+    "tokenizer", None, 'A tokenizer.model or "byte" (default: the one stored with --checkpoint).')
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 is greedy.")
 _TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0: all.")
@@ -45,6 +47,17 @@ _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "plain", "cpu"],
                              "llama_jax.backends: auto = the cpu backend's decode kernels on a "
                              "CPU, the plain math elsewhere.")
 flags.mark_flags_as_mutual_exclusive(["prompt", "prompt_file", "prompt_ids"], required=True)
+
+
+def load_tokenizer():
+    """--tokenizer, else the checkpoint's own (None if it has none)."""
+    if _TOKENIZER.value:
+        if _TOKENIZER.value != tokenizer_lib.BYTE and not os.path.exists(_TOKENIZER.value):
+            raise FileNotFoundError(f"--tokenizer={_TOKENIZER.value} does not exist; pass a "
+                                    f"tokenizer.model file or --tokenizer=byte.")
+        return tokenizer_lib.load_tokenizer(_TOKENIZER.value)
+    spec = io.tokenizer_file(_CHECKPOINT.value) or checkpoint.tokenizer_spec(_CHECKPOINT.value)
+    return tokenizer_lib.load_tokenizer(spec) if spec else None
 
 
 def load_model(directory: str):
@@ -62,10 +75,12 @@ def read_prompts(tok):
             raise ValueError("--chat needs a text prompt; --prompt_ids are used as given.")
         return [[int(t) for t in _PROMPT_IDS.value]]
     if tok is None:
-        raise ValueError(f"No tokenizer.model in {_CHECKPOINT.value}; pass --tokenizer or use "
-                         "--prompt_ids.")
+        raise ValueError(f"{_CHECKPOINT.value} stores no tokenizer; pass --tokenizer=PATH "
+                         "(a tokenizer.model) or --tokenizer=byte, or use --prompt_ids.")
     if _PROMPT.value is not None:
         texts = [_PROMPT.value]
+    elif not os.path.isfile(_PROMPT_FILE.value):
+        raise FileNotFoundError(f"--prompt_file={_PROMPT_FILE.value} does not exist.")
     else:
         with open(_PROMPT_FILE.value) as f:
             texts = [line.rstrip("\n") for line in f if line.strip()]
@@ -98,8 +113,8 @@ def main(argv):
         logging.set_verbosity(logging.WARNING)
     sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value, _MIN_P.value)
     sampling.validate(sys.maxsize)  # ranges now; top_k against the vocabulary in generate
-    tok_path = _TOKENIZER.value or llama_jax.io.tokenizer_file(_CHECKPOINT.value)
-    tok = tokenizer_lib.load_tokenizer(tok_path) if tok_path and os.path.exists(tok_path) else None
+    io.detect_format(_CHECKPOINT.value)  # a missing or unreadable directory: one sentence now
+    tok = load_tokenizer()
     prompts = read_prompts(tok)
     model = load_model(_CHECKPOINT.value)
     if tok is not None:
@@ -123,7 +138,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except ValueError as e:  # bad input: the one-sentence message, no traceback
-        sys.exit(f"error: {e}")
+    cli.run(main)

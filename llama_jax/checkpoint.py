@@ -2,7 +2,8 @@
 
 Params-only export (stable; `decode.py` and `tools/convert_checkpoint.py` load it):
 
-    DIR/config.json      {"format": "llama_jax", "model": ModelConfig.to_dict()}
+    DIR/config.json      {"format": "llama_jax", "model": ModelConfig.to_dict()}, plus
+                         "tokenizer": "byte" for a byte-level run (no tokenizer file)
     DIR/params/          Orbax StandardCheckpointer save of
                          nnx.to_pure_dict(nnx.state(model, nnx.Param)); the converter writes
                          the same pytree in Orbax's non-OCDBT layout, chunked by layer
@@ -29,6 +30,7 @@ from flax import nnx
 
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama
+from llama_jax.tokenizer import BYTE
 
 FORMAT = "llama_jax"
 CONFIG_FILE = "config.json"
@@ -62,7 +64,8 @@ def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | No
                 files: dict[str, str] | None = None) -> str:
     """Writes the model's parameters, config and tokenizer to `directory`; returns it.
 
-    `model` is a Llama, or a pure parameter dict (then `config` is required). `files` maps
+    `model` is a Llama, or a pure parameter dict (then `config` is required). `tokenizer_path`
+    is a tokenizer file to copy in, or "byte" (recorded in config.json). `files` maps
     names of CARRIED_FILES to paths copied in beside config.json. The files are written to a
     sibling temporary directory and renamed into place, so a reader never sees a half-written
     export.
@@ -80,15 +83,20 @@ def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | No
             ckptr.save(path, params)
             ckptr.wait_until_finished()
 
-    files = dict(files or {}, **({TOKENIZER_FILE: tokenizer_path} if tokenizer_path else {}))
-    return write_export(directory, config, write, files=files, overwrite=overwrite)
+    byte = tokenizer_path == BYTE
+    if tokenizer_path and not byte:
+        files = dict(files or {}, **{TOKENIZER_FILE: tokenizer_path})
+    return write_export(directory, config, write, files=files, overwrite=overwrite,
+                        tokenizer=BYTE if byte else None)
 
 
 def write_export(directory: str, config: ModelConfig, write_params, *,
-                 files: dict[str, str] | None = None, overwrite: bool = False) -> str:
+                 files: dict[str, str] | None = None, overwrite: bool = False,
+                 tokenizer: str | None = None) -> str:
     """The params-only export around `write_params(path)`, which writes the Orbax pytree at
-    `path` (collectively, on every process): config.json and the carried files beside it,
-    all in a temporary directory renamed into place at the end."""
+    `path` (collectively, on every process): config.json (with `tokenizer`, a spec of a
+    tokenizer that has no file, if given) and the carried files beside it, all in a temporary
+    directory renamed into place at the end."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(
@@ -99,15 +107,18 @@ def write_export(directory: str, config: ModelConfig, write_params, *,
     # One temporary name for all processes: the Orbax save is collective (each process
     # writes its own shards); process 0 alone writes the small files and renames.
     tmp, primary = f"{directory}.tmp", jax.process_index() == 0
-    if primary:
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an export that was killed
-        os.makedirs(tmp)
-    _barrier("save_params:start")
-    try:
+    try:  # from its creation on, tmp goes on any exception (a SIGTERM the converter raises)
+        if primary:
+            if os.path.exists(tmp):
+                logging.warning("Removing %s, left by an export that was killed.", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        _barrier("save_params:start")
         write_params(os.path.join(tmp, PARAMS_DIR))
         if primary:
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
-                json.dump({"format": FORMAT, "model": config.to_dict()}, f, indent=2)
+                json.dump({"format": FORMAT, "model": config.to_dict(),
+                           **({"tokenizer": tokenizer} if tokenizer else {})}, f, indent=2)
             for name, path in (files or {}).items():
                 shutil.copyfile(path, os.path.join(tmp, name))
             if os.path.exists(directory):
@@ -148,6 +159,16 @@ def tokenizer_path(directory: str) -> str | None:
     """The tokenizer file stored with a checkpoint, or None."""
     path = os.path.join(directory, TOKENIZER_FILE)
     return path if os.path.isfile(path) else None
+
+
+def tokenizer_spec(directory: str) -> str | None:
+    """What `tokenizer.load_tokenizer` needs for a checkpoint's tokenizer: its file, "byte"
+    where a params export records the byte tokenizer, or None."""
+    path, config = tokenizer_path(directory), os.path.join(directory, CONFIG_FILE)
+    if path or not is_params_checkpoint(directory):
+        return path
+    with open(config) as f:
+        return json.load(f).get("tokenizer")
 
 
 def load_params(directory: str, *, dtype=None, shardings=None, mesh=None,

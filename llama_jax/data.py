@@ -35,6 +35,7 @@ import grain
 import numpy as np
 
 from llama_jax import corpus
+from llama_jax.tokenizer import ByteTokenizer  # noqa: F401 - re-exported (data.ByteTokenizer)
 
 
 class Tokenizer(Protocol):
@@ -46,22 +47,6 @@ class Tokenizer(Protocol):
     def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]: ...
 
     def decode(self, ids) -> str: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class ByteTokenizer:
-    """UTF-8 bytes shifted by 3 after LLaMA's specials: unk/pad 0, BOS 1, EOS 2; vocab 259.
-    For tests and corpus-only runs that need no trained tokenizer."""
-    bos_id: int = 1
-    eos_id: int = 2
-    pad_id: int = 0
-    vocab_size: int = 256 + 3
-
-    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
-        return [self.bos_id] * bos + [b + 3 for b in text.encode("utf-8")] + [self.eos_id] * eos
-
-    def decode(self, ids) -> str:
-        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,15 +4,19 @@
 - Llama 3.x: a tiktoken-style byte-level BPE `tokenizer.model` (text lines "base64(token) rank",
   128,000 ranks) plus 256 special tokens appended at ids 128000-128255, in the order Meta's
   `llama_models/llama3/tokenizer.py` defines them.
+- "byte": UTF-8 bytes after LLaMA's three specials (259 ids), for runs that train no tokenizer;
+  it has no file, so a byte-level export records the name instead (checkpoint.tokenizer_spec).
 
-`load_tokenizer(path)` tells the two apart from the file contents. Both tokenizers offer
-`encode(text, *, bos, eos)`, `decode(ids)`, `encode_dialog(messages)`, and the ids `bos_id`,
-`eos_id`, `pad_id`, `stop_ids` and `vocab_size`.
+`load_tokenizer(spec)` takes "byte" or a file and tells the two file formats apart from their
+contents. Every tokenizer offers `encode(text, *, bos, eos)`, `decode(ids)`,
+`encode_dialog(messages)` (not "byte": it has no chat format), and the ids `bos_id`, `eos_id`,
+`pad_id`, `stop_ids` and `vocab_size`.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import os
 from typing import Sequence
@@ -35,12 +39,19 @@ LLAMA3_NUM_SPECIAL = 256
 _MAX_CHARS, _MAX_RUN = 400_000, 25_000
 
 
-def load_tokenizer(path: str) -> SentencePieceTokenizer | Llama3Tokenizer:
-    """Reads `tokenizer.model` (or a directory holding one), detecting its format."""
+BYTE = "byte"  # the spec of ByteTokenizer in configs, exports and decode.py --tokenizer
+
+
+def load_tokenizer(path: str) -> SentencePieceTokenizer | Llama3Tokenizer | ByteTokenizer:
+    """The tokenizer of a spec: "byte", or `tokenizer.model` (or a directory holding one),
+    whose format is detected from its contents."""
+    if path == BYTE:
+        return ByteTokenizer()
     if os.path.isdir(path):
         path = os.path.join(path, "tokenizer.model")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"No tokenizer file at {path}: pass a tokenizer.model path.")
+        raise FileNotFoundError(f"No tokenizer file at {path}: pass a tokenizer.model path or "
+                                f"{BYTE!r}.")
     with open(path, "rb") as f:
         head = f.read(256).split(b"\n", 1)[0]
     if _is_tiktoken_line(head):
@@ -57,6 +68,30 @@ def _is_tiktoken_line(line: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ByteTokenizer:
+    """UTF-8 bytes shifted by 3 after LLaMA's specials: unk/pad 0, BOS 1, EOS 2; vocab 259.
+    For tests and corpus-only runs that need no trained tokenizer."""
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+    vocab_size: int = 256 + 3
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        return (self.eos_id,)
+
+    def encode(self, text: str, *, bos: bool, eos: bool) -> list[int]:
+        return [self.bos_id] * bos + [b + 3 for b in text.encode("utf-8")] + [self.eos_id] * eos
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) - 3 for i in ids if int(i) >= 3).decode("utf-8", errors="replace")
+
+    def encode_dialog(self, messages: Sequence[Message]) -> list[int]:
+        raise ValueError("The byte tokenizer has no chat format; drop --chat or use a "
+                         "checkpoint with a Llama 2 or Llama 3 tokenizer.")
 
 
 class SentencePieceTokenizer:

@@ -346,6 +346,8 @@ def _finish(config, workdir, model, tokenizer, tokenizer_file):
     """Params-only export to workdir/export, and a sample from the trained model.
 
     Every process takes part (the export is a collective Orbax save); process 0 prints."""
+    if isinstance(tokenizer, tokenizer_lib.ByteTokenizer):  # no file: the export records it
+        tokenizer_file = tokenizer_lib.BYTE
     path = checkpoint.save_params(os.path.join(workdir, "export"), model,
                                   tokenizer_path=tokenizer_file, overwrite=True)
     _print(f"Exported parameters to {path}.")

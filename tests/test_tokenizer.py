@@ -4,6 +4,7 @@ The Llama 3 tokenizer.model is read from the installed llama_models package (nev
 """
 
 import os
+import sys
 
 import pytest
 
@@ -122,3 +123,27 @@ def test_llama2_dialog_structure(sp_model):
 def test_unknown_file_is_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer.model"):
         tok.load_tokenizer(str(tmp_path))
+
+
+def test_byte_tokenizer_is_recorded_with_the_export(tmp_path):
+    """"byte" has no file: a byte-level export records the name, and it survives conversion
+    Orbax -> Orbax (the README's decode example reads a byte-level run's export)."""
+    import llama_jax
+    from llama_jax import checkpoint
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+    import convert_checkpoint
+
+    byte = tok.load_tokenizer(tok.BYTE)
+    text = "déf f(x): → 🦙"
+    assert byte.decode(byte.encode(text, bos=True, eos=True)) == text
+    assert (byte.vocab_size, byte.stop_ids) == (259, (byte.eos_id,))
+    with pytest.raises(ValueError, match="no chat format"):
+        byte.encode_dialog(DIALOG)
+    model = llama_jax.create(llama_jax.get_config("tiny", vocab_size=259))
+    out = checkpoint.save_params(str(tmp_path / "export"), model, tokenizer_path=tok.BYTE)
+    assert checkpoint.tokenizer_spec(out) == tok.BYTE
+    assert checkpoint.tokenizer_path(out) is None  # no file stands in for it
+    converted = convert_checkpoint.convert(out, str(tmp_path / "orbax"), to="orbax")
+    assert checkpoint.tokenizer_spec(converted) == tok.BYTE
+    assert checkpoint.tokenizer_spec(str(tmp_path)) is None  # not a checkpoint

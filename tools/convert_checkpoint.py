@@ -28,8 +28,11 @@ import time
 import ml_dtypes
 import numpy as np
 
-from llama_jax import checkpoint, hf, io, meta, orbax_stream, safetensors_io
-from llama_jax import config as config_lib
+# Run as a script, this repository's llama_jax (beside tools/) comes before an installed one.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from llama_jax import checkpoint, cli, hf, io, meta, orbax_stream, safetensors_io  # noqa: E402
+from llama_jax import config as config_lib  # noqa: E402
+from llama_jax.tokenizer import BYTE  # noqa: E402
 
 FORMATS = ("hf", "meta", "orbax")
 DTYPES = {"bf16": np.dtype(ml_dtypes.bfloat16), "f32": np.dtype(np.float32)}
@@ -258,8 +261,10 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
     if to == "orbax":
         dt_name = _DTYPE_NAMES[np.dtype(out_dt or source.dtype(source.names[0]))]
         c = source.config.replace(param_dtype=dt_name, dtype=dt_name)
+        byte = checkpoint.tokenizer_spec(src) == BYTE  # a byte-level export: no file to carry
         checkpoint.write_export(dst, c, lambda path: write_orbax(path, source, c, mesh),
-                                files=source.carried, overwrite=True)
+                                files=source.carried, overwrite=True,
+                                tokenizer=BYTE if byte else None)
         return dst
     with hf.atomic_directory(dst, overwrite=overwrite) as tmp:
         if to == "hf":

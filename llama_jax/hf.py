@@ -10,9 +10,12 @@ here (Meta's interleaved layout is handled in `meta.py`).
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
-import tempfile
+import socket
 from collections.abc import Callable
 
 import jax
@@ -214,8 +217,14 @@ def write_shards(directory, specs, get, max_shard_bytes):
 
 class atomic_directory:
     """`with atomic_directory(out) as tmp:` writes into tmp, renamed to `out` only on success;
-    on failure nothing is left at `out`. An existing non-empty `out` is refused unless
-    overwrite=True."""
+    on failure (any exception: the converter turns SIGTERM into one) nothing is left at `out`
+    and tmp is removed. An existing non-empty `out` is refused unless overwrite=True.
+
+    tmp is a hidden sibling `.tmp-<out's name>-<host>-<pid>-<8 hex>`, made with the umask's
+    permissions like any new directory (mkdtemp's 0700 would pass to `out`). A process killed
+    outright (SIGKILL) leaves its tmp behind: entering removes those of `out` whose process on
+    this host has ended, with a warning each.
+    """
 
     def __init__(self, directory: str, *, overwrite: bool = False):
         self.directory = os.path.abspath(directory)
@@ -225,10 +234,19 @@ class atomic_directory:
         self.overwrite = overwrite
 
     def __enter__(self) -> str:
-        parent = os.path.dirname(self.directory)
-        os.makedirs(parent, exist_ok=True)
-        self.tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(self.directory), dir=parent)
-        return self.tmp
+        os.makedirs(os.path.dirname(self.directory), exist_ok=True)
+        remove_stale_tmp_dirs(self.directory)
+        prefix = _tmp_prefix(self.directory) + f"{os.getpid()}-"
+        while True:
+            self.tmp = prefix + secrets.token_hex(4)
+            try:
+                os.mkdir(self.tmp)  # mode 0o777 less the umask
+                return self.tmp
+            except FileExistsError:
+                continue
+            except BaseException:  # a signal raised here, before `with` would call __exit__
+                shutil.rmtree(self.tmp, ignore_errors=True)
+                raise
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
@@ -238,3 +256,36 @@ class atomic_directory:
             shutil.rmtree(self.directory)
         os.rename(self.tmp, self.directory)
         return False
+
+
+def _tmp_prefix(directory: str) -> str:
+    """The temporary folders of `directory` on this host start with this path."""
+    parent, name = os.path.split(os.path.abspath(directory))
+    return os.path.join(parent, f".tmp-{name}-{socket.gethostname()}-")
+
+
+def remove_stale_tmp_dirs(directory: str) -> list[str]:
+    """Removes the temporary folders of `directory` left by processes of this host that have
+    ended (killed mid-write); returns their paths."""
+    parent, prefix = os.path.split(_tmp_prefix(directory))
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[0-9a-f]{8}")
+    removed = []
+    for name in sorted(os.listdir(parent)):
+        match = pattern.fullmatch(name)
+        if match and not _process_alive(int(match.group(1))):
+            path = os.path.join(parent, name)
+            logging.warning("Removing %s, left by process %s, which ended before finishing "
+                            "its output.", path, match.group(1))
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -12,7 +12,9 @@ Meta files directly, Orbax through `llama_jax.orbax_stream` (each stacked leaf [
 layer, `--mesh`: as the shards of the target mesh, nothing gathered), so peak memory stays near
 the largest tensor (tests/test_convert.py measures under 3x). Tokenizer and generation files
 (checkpoint.CARRIED_FILES) travel along, inside the Orbax export too. Output is written to a
-temporary sibling directory and renamed into place only when complete.
+temporary sibling directory and renamed into place only when complete; SIGTERM and Ctrl-C
+remove it (exit codes 143 and 130), and one left by a killed conversion is removed by the next
+conversion to the same output. Plain mistakes end in one `error:` line and exit code 2.
 """
 
 from __future__ import annotations
@@ -324,7 +326,7 @@ def benchmark_convert(size_gb: float = 1.0, workdir: str | None = None) -> list[
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="checkpoint directory to read")
     p.add_argument("--output", required=True, help="directory to write (must not hold files)")
     p.add_argument("--to", required=True, choices=FORMATS)
@@ -336,11 +338,9 @@ def main(argv=None) -> None:
     p.add_argument("--report_memory", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     start = time.perf_counter()
-    try:
-        convert(a.input, a.output, to=a.to, from_=a.from_, dtype=a.dtype,
-                model_parallel=a.model_parallel, overwrite=a.overwrite, mesh=a.mesh)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        sys.exit(f"error: {e}")
+    cli.call(lambda: convert(a.input, a.output, to=a.to, from_=a.from_, dtype=a.dtype,
+                             model_parallel=a.model_parallel, overwrite=a.overwrite,
+                             mesh=a.mesh), unwind_on_sigterm=True)
     if a.report_memory:  # for benchmark_convert: the process's peak resident set
         print(json.dumps(dict(seconds=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb())))
 

@@ -6,7 +6,9 @@
     writer.eval(step, {"eval_loss": ...}, seconds=...)   # seconds: left out of throughput
 
 Throughput is measured between consecutive `train` calls, so it includes the input pipeline
-and any host work: what a user waits for, not a kernel benchmark. Only process 0 writes.
+and any host work: what a user waits for, not a kernel benchmark. The clock starts at the end of
+the run's first step (`start_clock`), whose time is mostly compiling: counted in, it made the
+first ETA many times too long. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ class MetricsWriter:
                  flops_per_token: float, peak_tflops: float):
         self.enabled = jax.process_index() == 0
         self.total, self.flops_per_token, self.peak = total_steps, flops_per_token, peak_tflops
-        self.last_step, self.last_time, self.t0 = start_step, time.perf_counter(), None
+        self.last_step, self.last_time = start_step, time.perf_counter()
+        self.t0 = self.last_time  # the console's elapsed time: compiling included
         if self.enabled:
             self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
             self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+    def start_clock(self, step: int) -> None:
+        """Measures throughput from now on: the end of `step`, the run's first (it compiled)."""
+        self.last_step, self.last_time = step, time.perf_counter()
 
     def train(self, step: int, values: dict, *, tokens_per_step: int) -> dict:
         """Adds throughput, TFLOP/s per device and MFU to `values`, writes and prints them."""
@@ -44,7 +51,6 @@ class MetricsWriter:
                 tok_s, self.flops_per_token, jax.device_count())
             values["mfu"] = flops.mfu(tok_s, self.flops_per_token, jax.device_count(), self.peak)
             values["step_s"] = dt / steps
-        self.t0 = self.t0 or now - dt  # wall time since the first logged interval began
         self._write(step, values)
         if self.enabled:
             print(self._line(step, values, now - self.t0), flush=True)

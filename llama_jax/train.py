@@ -294,12 +294,15 @@ def _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, step)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.set()) if main else None
     tokens_per_step = config.data.global_batch * config.data.seq_len
-    pending = None
+    pending, first = None, step + 1
     try:
         while step < config.train.steps and not preempted.is_set():
             state, metrics = step_fn(state, jax.tree.map(put, next(train_iter)))
             step += 1
             if pending:
+                if pending[0] == first:  # its time includes compiling: rates start at its end
+                    jax.block_until_ready(pending[1])
+                    writer.start_clock(first)
                 _report(config, writer, *pending, tokens_per_step)
             pending = (step, metrics)
             ckpt.save(step, state, train_iter, force=step == config.train.steps)

@@ -1,13 +1,22 @@
-"""MetricsWriter: metrics.jsonl records, throughput between log steps, the console line."""
+"""MetricsWriter: metrics.jsonl records, throughput between log steps, the console line; the
+clock starts at the end of the first step, whose time is mostly compiling."""
 
+import itertools
 import json
 import os
+import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
-from llama_jax import metrics
+from llama_jax import metrics, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # the config files import experiments.configs.common
+
+from experiments.configs import tiny  # noqa: E402
 
 FLOPS_PER_TOKEN, PEAK = 6e9, 2.0  # TFLOP/s per device
 
@@ -70,3 +79,50 @@ def test_records_append_across_writers(tmp_path):
         w.close()
     assert [r["step"] for r in _records(tmp_path)] == [5, 10]
     assert _records(tmp_path)[0]["mfu"] == 0.0  # peak unknown
+
+
+COMPILE_S, STEP_S = 1.0, 0.01
+
+
+def _new_writer(workdir, total=20):
+    return metrics.MetricsWriter(str(workdir), total_steps=total, start_step=0,
+                                 flops_per_token=1e6, peak_tflops=1.0)
+
+
+def test_rate_starts_at_the_end_of_the_first_step(tmp_path, monkeypatch):
+    clock = iter([0.0, COMPILE_S, COMPILE_S + 9 * STEP_S])  # created, step 1 done, step 10
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    writer = _new_writer(tmp_path)
+    writer.start_clock(1)
+    v = writer.train(10, dict(loss=1.0, grad_norm=1.0, lr=1e-3), tokens_per_step=100)
+    np.testing.assert_allclose(v["step_s"], STEP_S)
+    np.testing.assert_allclose(v["tokens_per_s"], 100 / STEP_S)
+    writer.close()
+
+
+def test_loop_starts_the_clock_after_the_compiling_step(tmp_path, capsys):
+    """The real loop with a step that takes COMPILE_S the first time: the first logged rate
+    and ETA are those of the later steps."""
+    config = tiny.get_config("test")
+    with config.unlocked():
+        config.train.update(steps=20, log_every=10, eval_every=0)
+    calls = itertools.count()
+
+    def step_fn(state, batch):
+        time.sleep(COMPILE_S if next(calls) == 0 else STEP_S)
+        return state, dict(loss=np.float32(1), grad_norm=np.float32(1), lr=np.float32(1e-3),
+                           tokens=np.float32(1), skipped=np.int32(0), bad_streak=np.int32(0))
+
+    class Checkpoints:
+        def save(self, *args, **kwargs):
+            return False
+
+    writer = _new_writer(tmp_path)
+    train._loop(config, None, step_fn, Checkpoints(), itertools.repeat({}), lambda x: x, writer,
+                None, 0)
+    writer.close()
+    with open(tmp_path / "metrics.jsonl") as f:
+        first = json.loads(f.readline())
+    assert first["step"] == 10
+    assert first["step_s"] < 5 * STEP_S, first  # compiling counted in: > COMPILE_S / 10
+    assert "eta 0m00s" in capsys.readouterr().out.splitlines()[0]

@@ -7,8 +7,9 @@
 Plain mistakes: a flag that does not parse (unknown flag, bad value, missing required flag), a
 config file that does not exist or whose get_config(arg) refuses the arg, a `--config.x.y`
 override of a field the config lacks, and the checks of this repository's own code — a
-ValueError, FileNotFoundError, FileExistsError or TimeoutError raised in llama_jax/,
-experiments/, tools/ or data/. Anything else (an exception raised inside JAX, Orbax or NumPy,
+ValueError, FileNotFoundError, FileExistsError, TimeoutError or FloatingPointError (a run that
+diverged: train.max_bad_steps non-finite steps in a row) raised in llama_jax/, experiments/,
+tools/ or data/. Anything else (an exception raised inside JAX, Orbax or NumPy,
 another type) is a bug and keeps its traceback. Ctrl-C ends with one line and exit code 130;
 with `unwind_on_sigterm`, SIGTERM unwinds the stack like Ctrl-C (so `finally` blocks remove
 temporary outputs) and ends with exit code 143.
@@ -30,7 +31,7 @@ import threading
 from absl import app, flags
 from ml_collections.config_flags import config_flags
 
-PLAIN = (ValueError, FileNotFoundError, FileExistsError, TimeoutError)
+PLAIN = (ValueError, FileNotFoundError, FileExistsError, TimeoutError, FloatingPointError)
 _PACKAGE = os.path.dirname(os.path.abspath(__file__))
 _OWN_DIRS = (_PACKAGE, *(os.path.join(os.path.dirname(_PACKAGE), d)
                          for d in ("experiments", "tools", "data")))

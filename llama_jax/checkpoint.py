@@ -19,6 +19,7 @@ Training checkpoints (steps with optimizer and data-iterator state) are
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 

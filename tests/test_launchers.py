@@ -152,10 +152,10 @@ def _readme_commands():
     """The quick start's training command and the decode example that reads its export."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    train_cmd = re.search(r"^\.venv/bin/python (experiments/train\.py --config=\S+tiny\.py "
-                          r"--workdir=/tmp/llama_tiny)\s*$", text, re.M).group(1)
-    decode_cmd = re.search(r"^\.venv/bin/python (experiments/decode\.py "
-                           r"--checkpoint=/tmp/llama_tiny/export .*)$", text, re.M).group(1)
+    train_cmd = re.search(r"(experiments/train\.py --config=\S+tiny\.py "
+                          r"--workdir=/tmp/llama_tiny)[`\s]", text).group(1)
+    decode_cmd = re.search(r"(experiments/decode\.py --checkpoint=/tmp/llama_tiny/export "
+                           r"[^`\n]*)", text).group(1)
     return shlex.split(train_cmd), shlex.split(decode_cmd)
 
 

@@ -241,24 +241,24 @@ RESUME_FLAGS = [f"--config.train.steps={N_STEPS}", "--config.train.checkpoint_ev
                 "--config.data.global_batch=32"]
 
 
-def _launch(workdir):
+def _launch(workdir, backend="auto"):
     cmd = [sys.executable, os.path.join(ROOT, "experiments", "train.py"), f"--config={TINY}:test",
-           f"--workdir={workdir}", *RESUME_FLAGS]
+           f"--workdir={workdir}", *RESUME_FLAGS, f"--config.mesh.backend={backend}"]
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")  # one device: a faster compile
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env, cwd=ROOT)
 
 
-def _run_to_end(workdir):
-    proc = _launch(workdir)
+def _run_to_end(workdir, backend="auto"):
+    proc = _launch(workdir, backend)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     return out
 
 
-def _interrupt(workdir, sig, after_step):
+def _interrupt(workdir, sig, after_step, backend="auto"):
     """Starts a run and sends `sig` once metrics.jsonl shows `after_step`."""
-    proc = _launch(workdir)
+    proc = _launch(workdir, backend)
     path = os.path.join(workdir, "metrics.jsonl")
     while proc.poll() is None:
         if os.path.exists(path) and max(_metrics(workdir), default=0) >= after_step:
@@ -283,21 +283,22 @@ def _assert_same_run(reference, resumed):
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path):
+@pytest.mark.parametrize("backend", ["auto", "plain"])
+def test_resume_after_sigterm_and_sigkill_is_exact(tmp_path, backend):
     """One run straight to N; another SIGTERMed (saves at the step boundary, exits 0), resumed,
     SIGKILLed (loses the steps since the last save), resumed to N: the same losses at every
-    step and bitwise-equal final parameters."""
+    step and bitwise-equal final parameters; on the cpu backend (auto) and the plain one."""
     straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
-    _run_to_end(straight)
-    rc, out = _interrupt(interrupted, signal.SIGTERM, after_step=6)
+    _run_to_end(straight, backend)
+    rc, out = _interrupt(interrupted, signal.SIGTERM, after_step=6, backend=backend)
     assert rc == 0, out[-3000:]
     saved = int(out.split("SIGTERM: saved step ")[1].split()[0])
     assert 6 <= saved < N_STEPS
     assert os.path.isdir(os.path.join(interrupted, "checkpoints", str(saved)))
-    rc, out = _interrupt(interrupted, signal.SIGKILL, after_step=saved + 8)
+    rc, out = _interrupt(interrupted, signal.SIGKILL, after_step=saved + 8, backend=backend)
     assert f"Resumed from step {saved}" in out
     assert rc == -signal.SIGKILL, f"the run ended (rc {rc}) before it could be killed:\n{out}"
-    out = _run_to_end(interrupted)
+    out = _run_to_end(interrupted, backend)
     assert "Resumed from step" in out and f"Resumed from step {saved}" not in out
     _assert_same_run(straight, interrupted)
 

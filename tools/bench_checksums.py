@@ -66,7 +66,7 @@ def main(argv):
     backend = backends.get("auto")  # as tools/benchmark.py train
     c = lj.get_config("bench", dtype=FLAGS.dtype)
     graphdef, params = nnx.split(lj.abstract(c, backend), nnx.Param)
-    ocfg = optim.OptimConfig(learning_rate=1e-4, warmup_steps=0, total_steps=10**6)
+    ocfg = optim.OptimConfig(peak_lr=1e-4, warmup_steps=0, total_steps=10**6)
     tx = optim.make_optimizer(ocfg, params)
     step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
                          fused_update=backend.fused_update and backend.fused_update(ocfg, params))

@@ -58,25 +58,14 @@ def main(argv):
     import grain
     import jax
     import numpy as np
-    from flax import nnx
 
     import llama_jax as lj
-    from llama_jax import backends, checksums, optim, train, train_checkpoint
+    from llama_jax import backends, checksums, train, train_checkpoint
+    from tools import bench_setup
     bench_hashes()
-    backend = backends.get("auto")  # as tools/benchmark.py train
     c = lj.get_config("bench", dtype=FLAGS.dtype)
-    graphdef, params = nnx.split(lj.abstract(c, backend), nnx.Param)
-    ocfg = optim.OptimConfig(peak_lr=1e-4, warmup_steps=0, total_steps=10**6)
-    tx = optim.make_optimizer(ocfg, params)
-    step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
-                         fused_update=backend.fused_update and backend.fused_update(ocfg, params))
-    state = {"s": train.init_state(train.init_params(c, 0), tx)}
-    b, t = 4, 512
-    ids = np.random.default_rng(1).integers(0, c.vocab_size, (b, t + 1), dtype=np.int32)
-    batch = jax.device_put(dict(
-        inputs=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((b, t), np.int32),
-        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-        loss_mask=np.ones((b, t), np.int32)))
+    step_fn, state, batch = bench_setup.train_setup(c, backends.get("auto"), 4, 512)
+    state = {"s": state}  # as tools/benchmark.py train
 
     def steps(n):
         t0 = time.perf_counter()

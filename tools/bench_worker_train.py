@@ -27,13 +27,11 @@ if os.environ.get("PEERBENCH_RETAIN_MEMORY", "1") == "1":  # as experiments/trai
     backends.prepare_host(os.environ.get("LLAMA_JAX_BACKEND", "auto"))  # before JAX starts
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 import peerproto  # noqa: E402
-from llama_jax import flops, optim, train  # noqa: E402
+from llama_jax import flops, train  # noqa: E402
 from llama_jax.config import ModelConfig  # noqa: E402
-from llama_jax.model import abstract  # noqa: E402
+from tools import bench_setup  # noqa: E402
 
 
 def model_config(shape, precision) -> ModelConfig:
@@ -49,27 +47,14 @@ def model_config(shape, precision) -> ModelConfig:
         scan_layers=os.environ.get("PEERBENCH_SCAN", "0") == "1")  # the bench preset's
 
 
-def batch(shape):
-    """One fixed batch of random tokens: `seq` inputs and targets per row, like the peers."""
-    b, t = shape["batch"], shape["seq"]
-    ids = np.random.default_rng(1).integers(0, shape["vocab"], (b, t + 1), dtype=np.int32)
-    return dict(inputs=ids[:, :-1], targets=ids[:, 1:],
-                positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-                segment_ids=np.ones((b, t), np.int32), loss_mask=np.ones((b, t), np.int32))
-
-
 def main():
     shape = peerproto.shape_from_env()
     precision = os.environ.get("PEERBENCH_PRECISION", "f32")
     config = model_config(shape, precision)
     backend = backends.get(os.environ.get("LLAMA_JAX_BACKEND", "auto"))
-    graphdef, params = nnx.split(abstract(config, backend), nnx.Param)
-    ocfg = optim.OptimConfig(peak_lr=1e-4, warmup_steps=0, total_steps=10**6)
-    tx = optim.make_optimizer(ocfg, params)
-    step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
-                         fused_update=backend.fused_update and backend.fused_update(ocfg, params))
-    st = {"state": train.init_state(train.init_params(config, 0), tx)}
-    data = jax.device_put(batch(shape))
+    # one fixed batch of random tokens, `seq` inputs and targets per row, like the peers
+    step_fn, state, data = bench_setup.train_setup(config, backend, shape["batch"], shape["seq"])
+    st = {"state": state}
 
     def sync():
         jax.block_until_ready(st["state"])

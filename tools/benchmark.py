@@ -118,24 +118,14 @@ def bench_forward(dtype: str, peak_gflops: float, backend) -> dict:
 def bench_train(dtype: str, peak_gflops: float, backend) -> dict:
     """Steady-state train step (AdamW, donated state) on one fixed random batch."""
     import jax
-    import numpy as np
-    from flax import nnx
 
     import llama_jax as lj
-    from llama_jax import flops, optim, train
+    from llama_jax import flops, train
+    from tools import bench_setup
     c = lj.get_config(FLAGS.model, dtype=dtype)
-    graphdef, params = nnx.split(lj.abstract(c, backend), nnx.Param)
-    ocfg = optim.OptimConfig(peak_lr=1e-4, warmup_steps=0, total_steps=10**6)
-    tx = optim.make_optimizer(ocfg, params)
-    step_fn = train.Step(graphdef, tx, optim.make_schedule(ocfg),
-                         fused_update=backend.fused_update and backend.fused_update(ocfg, params))
-    state = {"s": train.init_state(train.init_params(c, 0), tx)}
     b, t = FLAGS.batch, FLAGS.seq_len
-    ids = np.random.default_rng(1).integers(0, c.vocab_size, (b, t + 1), dtype=np.int32)
-    batch = jax.device_put(dict(
-        inputs=ids[:, :-1], targets=ids[:, 1:], segment_ids=np.ones((b, t), np.int32),
-        positions=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
-        loss_mask=np.ones((b, t), np.int32)))
+    step_fn, state, batch = bench_setup.train_setup(c, backend, b, t)
+    state = {"s": state}
 
     def one():
         state["s"], metrics = train.train_step(state["s"], batch, step_fn)

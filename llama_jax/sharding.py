@@ -71,7 +71,7 @@ class MeshConfig:
     fsdp: bool = True                    # False: parameters replicated over `data`
     context_impl: str = "all_gather"     # or "ring" (attention.CONTEXT_IMPLS)
     backend: str = "auto"                # backends.NAMES: auto, plain, cpu
-    attention: str = "auto"              # the backend's default, or one of its attention_names()
+    attention: str = "auto"              # the backend's default (Backend.with_attention)
     pipeline_microbatches: int = 0       # M; 0 = the stage count S
     repeats: int = 1                     # circular pipeline repeats R; 1 = GPipe
 

@@ -13,6 +13,7 @@ from flax import nnx
 
 import llama_jax as lj
 from llama_jax import backends, optim, train
+from llama_jax.backends.cpu import kernels as cpu_kernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = lj.get_config("tiny", n_layers=2, dim=64, n_heads=2, n_kv_heads=1, ffn_dim=192,
@@ -70,7 +71,8 @@ def _loss_and_grads(backend, dtype, t):
     graphdef, params = nnx.split(lj.create(config, backend=backend), nnx.Param)
     batch = jax.tree.map(jnp.asarray, _batch(t))
     fn = jax.jit(jax.value_and_grad(lambda p: train.loss_fn(p, graphdef, batch)[0]))
-    return fn(nnx.to_pure_dict(params))
+    params = nnx.to_pure_dict(params)
+    return (*fn(params), fn.lower(params).as_text())
 
 
 @pytest.mark.parametrize("dtype, t", [("float32", 64), ("float32", 256), ("bfloat16", 256)])
@@ -78,8 +80,13 @@ def test_cpu_backend_equals_plain(dtype, t):
     """Loss and gradients of the cpu backend (custom-VJP products, f32 gain gradients, causal
     query blocks at 256 tokens, the C++ attention and SwiGLU kernels in bf16) against the
     plain math on packed rows with padding: f32 within float32 rounding, bf16 within bf16's."""
-    loss_p, grads_p = _loss_and_grads(backends.PLAIN, dtype, t)
-    loss_c, grads_c = _loss_and_grads(backends.get("cpu"), dtype, t)
+    loss_p, grads_p, hlo_p = _loss_and_grads(backends.PLAIN, dtype, t)
+    loss_c, grads_c, hlo_c = _loss_and_grads(backends.get("cpu"), dtype, t)
+    # the cpu pieces really ran (a backend that fell back to the plain math would pass below):
+    # its RoPE table and causal blocks sit behind conditionals, its bf16 attention is a kernel
+    assert "stablehlo.case" in hlo_c and "stablehlo.case" not in hlo_p
+    if dtype == "bfloat16" and cpu_kernels.attention_available():
+        assert cpu_kernels._ATTENTION_FORWARD in hlo_c
     tol = 1e-5 if dtype == "float32" else 2e-2
     np.testing.assert_allclose(float(loss_c), float(loss_p), rtol=tol)
     flat_p = dict(jax.tree_util.tree_leaves_with_path(grads_p))

@@ -17,7 +17,9 @@ that are faster on one device kind, each tested equal to the plain form:
   one pass per parameter, or None
 - `decode_pack(w)` / `decode_block(...)`: weights packed once for decoding, and a whole block
   of a one-token decode step in one call
-- `host_setup()`: process set-up before JAX starts (`prepare_host`)
+
+Process set-up that must come before JAX starts (the cpu backend's host memory policy) is
+`prepare_host(name)`, called by the launchers with the configured name.
 
 A backend is chosen once, from the run's config, and passed down: the model holds it (it is
 part of the model's graph definition, so jit traces each backend separately); nothing reads a
@@ -32,6 +34,8 @@ import importlib
 import logging
 import os
 from typing import Callable
+
+from llama_jax import attention
 
 NAMES = ("auto", "plain", "cpu")
 
@@ -53,15 +57,10 @@ class Backend:
     fused_update: Callable | None = None
     decode_pack: Callable | None = None
     decode_block: Callable | None = None
-    host_setup: Callable | None = None
-
-    def attention_names(self) -> tuple[str, ...]:
-        from llama_jax import attention  # noqa: PLC0415 - attention imports nothing of ours
-        return (*attention.IMPLS, *(name for name, _ in self.attentions))
 
     def with_attention(self, name: str = "auto") -> Backend:
-        """This backend with training attention `name` (one of attention_names(), or auto)."""
-        from llama_jax import attention  # noqa: PLC0415
+        """This backend with training attention `name`: auto (default_attention), a key of
+        attention.IMPLS or one of `attentions`."""
         name = self.default_attention if name == "auto" else name
         impls = {**attention.IMPLS, **dict(self.attentions)}
         if name not in impls:
@@ -71,7 +70,6 @@ class Backend:
 
     def attend(self, q, k, v, positions, segment_ids):
         """Training self-attention of q [B, T, N, H], k, v [B, T, K, H]."""
-        from llama_jax import attention  # noqa: PLC0415
         fn = self.attention or attention.IMPLS[self.default_attention]
         return fn(q, k, v, positions, segment_ids)
 

@@ -40,7 +40,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from llama_jax import attention, backends, model, optim, pipeline
-from llama_jax.backends import Backend
+from llama_jax.backends import Backend, sharded
 
 AXES = ("data", "pipeline", "context", "tensor")
 
@@ -316,7 +316,14 @@ def execution(mesh: Mesh, mc: MeshConfig, backend: Backend | None = None):
     backend = (backend or backends.get(mc.backend)).with_attention(mc.attention)
     local = backend.attention or attention.IMPLS[backend.default_attention]
     cp = mc.context_impl if mesh.shape["context"] > 1 else None
-    if cp:
+    name = backend.default_attention if mc.attention == "auto" else mc.attention
+    if name in backends.KERNELS:  # a Pallas kernel: per-device rows and heads (backends/sharded.py)
+        if mesh.shape["pipeline"] > 1:
+            raise ValueError(f"mesh.attention={name} does not run inside pipeline stages yet; "
+                             f"use mesh.attention=chunked with mesh.pipeline > 1.")
+        backend = dataclasses.replace(backend, attention=functools.partial(
+            sharded.sharded_attention, mesh=mesh, local=local, context_impl=cp))
+    elif cp:
         backend = dataclasses.replace(backend, attention=functools.partial(
             attention.context_parallel_attention, mesh=mesh, impl=cp, local=local))
     layers = None

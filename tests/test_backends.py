@@ -33,22 +33,24 @@ def test_importing_and_building_the_model_loads_no_cpu_backend_module():
 
 
 def test_names_and_errors(monkeypatch, caplog):
-    with pytest.raises(ValueError, match="unknown backend 'tpu9'; valid: auto, plain, cpu"):
+    with pytest.raises(ValueError, match="unknown backend 'tpu9'; valid: auto, plain, cpu, "
+                                         "tpu, gpu"):
         backends.get("tpu9")
-    with pytest.raises(ValueError, match="mesh.attention='splash' is not available on the cpu "
-                                         "backend; valid: auto, reference, chunked, full"):
-        backends.get("cpu", "splash")
+    with pytest.raises(ValueError, match="mesh.attention='flash3' is not available on the cpu "
+                                         "backend; valid: auto, reference, chunked, full, "
+                                         "splash, pallas_gpu"):
+        backends.get("cpu", "flash3")
     assert backends.get("plain").name == "plain"
     assert backends.get("auto").name == "cpu"  # the tests run on JAX's CPU platform
-    # elsewhere: cpu refused in one sentence, auto falls back to plain with one log line
+    # elsewhere: cpu refused in one sentence, auto picks that platform's backend with one log line
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     backends.get.cache_clear()
     try:
         with pytest.raises(ValueError, match="cpu backend needs JAX's CPU platform"):
             backends.get("cpu")
         with caplog.at_level(logging.INFO):
-            assert backends.get("auto").name == "plain"
-        assert "backend auto: plain (JAX platform gpu)" in caplog.text
+            assert backends.get("auto").name == "gpu"
+        assert "backend auto: gpu (JAX platform gpu)" in caplog.text
     finally:
         backends.get.cache_clear()
 

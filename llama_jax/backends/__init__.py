@@ -23,7 +23,10 @@ Process set-up that must come before JAX starts (the cpu backend's host memory p
 
 A backend is chosen once, from the run's config, and passed down: the model holds it (it is
 part of the model's graph definition, so jit traces each backend separately); nothing reads a
-module global at trace time. `cpu` lives in backends/cpu/ and is imported only when selected.
+module global at trace time. `cpu` lives in backends/cpu/, `tpu` (Pallas splash attention) in
+tpu.py and `gpu` (Pallas GPU flash attention) in gpu.py, each imported only when selected.
+The two accelerator kernels are also attentions of every backend (`KERNELS`: mesh.attention=
+splash or pallas_gpu); on a CPU they run the same kernel code in Pallas interpret mode.
 """
 
 from __future__ import annotations
@@ -37,7 +40,34 @@ from typing import Callable
 
 from llama_jax import attention
 
-NAMES = ("auto", "plain", "cpu")
+NAMES = ("auto", "plain", "cpu", "tpu", "gpu")
+
+# Attention kernels any backend can run: mesh.attention name -> (module, the platform it is
+# compiled for). Elsewhere than that platform they run only on a CPU, interpreted.
+KERNELS = {"splash": ("llama_jax.backends.tpu", "tpu"),
+           "pallas_gpu": ("llama_jax.backends.gpu", "gpu")}
+
+
+def _platform() -> str:
+    import jax  # noqa: PLC0415
+    return jax.default_backend()
+
+
+def kernels_here() -> tuple[str, ...]:
+    """The KERNELS that run on this process's platform (both, interpreted, on a CPU)."""
+    here = _platform()
+    return tuple(k for k, (_, p) in KERNELS.items() if here in (p, "cpu"))
+
+
+def kernel_attention(name: str) -> Callable:
+    """The attention function of KERNELS[name]; on a CPU, in interpret mode."""
+    module, platform = KERNELS[name]
+    if name not in kernels_here():
+        raise ValueError(f"mesh.attention={name!r} is a {platform.upper()} kernel but this "
+                         f"process runs on {_platform()}; valid here: auto, "
+                         f"{', '.join((*attention.IMPLS, *kernels_here()))}.")
+    interpret = _platform() == "cpu"
+    return importlib.import_module(module).make(interpret).attentions[0][1]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +93,12 @@ class Backend:
         attention.IMPLS or one of `attentions`."""
         name = self.default_attention if name == "auto" else name
         impls = {**attention.IMPLS, **dict(self.attentions)}
+        if name in KERNELS and name not in impls:
+            return dataclasses.replace(self, attention=kernel_attention(name))
         if name not in impls:
+            valid = (*impls, *(k for k in kernels_here() if k not in impls))
             raise ValueError(f"mesh.attention={name!r} is not available on the {self.name} "
-                             f"backend; valid: auto, {', '.join(impls)}.")
+                             f"backend; valid: auto, {', '.join(valid)}.")
         return dataclasses.replace(self, attention=impls[name])
 
     def attend(self, q, k, v, positions, segment_ids):
@@ -83,10 +116,13 @@ def _cpu() -> Backend:
 
 def _why_not(name: str) -> str | None:
     """One sentence on why backend `name` cannot run in this process, or None."""
-    import jax  # noqa: PLC0415
-    if name == "cpu" and jax.default_backend() != "cpu":
-        return (f"the cpu backend needs JAX's CPU platform but this process runs on "
-                f"{jax.default_backend()}; use --config.mesh.backend=auto or plain")
+    here = _platform()
+    if name in ("cpu", "tpu", "gpu") and here != name:
+        kernel = {"tpu": " (its attention runs here as --config.mesh.attention=splash)",
+                  "gpu": " (its attention runs here as --config.mesh.attention=pallas_gpu)",
+                  }.get(name, "") if here == "cpu" else ""
+        return (f"the {name} backend needs JAX's {name.upper()} platform but this process "
+                f"runs on {here}; use --config.mesh.backend=auto or plain{kernel}")
     return None
 
 
@@ -94,8 +130,8 @@ def _why_not(name: str) -> str | None:
 def get(name: str = "auto", attention: str = "auto") -> Backend:
     """The backend `name` (one of NAMES) with training attention `attention`.
 
-    `auto` picks `cpu` where JAX's default platform is the CPU, else `plain` (GPU and TPU
-    kernels are separate backends to come), with one log line saying what it chose.
+    `auto` picks the backend named after JAX's default platform (cpu, tpu, gpu; `plain`
+    on any other), with one log line saying what it chose.
     Raises ValueError, in one sentence, for an unknown name or a backend that cannot run here.
     """
     if name not in NAMES:
@@ -103,12 +139,15 @@ def get(name: str = "auto", attention: str = "auto") -> Backend:
     if name == "auto":
         import jax  # noqa: PLC0415
         platform = jax.default_backend()
-        name = "cpu" if platform == "cpu" else "plain"
+        name = platform if platform in ("cpu", "tpu", "gpu") else "plain"
         logging.info("backend auto: %s (JAX platform %s).", name, platform)
     reason = _why_not(name)
     if reason:
         raise ValueError(reason[0].upper() + reason[1:] + ".")
-    backend = _cpu() if name == "cpu" else PLAIN
+    if name in ("tpu", "gpu"):
+        backend = importlib.import_module(f"llama_jax.backends.{name}").make()
+    else:
+        backend = _cpu() if name == "cpu" else PLAIN
     return backend.with_attention(attention)
 
 

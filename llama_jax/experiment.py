@@ -115,7 +115,8 @@ def post_training(objective: str) -> ml_collections.ConfigDict:
     config.model gives only execution options (bf16 compute over f32 master weights, full
     remat). Learning rate 1e-5 as Llama 3's SFT and DPO (paper §4.1.3-4), unlocked."""
     c = base("tiny")  # the architecture fields are replaced by the checkpoint's
-    c.model.update(dtype="bfloat16", remat="full", name="init_from")
+    # max_seq_len too is the checkpoint's; this one only bounds data.seq_len in the checks
+    c.model.update(dtype="bfloat16", remat="full", name="init_from", max_seq_len=8192)
     c.train.objective = objective
     c.data.tokenizer = ""  # "": the tokenizer.model of train.init_from
     c.data.name = objective
@@ -137,5 +138,5 @@ def post_training_test(c: ml_collections.ConfigDict) -> None:
     c.model.update(dtype="float32", remat="none", scan_layers=False)
     c.data.seq_len, c.data.global_batch = 48, 4
     c.optim.peak_lr, c.optim.warmup_steps = 1e-3, 0
-    c.train.steps, c.train.log_every, c.train.checkpoint_every = 4, 1, 2
+    c.train.steps, c.train.log_every, c.train.checkpoint_every = 4, 1, 0  # 0: at the end
     c.train.eval_every, c.train.sample_tokens = 0, 0

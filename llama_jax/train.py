@@ -31,8 +31,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llama_jax import backends, checkpoint, data, decode, flops, io, optim, resume, sharding
-from llama_jax import tokenizer_training, train_checkpoint
+from llama_jax import backends, checkpoint, data, decode, flops, io, optim, posttrain
+from llama_jax import posttrain_run, resume, sharding, tokenizer_training, train_checkpoint
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
@@ -69,6 +69,9 @@ class Step:
     # The backend's fused_update(cfg, axes) of the cfg `tx` was made from: the same update,
     # applied, in one pass per parameter; it returns None where it does not apply.
     fused_update: Callable | None = None
+    # Post-training (llama_jax.posttrain): fn(params, graphdef, batch) -> (loss, (tokens,
+    # metrics)) replacing loss_fn, one pass (no microbatches), its metrics logged with the loss.
+    objective: Callable | None = None
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -136,8 +139,13 @@ def _loss_and_grad(s: Step):
 @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
 def train_step(state: TrainState, batch: Batch, s: Step) -> tuple[TrainState, dict]:
     """One optimizer update on the token-weighted mean loss of `batch`; skips non-finite ones."""
-    (loss, n), grads = optim.accumulate_gradients(_loss_and_grad(s), state.params, batch,
-                                                  s.microbatches)
+    extra = {}
+    if s.objective is not None:
+        (loss, (n, extra)), grads = jax.value_and_grad(s.objective, has_aux=True)(
+            state.params, s.graphdef, batch)
+    else:
+        (loss, n), grads = optim.accumulate_gradients(_loss_and_grad(s), state.params, batch,
+                                                      s.microbatches)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     fused = s.fused_update and s.fused_update(grads, grad_norm, ok, state.opt_state,
@@ -154,7 +162,7 @@ def train_step(state: TrainState, batch: Batch, s: Step) -> tuple[TrainState, di
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                      skipped=state.skipped + bad, bad_streak=(state.bad_streak + 1) * bad)
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=s.schedule(state.step - state.skipped),
-                   tokens=n, skipped=bad, bad_streak=new.bad_streak)
+                   tokens=n, skipped=bad, bad_streak=new.bad_streak, **extra)
     return new, metrics
 
 
@@ -179,28 +187,35 @@ def run(config, workdir: str) -> TrainState:
     data have been checked. A workdir that cannot be resumed is refused (llama_jax.resume).
     """
     t_start = time.perf_counter()
-    model_config = ModelConfig.from_dict(config.model.to_dict())
+    posttrain_run.check(config)
+    model_config = posttrain_run.model_config(config)  # post-training: init_from's architecture
     check(config, model_config)
+    posttrain_run.check_reference(config, model_config)
     mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
     mesh = sharding.make_mesh(mc)
     sharding.check(mc, mesh, model_config, config.data.seq_len, config.data.global_batch)
     why_restart = resume.check_workdir(workdir, config, model_config)  # with train.restart
     _print(describe_run(config, model_config, workdir))
-    tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer, workdir, config.data)
+    tokenizer, tokenizer_file = make_tokenizer(posttrain_run.tokenizer_spec(config), workdir,
+                                               config.data)
     check_tokenizer(tokenizer, model_config)
+    posttrain_run.check_data(config, tokenizer)  # chat data: bad examples logged, all bad: error
     dcfg = data_config(config.data)
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                  max_seq_len=model_config.max_seq_len)
-    train_iter = iter(data.make_dataset(dcfg, tokenizer, split="train", **shard))
-    val_ds = data.make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
+    make_dataset = posttrain_run.dataset_fn(config)
+    train_iter = iter(make_dataset(dcfg, tokenizer, split="train", **shard))
+    val_ds = make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
 
     backend, parallel = sharding.execution(mesh, mc)
-    graphdef, abstract_params = nnx.split(abstract(model_config, backend, parallel), nnx.Param)
+    graphdef, abstract_params = nnx.split(
+        posttrain_run.abstract_model(config)(model_config, backend, parallel), nnx.Param)
     ocfg = optim_config(config)
     tx = optim.make_optimizer(ocfg, abstract_params)
     fused = backend.fused_update and backend.fused_update(ocfg, abstract_params)
     s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
-             microbatches=config.optim.accumulation_steps, fused_update=fused)
+             microbatches=config.optim.accumulation_steps, fused_update=fused,
+             objective=posttrain.objective(config))
     ckpt = train_checkpoint.Manager(
         workdir, model_config, save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, tokenizer_file=tokenizer_file,
@@ -213,6 +228,10 @@ def run(config, workdir: str) -> TrainState:
                                   abstract_params)
     step_fn = sharding.jit_step(lambda st, b: train_step.__wrapped__(st, b, s), mesh, mc,
                                 state, abstract_params)
+    reference = posttrain_run.reference_fn(config, model_config, graphdef, abstract_params, mesh,
+                                           mc)
+    if reference:  # DPO: the frozen reference's log-probs join each batch
+        step_fn = posttrain.with_reference(step_fn, reference)
     put = sharding.array_putter(mesh)
     writer = MetricsWriter(
         workdir, total_steps=config.train.steps, start_step=start,
@@ -247,7 +266,8 @@ def _initial_state(config, ckpt, train_iter, model_config, tx, built, mesh, mc,
             return restored.state, restored.step
         ckpt.start_over(resume.no_restorable_step(ckpt, restored.skipped, config))
     if config.train.init_from:  # continued pretraining, fine-tuning
-        return init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params), 0
+        return init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params,
+                         adapt=posttrain_run.adapt_params(config, model_config)), 0
     return sharding.init_sharded(  # every device creates only its own shards
         lambda: init_state(init_params(model_config, config.train.seed), tx), mesh, mc,
         abstract_params), 0
@@ -260,12 +280,14 @@ def init_params(model_config: ModelConfig, seed: int):
     return nnx.to_pure_dict(nnx.state(create(model_config, seed), nnx.Param))
 
 
-def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_params) -> TrainState:
+def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_params,
+              adapt: Callable[[dict], dict] | None = None) -> TrainState:
     """A fresh TrainState (step 0, new optimizer state) around the weights of any checkpoint
     `llama_jax.load` reads (params export, Hugging Face, Meta), placed by the mesh rules.
 
     The checkpoint's architecture must equal `model_config`'s; execution options (dtypes,
-    remat, scan, max_seq_len) are the run's. A resumed run ignores it: the workdir wins."""
+    remat, scan, max_seq_len) are the run's. A resumed run ignores it: the workdir wins.
+    `adapt` maps the loaded parameter dict to the trained one (a reward model's head)."""
     exec_opts = dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype,
                      scan_layers=model_config.scan_layers, remat=model_config.remat,
                      max_seq_len=model_config.max_seq_len)
@@ -277,6 +299,7 @@ def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_param
                          f"({'; '.join(diff)}); use the matching model preset or overrides.")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     del model
+    params = adapt(params) if adapt else params
     shardings = sharding.state_shardings(
         jax.eval_shape(lambda p: init_state(p, tx), params), abstract_params, mesh, mc.fsdp)
     params = jax.device_put(params, shardings.params)
@@ -351,11 +374,11 @@ def _finish(config, workdir, model, tokenizer, tokenizer_file):
     Every process takes part (the export is a collective Orbax save); process 0 prints."""
     if isinstance(tokenizer, tokenizer_lib.ByteTokenizer):  # no file: the export records it
         tokenizer_file = tokenizer_lib.BYTE
-    path = checkpoint.save_params(os.path.join(workdir, "export"), model,
-                                  tokenizer_path=tokenizer_file, overwrite=True)
+    path = posttrain_run.save(config)(os.path.join(workdir, "export"), model,
+                                      tokenizer_path=tokenizer_file, overwrite=True)
     _print(f"Exported parameters to {path}.")
-    if config.train.sample_tokens:
-        prompt = tokenizer.encode(config.train.sample_prompt, bos=True, eos=False)
+    if config.train.sample_tokens and config.train.objective != "reward":
+        prompt = posttrain_run.sample_prompt(config, tokenizer)
         # Nucleus sampling rather than greedy: a small model's greedy output falls into a
         # repetition loop (e.g. a run of underscores) that hides what it has learnt.
         params = SamplingParams(temperature=config.train.sample_temperature, top_p=0.95)

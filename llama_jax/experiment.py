@@ -62,6 +62,10 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.train.log_every = 10
     c.train.eval_every = 500  # 0 = never
     c.train.eval_batches = 8
+    # Held-out sets also reported every eval_every steps (loss, perplexity, bits per byte),
+    # comma-separated NAME=GLOB or "validation", each up to eval_batches batches of documents
+    # (llama_jax.evaluation); "" = none beyond eval_loss.
+    c.train.eval_sets = ""
     c.train.checkpoint_every = 500  # 0 = only at the end and on SIGTERM
     c.train.keep_checkpoints = 3  # >= 1
     # A workdir whose checkpoints this config cannot resume (another model, batch shape or

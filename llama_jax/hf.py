@@ -165,9 +165,11 @@ def load_hf(directory: str, **overrides) -> model_lib.Llama:
 
 
 def save_hf(model: model_lib.Llama, directory: str, *, dtype: str = "float32",
-            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> None:
+            max_shard_bytes: int = 5 * 2**30, overwrite: bool = False,
+            tokenizer: str | None = None) -> None:
     """Writes config.json, generation_config.json and (sharded) safetensors, one tensor at a
-    time, into a temporary directory that is renamed into place at the end."""
+    time, into a temporary directory that is renamed into place at the end; `tokenizer` (a
+    tokenizer.model) is copied in with its Hugging Face files (`hf_tokenizer`)."""
     c = model.config
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     np_dtype = np.dtype(jnp.dtype(dtype))
@@ -188,6 +190,10 @@ def save_hf(model: model_lib.Llama, directory: str, *, dtype: str = "float32",
             json.dump(config_lib.to_hf_config(c, torch_dtype=dtype), f, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as f:
             json.dump(dict(bos_token_id=c.bos_id, eos_token_id=c.eos_id), f, indent=2)
+        if tokenizer:
+            from llama_jax import hf_tokenizer
+            shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.model"))
+            hf_tokenizer.complete(tmp, model_max_length=c.max_seq_len)
 
 
 def write_shards(directory, specs, get, max_shard_bytes):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llama_jax import backends, checkpoint, data, decode, flops, io, optim, posttrain
+from llama_jax import backends, checkpoint, data, decode, evaluation, flops, io, optim, posttrain
 from llama_jax import posttrain_run, resume, sharding, tokenizer_training, train_checkpoint
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
@@ -206,6 +206,9 @@ def run(config, workdir: str) -> TrainState:
     make_dataset = posttrain_run.dataset_fn(config)
     train_iter = iter(make_dataset(dcfg, tokenizer, split="train", **shard))
     val_ds = make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
+    eval_sets = evaluation.load_sets(  # train.eval_sets: checked and packed before compiling
+        config.train.eval_sets, tokenizer, dcfg, rows=dcfg.global_batch, seq_len=dcfg.seq_len,
+        max_tokens=config.train.eval_batches * dcfg.global_batch * dcfg.seq_len)
 
     backend, parallel = sharding.execution(mesh, mc)
     graphdef, abstract_params = nnx.split(
@@ -237,8 +240,12 @@ def run(config, workdir: str) -> TrainState:
         workdir, total_steps=config.train.steps, start_step=start,
         flops_per_token=flops.train_flops_per_token(model_config, dcfg.seq_len),
         peak_tflops=flops.device_peak_tflops(cpu_peak_tflops=config.train.cpu_peak_tflops))
-    evaluate = functools.partial(_evaluate, graphdef=graphdef, ds=val_ds, put=put,
-                                 n_batches=config.train.eval_batches)
+    def evaluate(params) -> dict[str, float]:
+        held_out = evaluation.results(
+            eval_sets, lambda b: eval_step(params, jax.tree.map(put, b), graphdef),
+            process_index=jax.process_index(), process_count=jax.process_count())
+        return {"eval_loss": _evaluate(params, graphdef=graphdef, ds=val_ds, put=put,
+                                       n_batches=config.train.eval_batches), **held_out}
     try:
         state = _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, start)
     finally:
@@ -331,8 +338,7 @@ def _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, step)
             ckpt.save(step, state, train_iter, force=step == config.train.steps)
             if config.train.eval_every and step % config.train.eval_every == 0:
                 t = time.perf_counter()
-                eval_loss = evaluate(state.params)
-                writer.eval(step, {"eval_loss": eval_loss}, seconds=time.perf_counter() - t)
+                writer.eval(step, evaluate(state.params), seconds=time.perf_counter() - t)
         if pending:
             _report(config, writer, *pending, tokens_per_step)
         if preempted.is_set():

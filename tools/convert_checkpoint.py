@@ -33,6 +33,7 @@ import numpy as np
 # Run as a script, this repository's llama_jax (beside tools/) comes before an installed one.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_jax import checkpoint, cli, hf, io, meta, orbax_stream, safetensors_io  # noqa: E402
+from llama_jax import hf_tokenizer  # noqa: E402
 from llama_jax import config as config_lib  # noqa: E402
 from llama_jax.tokenizer import BYTE  # noqa: E402
 
@@ -278,6 +279,8 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
             carried = {k: v for k, v in source.carried.items() if k == checkpoint.TOKENIZER_FILE}
         for name, path in carried.items():
             shutil.copyfile(path, os.path.join(tmp, name))
+        if to == "hf":  # transformers cannot read a tiktoken tokenizer.model: add tokenizer.json
+            hf_tokenizer.complete(tmp, model_max_length=source.config.max_seq_len)
     return dst
 
 

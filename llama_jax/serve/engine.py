@@ -161,6 +161,18 @@ class Engine:
                         free_pages=self.pool_host.n_free, page_size=self.pool_host.page_size,
                         max_len=self.max_len, reused_tokens=self.reused_tokens)
 
+    def warmup(self) -> None:
+        """Compiles the decode step and every prefill bucket (16 .. chunk tokens) now, by
+        serving one short request per bucket, rather than on the first requests."""
+        sizes = [n for n in (16 << i for i in range(self.chunk.bit_length()))
+                 if n <= min(self.chunk, self.max_len - 2)]
+        left = threading.Semaphore(0)
+        for i, n in enumerate(sizes):  # different tokens: no prefix sharing between them
+            self.submit([i] * n, Settings(max_tokens=2, stop_ids=()),
+                        lambda e: left.release() if e.finish else None)
+        for _ in sizes:
+            left.acquire()
+
     def close(self, timeout: float = 30.0) -> None:
         """Takes no new requests, lets running and waiting ones finish for up to `timeout`
         seconds, cancels the rest and stops the thread."""

@@ -31,15 +31,19 @@ def pick(logits, s: dict):
     Returns dict(token [B], logprob [B], top_ids [B, A], top_logprobs [B, A]); log-probs are
     the model's at temperature 1, before any filter (as sampling.sample)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = s["temperature"] > 0
     col = {k: s[k][:, None] for k in ("temperature", "top_k", "top_p", "min_p")}
 
     def draw(_):
-        x = sampling_lib.filter_logits(logits, **col)
+        # The filters sort the vocabulary: only when some row asks for one.
+        filtered = (s["top_k"] > 0) | (s["top_p"] < 1) | (s["min_p"] > 0)
+        x = jax.lax.cond(jnp.any(filtered & sampled),
+                         lambda: sampling_lib.filter_logits(logits, **col),
+                         lambda: logits / jnp.maximum(col["temperature"], 1e-6))
         keys = jax.vmap(lambda seed, t: jax.random.fold_in(jax.random.PRNGKey(seed), t))(
             s["seed"], s["step"])
         return jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
 
-    sampled = s["temperature"] > 0
     drawn = jax.lax.cond(jnp.any(sampled), draw, lambda _: greedy, None)
     token = jnp.where(sampled, drawn, greedy)
     logp = jax.nn.log_softmax(logits, axis=-1)

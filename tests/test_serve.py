@@ -9,7 +9,10 @@ engine must equal.
 import concurrent.futures
 import os
 import random
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,7 +25,7 @@ import uvicorn
 from flax import nnx
 
 import llama_jax as lj
-from llama_jax import decode, model as model_lib, tokenizer as tokenizer_lib
+from llama_jax import checkpoint, decode, model as model_lib, tokenizer as tokenizer_lib
 from llama_jax.serve import Engine, api, steps
 
 NAME = "tiny-serve"
@@ -223,3 +226,43 @@ def test_bad_input_is_400_naming_the_field(served):
     models = served["client"].models.list()
     assert [m.id for m in models.data] == [NAME]
     assert httpx.get(served["url"] + "/health").json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_launcher_serves_and_drains_on_sigterm(tmp_path):
+    """experiments/serve.py on a saved checkpoint: serves, and on SIGTERM lets a running
+    stream finish, then exits; a plain mistake is one error line and exit code 2."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = os.path.join(root, "experiments", "serve.py")
+    ckpt = checkpoint.save_params(str(tmp_path / "ckpt"), tiny_model(259),
+                                  tokenizer_path=tokenizer_lib.BYTE)
+    bad = subprocess.run([sys.executable, script, f"--checkpoint={tmp_path}/missing"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:"), bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, script, f"--checkpoint={ckpt}", f"--port={port}",
+                             "--chunk=16", "--slots=2", "--shutdown_timeout=60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="ckpt", prompt="abc", max_tokens=120,
+                                           temperature=0, stream=True,
+                                           extra_body=dict(stop_token_ids=[]))
+        chunks = iter(stream)
+        next(chunks)
+        proc.send_signal(signal.SIGTERM)
+        rest = list(chunks)  # the running request still completes
+        assert rest[-1].choices[0].finish_reason == "length"
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+    finally:
+        proc.kill()
+        proc.wait()

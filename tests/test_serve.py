@@ -158,6 +158,13 @@ def _one_load_request(client, i, rng):
     n = rng.randrange(1, 40)
     cancel_after = rng.randrange(1, 6) if rng.random() < 0.25 else None
     try:
+        if rng.random() < 0.1:  # a client that gives up waiting for a whole answer
+            try:
+                out = complete(client.with_options(timeout=0.3), prompt, n,
+                               extra_body=dict(stop_token_ids=[]))
+                return "ok", n, out.usage.completion_tokens
+            except openai.APITimeoutError:
+                return "cancelled", n, 0
         if cancel_after is None:
             out = complete(client, prompt, n, extra_body=dict(stop_token_ids=[]))
             return "ok", n, out.usage.completion_tokens

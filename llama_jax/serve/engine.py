@@ -209,10 +209,8 @@ class Engine:
             except Exception:  # a bug: fail every request rather than hang their clients
                 logging.exception("serving engine step failed")
                 with self._cv:
-                    for r in [*self._waiting, *self.slots]:
-                        if r is not None:
-                            self._finish(r, "cancelled")
-                    self._waiting.clear()
+                    self._cancel.update(r.id for r in [*self._waiting, *self.slots] if r)
+                    self._cancel_marked()
 
     def _busy_locked(self) -> bool:
         return bool(self._waiting) or any(r is not None for r in self.slots)

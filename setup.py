@@ -37,7 +37,14 @@ setuptools.setup(
             "safetensors",
             "llama-models",
             "fairscale",
+            "fastapi",  # tests/test_serve.py runs the server (the serve extra)
+            "uvicorn",  # tests/test_serve.py runs the server (the serve extra)
+            "openai",  # tests/test_serve.py talks to the server as API clients do
+            "httpx",  # tests/test_serve.py: malformed bodies the openai client cannot send
         ],
+        # experiments/serve.py: the OpenAI-compatible HTTP API (llama_jax/serve/api.py) on a
+        # well-kept ASGI stack rather than a hand-written HTTP server.
+        "serve": ["fastapi", "uvicorn"],
         "convert": ["torch==2.13.0"],
         # Ahead-of-time compilation for TPU topologies on any machine (tools/plan.py): libtpu,
         # pinned by jax to the matching release. Only here: on a host without a TPU it is dead

@@ -25,7 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import flags, logging  # noqa: E402
 
 import llama_jax  # noqa: E402
-from llama_jax import checkpoint, cli, decode, io, tokenizer as tokenizer_lib  # noqa: E402
+from llama_jax import checkpoint, cli, decode, io, quantize  # noqa: E402
+from llama_jax import tokenizer as tokenizer_lib  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
@@ -46,6 +47,8 @@ _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format."
 _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "plain", "cpu"],
                              "llama_jax.backends: auto = the cpu backend's decode kernels on a "
                              "CPU, the plain math elsewhere.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
+                              "int8: per-channel int8 weights (llama_jax/quantize.py).")
 flags.mark_flags_as_mutual_exclusive(["prompt", "prompt_file", "prompt_ids"], required=True)
 
 
@@ -123,6 +126,8 @@ def main(argv):
     stream = None
     if _FORMAT.value == "text" and len(prompts) == 1 and tok is not None:
         stream = StreamPrinter(tok, stop_ids)
+    if _QUANTIZE.value == "int8":
+        model = quantize.int8(decode.prepare(model, kernel=False))
     out = decode.generate(model, prompts, _MAX_NEW.value, sampling, seed=_SEED.value,
                           stop_ids=stop_ids, stream=stream)
     for i in range(len(prompts)):

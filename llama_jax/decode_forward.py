@@ -94,7 +94,8 @@ def forward(w: Weights, tokens, positions, segments, cache, logits_at=None):
     is not written). logits_at [B]: only the logits at these indices of T, [B, 1, V]
     (prefill needs the last token's only)."""
     c, ops = w.config, w.backend
-    x = jnp.take(w.embed, tokens, axis=0)
+    # An int8 table (llama_jax/quantize.py) dequantizes the rows it gives.
+    x = w.embed.rows(tokens) if hasattr(w.embed, "rows") else jnp.take(w.embed, tokens, axis=0)
     x, cache = model_lib.forward_layers(c, ops, w.layers, x, positions, segments, cache,
                                         remat=False)
     if logits_at is not None:

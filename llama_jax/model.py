@@ -133,6 +133,15 @@ class LayerCache(NamedTuple):
     slots: jax.Array
     mask: jax.Array
 
+    def write(self, k, v):
+        """Writes this call's k, v [B, T, K, H] at their slots: (this layer's keys and values
+        [B, S, K, H] after the write, the stacked (k, v)). Another cache layout (a paged one,
+        llama_jax/serve/paged.py) is a type with the same `write` and `mask`."""
+        where = (self.layer, jnp.arange(k.shape[0])[:, None], self.slots)
+        ck = self.k.at[where].set(k.astype(self.k.dtype), mode="drop")
+        cv = self.v.at[where].set(v.astype(self.v.dtype), mode="drop")
+        return ck[self.layer], cv[self.layer], (ck, cv)
+
 
 def self_attention(p: Params, x, positions, segment_ids, rope, ops: Backend,
                    cache: LayerCache | None = None):
@@ -146,12 +155,9 @@ def self_attention(p: Params, x, positions, segment_ids, rope, ops: Backend,
     if cache is None:
         out, new_kv = ops.attend(q, k, v, positions, segment_ids), None
     else:
-        where = (cache.layer, jnp.arange(x.shape[0])[:, None], cache.slots)
-        ck = cache.k.at[where].set(k.astype(cache.k.dtype), mode="drop")
-        cv = cache.v.at[where].set(v.astype(cache.v.dtype), mode="drop")
-        out = attention.dot_product_attention(q, ck[cache.layer].astype(x.dtype),
-                                              cv[cache.layer].astype(x.dtype), cache.mask)
-        new_kv = (ck, cv)
+        keys, values, new_kv = cache.write(k, v)
+        out = attention.dot_product_attention(q, keys.astype(x.dtype), values.astype(x.dtype),
+                                              cache.mask)
     return project("btnh,nhd->btd", out, p["wo"], ops), new_kv
 
 

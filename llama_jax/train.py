@@ -179,6 +179,10 @@ def run(config, workdir: str) -> TrainState:
     data have been checked. A workdir that cannot be resumed is refused (llama_jax.resume).
     """
     t_start = time.perf_counter()
+    if "://" in workdir:  # os.makedirs would make a local folder named "gs:" instead
+        raise ValueError(f"workdir {workdir} is a URL, but checkpoints are written with local "
+                         f"file operations (renames, checksums); mount the bucket (Cloud Storage "
+                         f"FUSE: gcsfuse) and pass the mounted path.")
     model_config = ModelConfig.from_dict(config.model.to_dict())
     check(config, model_config)
     mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options

@@ -2,7 +2,7 @@
 
     python experiments/train.py --config=experiments/configs/tiny.py --workdir=/tmp/tiny
     python experiments/train.py --config=experiments/configs/llama3_8b.py \
-        --workdir=gs://bucket/run --config.data.tokenizer=/path/tokenizer.model \
+        --workdir=/mnt/bucket/run --config.data.tokenizer=/path/tokenizer.model \
         --config.data.files='/data/*.jsonl' --config.optim.peak_lr=2e-4 --config.train.steps=1000
 
 Rerunning the same command resumes from the latest checkpoint in --workdir. Multi-host: run the

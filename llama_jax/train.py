@@ -187,6 +187,10 @@ def run(config, workdir: str) -> TrainState:
     data have been checked. A workdir that cannot be resumed is refused (llama_jax.resume).
     """
     t_start = time.perf_counter()
+    if "://" in workdir:  # os.makedirs would make a local folder named "gs:" instead
+        raise ValueError(f"workdir {workdir} is a URL, but checkpoints are written with local "
+                         f"file operations (renames, checksums); mount the bucket (Cloud Storage "
+                         f"FUSE: gcsfuse) and pass the mounted path.")
     posttrain_run.check(config)
     model_config = posttrain_run.model_config(config)  # post-training: init_from's architecture
     check(config, model_config)

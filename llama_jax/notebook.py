@@ -1,0 +1,185 @@
+"""What the notebooks (notebooks/*.ipynb) call beside the library: a small checkpoint when none
+is at hand, a memory check that names the setting to lower, streamed text, the loss and
+learning-rate curves of a run, pictures of array layouts over a mesh, and the planner's memory
+table for a TPU topology with or without libtpu.
+
+    path = notebook.checkpoint_or_small(CHECKPOINT, "/tmp/nb")   # "" builds a small one
+    notebook.check_fits(config, purpose="load", dtype="float32")  # MemoryError: what to lower
+    fig = notebook.plot_metrics(workdir)                          # loss, eval loss, lr by step
+
+Nothing here assumes a device kind: memory comes from the device's own statistics (GPU, TPU)
+or the host's available RAM (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+
+from llama_jax import checkpoint, config as config_lib, flops, io, tokenizer
+
+GiB = 2**30
+
+# A byte-level LLaMA of tiny.py:test's shape: what `checkpoint_or_small` builds.
+SMALL = config_lib.ModelConfig(name="small-bytes", vocab_size=259, dim=64, n_layers=2,
+                               n_heads=2, n_kv_heads=1, ffn_dim=192, max_seq_len=256,
+                               scan_layers=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# A checkpoint to load.
+
+
+def checkpoint_or_small(path: str, scratch: str) -> str:
+    """`path` if it is a checkpoint directory; "" builds a small random byte-level one (SMALL)
+    in scratch/small (once) and returns its path. A path that does not exist says how to get
+    either."""
+    if path:
+        if not os.path.isdir(path):
+            raise FileNotFoundError(
+                f"CHECKPOINT = {path!r} does not exist; set CHECKPOINT = '' to build a small "
+                f"random one in this notebook, or point it at a Hugging Face / Meta / llama_jax "
+                f"export directory (tools/convert_checkpoint.py makes one).")
+        io.detect_format(path)  # a directory that holds no checkpoint: one sentence now
+        return path
+    small = os.path.join(scratch, "small")
+    if not checkpoint.is_params_checkpoint(small):
+        from llama_jax import model
+        checkpoint.save_params(small, model.create(SMALL, 0), tokenizer_path=tokenizer.BYTE,
+                               overwrite=True)
+    return small
+
+
+def checkpoint_config(path: str) -> config_lib.ModelConfig:
+    """The ModelConfig of checkpoint directory `path`, read from its small files only."""
+    fmt = io.detect_format(path)
+    if fmt == "orbax":
+        return checkpoint.load_config(path)
+    if fmt == "hf":
+        return config_lib.load_hf_config(path)
+    from llama_jax import meta
+    return meta.MetaReader(path).config  # reads the shard headers, not the weights
+
+
+def load_tokenizer(path: str):
+    """The tokenizer stored with checkpoint `path` (a file beside it, or "byte"), else None."""
+    spec = io.tokenizer_file(path) or checkpoint.tokenizer_spec(path)
+    return tokenizer.load_tokenizer(spec) if spec else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: does the model fit this runtime, and if not, which setting to lower.
+
+
+def device_memory() -> tuple[float, str]:
+    """(bytes one device can hold, where the number comes from): the accelerator's own limit,
+    or on a CPU runtime the host memory available now."""
+    dev = jax.local_devices()[0]
+    stats = dev.memory_stats() if dev.platform != "cpu" else None
+    if stats and stats.get("bytes_limit"):
+        return float(stats["bytes_limit"]), f"{dev.device_kind} memory"
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return float(info["MemAvailable"].split()[0]) * 1024, "available host RAM"
+    except (OSError, KeyError):
+        pages = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return float(pages), "available host RAM"
+
+
+def bytes_needed(cfg: config_lib.ModelConfig, purpose: str, dtype: str = "float32",
+                 rows: int = 1, seq_len: int = 0) -> float:
+    """Rough bytes on one device: weights in `dtype` to load or decode; to train, f32 weights,
+    gradients and AdamW's two moments (16 bytes a parameter) plus the activations kept for the
+    backward pass (~34 values of D per token and layer without remat, Korthikanti et al. 2022),
+    the parameters and optimizer state split over the devices (FSDP)."""
+    n = flops.param_count(cfg)
+    if purpose in ("load", "decode"):
+        return n * np.dtype(dtype).itemsize
+    if purpose != "train":
+        raise ValueError(f"purpose {purpose!r} must be 'load', 'decode' or 'train'.")
+    devices = jax.device_count()
+    acts = 34 * rows * (seq_len or cfg.max_seq_len) * cfg.dim * cfg.n_layers * 2 / devices
+    return 16 * n / devices + acts
+
+
+LOWER = {"load": "DTYPE = 'bfloat16' halves the weights, or choose a smaller MODEL "
+                 "(e.g. 'llama3.2-1b')",
+         "decode": "DTYPE = 'bfloat16' halves the weights, or choose a smaller MODEL "
+                   "(e.g. 'llama3.2-1b')",
+         "train": "lower BATCH (rows per step) or SEQ_LEN, or choose a smaller MODEL"}
+
+
+def check_fits(cfg: config_lib.ModelConfig, purpose: str, dtype: str = "float32",
+               rows: int = 1, seq_len: int = 0, available: float | None = None) -> float:
+    """Raises MemoryError naming the setting to lower when `purpose` needs more than one device
+    of this runtime holds; returns the bytes needed otherwise. Checked before anything is
+    allocated, so a too-large model fails in a second rather than killing the kernel."""
+    need = bytes_needed(cfg, purpose, dtype, rows, seq_len)
+    have, what = (available, "the given memory") if available else device_memory()
+    if need > 0.9 * have:  # headroom for XLA's own buffers and the Python process
+        raise MemoryError(f"{cfg.name} needs about {need / GiB:.1f} GiB per device to {purpose} "
+                          f"but this runtime has {have / GiB:.1f} GiB ({what}); "
+                          f"{LOWER[purpose]}.")
+    return need
+
+
+# ----------------------------------------------------------------------------------------------
+# Text as it is generated.
+
+
+class TextStream:
+    """decode.generate's `stream` callback: prints row 0's text as it grows (a partial UTF-8
+    character is held back) and keeps the ids."""
+
+    def __init__(self, tok, stop_ids=(), out=None):
+        self.tok, self.stop_ids, self.ids, self.shown = tok, set(stop_ids), [], ""
+        self.out = out or sys.stdout
+
+    def __call__(self, step, tokens, lengths):
+        if lengths[0] == step and int(tokens[0]) not in self.stop_ids:
+            self.ids.append(int(tokens[0]))
+            text = self.tok.decode(self.ids).rstrip("\ufffd")
+            if text.startswith(self.shown):
+                self.out.write(text[len(self.shown):])
+                self.out.flush()
+                self.shown = text
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures.
+
+
+def read_metrics(workdir: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{metric: (steps, values)} from WORKDIR/metrics.jsonl (train lines and eval lines)."""
+    series: dict[str, tuple[list, list]] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            for key, value in row.items():
+                if key != "step":
+                    steps, values = series.setdefault(key, ([], []))
+                    steps.append(row["step"])
+                    values.append(value)
+    return {k: (np.array(s), np.array(v)) for k, (s, v) in series.items()}
+
+
+def plot_metrics(workdir: str):
+    """A matplotlib figure: training and held-out loss (nats per token), and the learning rate,
+    against the step."""
+    import matplotlib.pyplot as plt
+    m = read_metrics(workdir)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.5))
+    left.plot(*m["loss"], label="train")
+    if "eval_loss" in m:
+        left.plot(*m["eval_loss"], "o-", label="held-out")
+    left.set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+    left.legend()
+    right.plot(*m["lr"])
+    right.set(xlabel="step", ylabel="learning rate", title="warmup, then cosine")
+    fig.tight_layout()
+    return fig

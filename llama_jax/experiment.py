@@ -26,7 +26,7 @@ import os
 
 import ml_collections
 
-from llama_jax import data, optim, sharding
+from llama_jax import data, lora, optim, sharding
 from llama_jax.config import get_config as model_config
 
 # The fields a run fills in itself rather than reading from its section.
@@ -50,6 +50,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.data = section(data.DataConfig)  # the stdlib's source, bytes, 8 rows of 2,048
     c.optim = section(optim.OptimConfig)
     c.mesh = section(sharding.MeshConfig)  # data -1: every device not used by another axis
+    c.lora = section(lora.LoraConfig)  # rank 0: full training
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000  # also the end of the cosine schedule

@@ -93,11 +93,12 @@ def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | No
 
 def write_export(directory: str, config: ModelConfig, write_params, *,
                  files: dict[str, str] | None = None, overwrite: bool = False,
-                 tokenizer: str | None = None) -> str:
+                 tokenizer: str | None = None, extra: dict | None = None) -> str:
     """The params-only export around `write_params(path)`, which writes the Orbax pytree at
     `path` (collectively, on every process): config.json (with `tokenizer`, a spec of a
-    tokenizer that has no file, if given) and the carried files beside it, all in a temporary
-    directory renamed into place at the end."""
+    tokenizer that has no file, if given; and the keys of `extra`, e.g. a reward model's
+    "kind") and the carried files beside it, all in a temporary directory renamed into place
+    at the end."""
     directory = os.path.abspath(directory)
     if os.path.exists(directory) and not overwrite:
         raise FileExistsError(
@@ -119,7 +120,8 @@ def write_export(directory: str, config: ModelConfig, write_params, *,
         if primary:
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 json.dump({"format": FORMAT, "model": config.to_dict(),
-                           **({"tokenizer": tokenizer} if tokenizer else {})}, f, indent=2)
+                           **({"tokenizer": tokenizer} if tokenizer else {}), **(extra or {})},
+                          f, indent=2)
             for name, path in (files or {}).items():
                 shutil.copyfile(path, os.path.join(tmp, name))
             if os.path.exists(directory):
@@ -187,6 +189,11 @@ def load_params(directory: str, *, dtype=None, shardings=None, mesh=None,
             f"{directory} is not a llama_jax params checkpoint (no config.json with format "
             f"{FORMAT!r} and params/); write one with llama_jax.checkpoint.save_params.")
     saved = load_config(directory)
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        kind = json.load(f).get("kind")
+    if kind:  # llama_jax.reward's export: another parameter tree than a Llama's
+        raise ValueError(f"{directory} holds a {kind} model, not a language model; load it "
+                         f"with llama_jax.{kind}.load.")
     if config is not None and config.arch() != saved.arch():
         raise ValueError(f"config {config.name!r} does not match the checkpoint's architecture "
                          f"{saved.arch()}; use the saved config.")

@@ -1,7 +1,8 @@
 """The default corpus: documents from local text or JSONL files, as a TFDS dataset in array_record.
 
 Each record is one document, `{"text": bytes}` (UTF-8). A plain text file is one document; a
-`.jsonl`/`.json` file holds one JSON object per line and the document is its `jsonl_field`.
+`.jsonl`/`.json` file holds one JSON object per line and the document is its `jsonl_field`
+(with jsonl_field "", the whole line: chat_data's conversations, parsed and checked there).
 Documents that are empty or whitespace are left out. With no glob the corpus is the Python
 standard library's own `.py` sources (no tests, no site-packages): about 600 files, 11 MB, on
 any machine without a download.
@@ -150,6 +151,9 @@ def read_documents(path: str, root: str, jsonl_field: str) -> Iterator[tuple[str
             return
         for i, line in enumerate(f):
             if not line.strip():
+                continue
+            if not jsonl_field:  # "": the whole line, parsed by its reader (llama_jax.chat_data)
+                yield f"{rel}:{i + 1}", line.strip()
                 continue
             try:
                 text = json.loads(line)[jsonl_field]

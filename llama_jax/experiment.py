@@ -26,7 +26,7 @@ import os
 
 import ml_collections
 
-from llama_jax import data, lora, optim, sharding
+from llama_jax import data, lora, optim, posttrain, sharding
 from llama_jax.config import get_config as model_config
 
 # The fields a run fills in itself rather than reading from its section.
@@ -50,12 +50,15 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.data = section(data.DataConfig)  # the stdlib's source, bytes, 8 rows of 2,048
     c.optim = section(optim.OptimConfig)
     c.mesh = section(sharding.MeshConfig)  # data -1: every device not used by another axis
+    c.dpo = section(posttrain.DPOConfig)  # read when train.objective is "dpo"
     c.lora = section(lora.LoraConfig)  # rank 0: full training
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000  # also the end of the cosine schedule
     c.train.seed = 0  # parameter initialisation
     c.train.init_from = ""  # start from these weights (params export, HF or Meta directory)
+    # lm (pretraining), or post-training from init_from (llama_jax.posttrain): sft, dpo, reward
+    c.train.objective = "lm"
     c.train.z_loss = 0.0  # PaLM's log(Z)^2 coefficient (1e-4 there); 0 = off
     c.train.log_every = 10
     c.train.eval_every = 500  # 0 = never
@@ -104,3 +107,36 @@ def load(path: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg) if arg else module.get_config()
+
+
+def post_training(objective: str) -> ml_collections.ConfigDict:
+    """Post-training (sft, dpo, reward; llama_jax.posttrain) from --config.train.init_from.
+
+    The architecture and the tokenizer are the checkpoint's (posttrain_run.model_config):
+    config.model gives only execution options (bf16 compute over f32 master weights, full
+    remat). Learning rate 1e-5 as Llama 3's SFT and DPO (paper §4.1.3-4), unlocked."""
+    c = base("tiny")  # the architecture fields are replaced by the checkpoint's
+    c.model.update(dtype="bfloat16", remat="full", name="init_from")
+    c.train.objective = objective
+    c.data.tokenizer = ""  # "": the tokenizer.model of train.init_from
+    c.data.name = objective
+    c.data.seq_len, c.data.global_batch = 4096, 64
+    c.optim.peak_lr, c.optim.warmup_steps = 1e-5, 100
+    c.train.steps = 2000
+    c.train.log_every, c.train.checkpoint_every = 10, 500
+    c.train.sample_prompt = "Write a haiku about gradient descent."
+    c.train.sample_tokens = 64
+    if objective != "sft":  # preference pairs: no held-out evaluation yet
+        c.train.eval_every = 0
+    if objective == "reward":
+        c.train.sample_tokens = 0  # a reward model does not generate
+    return c
+
+
+def post_training_test(c: ml_collections.ConfigDict) -> None:
+    """Shrinks a post-training config to the seconds the tests train (`:test`)."""
+    c.model.update(dtype="float32", remat="none", scan_layers=False)
+    c.data.seq_len, c.data.global_batch = 48, 4
+    c.optim.peak_lr, c.optim.warmup_steps = 1e-3, 0
+    c.train.steps, c.train.log_every, c.train.checkpoint_every = 4, 1, 2
+    c.train.eval_every, c.train.sample_tokens = 0, 0

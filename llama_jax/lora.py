@@ -65,12 +65,16 @@ class LoraConfig:
         return names
 
 
-def check(cfg: LoraConfig) -> None:
+def check(cfg: LoraConfig, objective: str = "lm") -> None:
+    """One-sentence errors for the lora section of a run of train.objective `objective`."""
     if cfg.rank < 0 or (cfg.rank and cfg.alpha <= 0):
         raise ValueError(f"lora.rank {cfg.rank} must be >= 0 (0 = off) and lora.alpha "
                          f"{cfg.alpha} > 0.")
     if cfg.rank:
         cfg.target_names()
+    if cfg.rank and objective not in ("lm", "sft", "dpo"):
+        raise ValueError(f"lora.rank applies to the lm, sft and dpo objectives, not "
+                         f"{objective}; set --config.lora.rank=0.")
 
 
 class Adapter(nnx.Variable):
@@ -230,6 +234,15 @@ def init_adapters(model_config, cfg: LoraConfig) -> dict:
     """The pure dict of fresh adapters (A random, B zero) of cfg on model_config's model; the
     base initialisation is traced but unused (compiled away)."""
     return nnx.to_pure_dict(nnx.state(attach(model_lib.create(model_config), cfg), Adapter))
+
+
+def base_params(frozen: dict | None) -> dict | None:
+    """The base parameters in the frozen half of `training_split` (its scales dropped): with
+    the plain model's graphdef, the model with its adapters off (DPO's reference)."""
+    if frozen is None:
+        return None
+    return {k: base_params(v) if isinstance(v, dict) else v for k, v in frozen.items()
+            if not k.endswith(SUFFIX)}
 
 
 def frozen_values(abstract_frozen, base_params: dict, cfg: LoraConfig) -> dict:

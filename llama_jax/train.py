@@ -31,9 +31,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llama_jax import backends, checkpoint, data, decode, flops, io, lora, optim, resume
-from llama_jax import sharding
-from llama_jax import tokenizer_training, train_checkpoint
+from llama_jax import backends, checkpoint, data, decode, flops, io, lora, optim, posttrain
+from llama_jax import posttrain_run, resume, sharding, tokenizer_training, train_checkpoint
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 from llama_jax.metrics import MetricsWriter
@@ -70,6 +69,9 @@ class Step:
     # The backend's fused_update(cfg, axes) of the cfg `tx` was made from: the same update,
     # applied, in one pass per parameter; it returns None where it does not apply.
     fused_update: Callable | None = None
+    # Post-training (llama_jax.posttrain): fn(params, graphdef, batch) -> (loss, (tokens,
+    # metrics)) replacing loss_fn, one pass (no microbatches), its metrics logged with the loss.
+    objective: Callable | None = None
 
 
 def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
@@ -105,7 +107,18 @@ def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0, chunk: int = 0,
 def model_of(graphdef, params, frozen=None):
     """The model of the trained `params` and the `frozen` rest (None: params are all of it;
     with LoRA, params are the adapters and frozen the base, llama_jax.lora)."""
-    return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+    return nnx.merge(graphdef, combined(params, frozen))
+
+
+def combined(params: dict, frozen: dict | None) -> dict:
+    """One pure dict of the trained and the frozen parameters (disjoint leaves), the form an
+    objective (llama_jax.posttrain) merges with the graphdef."""
+    if frozen is None:
+        return params
+    out = dict(frozen)
+    for k, v in params.items():
+        out[k] = combined(v, frozen[k]) if isinstance(v, dict) and k in frozen else v
+    return out
 
 
 def _chunked_cross_entropy(unembed, x, targets, mask, chunk: int):
@@ -147,8 +160,14 @@ def train_step(state: TrainState, batch: Batch, s: Step, frozen=None
                ) -> tuple[TrainState, dict]:
     """One optimizer update on the token-weighted mean loss of `batch`; skips non-finite ones.
     `frozen` (not donated, not updated): the untrained rest of the model (`model_of`)."""
-    (loss, n), grads = optim.accumulate_gradients(_loss_and_grad(s, frozen), state.params,
-                                                  batch, s.microbatches)
+    extra = {}
+    if s.objective is not None:
+        objective = lambda p, g, b: s.objective(combined(p, frozen), g, b)  # noqa: E731
+        (loss, (n, extra)), grads = jax.value_and_grad(objective, has_aux=True)(
+            state.params, s.graphdef, batch)
+    else:
+        (loss, n), grads = optim.accumulate_gradients(_loss_and_grad(s, frozen), state.params,
+                                                      batch, s.microbatches)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     fused = s.fused_update and s.fused_update(grads, grad_norm, ok, state.opt_state,
@@ -165,7 +184,7 @@ def train_step(state: TrainState, batch: Batch, s: Step, frozen=None
     new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                      skipped=state.skipped + bad, bad_streak=(state.bad_streak + 1) * bad)
     metrics = dict(loss=loss, grad_norm=grad_norm, lr=s.schedule(state.step - state.skipped),
-                   tokens=n, skipped=bad, bad_streak=new.bad_streak)
+                   tokens=n, skipped=bad, bad_streak=new.bad_streak, **extra)
     return new, metrics
 
 
@@ -190,30 +209,36 @@ def run(config, workdir: str) -> TrainState:
     data have been checked. A workdir that cannot be resumed is refused (llama_jax.resume).
     """
     t_start = time.perf_counter()
-    model_config = ModelConfig.from_dict(config.model.to_dict())
+    posttrain_run.check(config)
+    model_config = posttrain_run.model_config(config)  # post-training: init_from's architecture
     check(config, model_config)
+    posttrain_run.check_reference(config, model_config)
     mc = sharding.from_config(config.mesh)  # (data, pipeline, context, tensor) + options
     mesh = sharding.make_mesh(mc)
     sharding.check(mc, mesh, model_config, config.data.seq_len, config.data.global_batch)
     why_restart = resume.check_workdir(workdir, config, model_config)  # with train.restart
     _print(describe_run(config, model_config, workdir))
-    tokenizer, tokenizer_file = make_tokenizer(config.data.tokenizer, workdir, config.data)
+    tokenizer, tokenizer_file = make_tokenizer(posttrain_run.tokenizer_spec(config), workdir,
+                                               config.data)
     check_tokenizer(tokenizer, model_config)
+    posttrain_run.check_data(config, tokenizer)  # chat data: bad examples logged, all bad: error
     dcfg = data_config(config.data)
     shard = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                  max_seq_len=model_config.max_seq_len)
-    train_iter = iter(data.make_dataset(dcfg, tokenizer, split="train", **shard))
-    val_ds = data.make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
+    make_dataset = posttrain_run.dataset_fn(config)
+    train_iter = iter(make_dataset(dcfg, tokenizer, split="train", **shard))
+    val_ds = make_dataset(dcfg, tokenizer, split="validation", prefetch=0, **shard)
 
     backend, parallel = sharding.execution(mesh, mc)
+    base_model = posttrain_run.abstract_model(config)(model_config, backend, parallel)
     lcfg = lora.LoraConfig(**config.lora)  # rank 0: every parameter trains, nothing is frozen
-    graphdef, abstract_params, abstract_frozen = lora.training_split(
-        abstract(model_config, backend, parallel), lcfg)
+    graphdef, abstract_params, abstract_frozen = lora.training_split(base_model, lcfg)
     ocfg = optim_config(config)
     tx = optim.make_optimizer(ocfg, abstract_params)
     fused = backend.fused_update and backend.fused_update(ocfg, abstract_params)
     s = Step(graphdef, tx, optim.make_schedule(ocfg), z_loss=config.train.z_loss,
-             microbatches=config.optim.accumulation_steps, fused_update=fused)
+             microbatches=config.optim.accumulation_steps, fused_update=fused,
+             objective=posttrain.objective(config))
     ckpt = train_checkpoint.Manager(
         workdir, model_config, save_every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints, tokenizer_file=tokenizer_file,
@@ -229,6 +254,10 @@ def run(config, workdir: str) -> TrainState:
     step_fn = sharding.jit_step(lambda st, b, *fr: train_step.__wrapped__(st, b, s, *fr), mesh,
                                 mc, state, abstract_params, frozen=frozen,
                                 frozen_axes=abstract_frozen)
+    reference = posttrain_run.reference_fn(config, model_config, *nnx.split(base_model, nnx.Param),
+                                           mesh, mc, base=lora.base_params(frozen))
+    if reference:  # DPO: the frozen reference's log-probs join each batch
+        step_fn = posttrain.with_reference(step_fn, reference)
     put = sharding.array_putter(mesh)
     writer = MetricsWriter(
         workdir, total_steps=config.train.steps, start_step=start,
@@ -267,7 +296,8 @@ def _initial_state(config, ckpt, train_iter, model_config, tx, built, mesh, mc,
         return sharding.init_sharded(lambda: init_state(lora.init_adapters(
             model_config, lora.LoraConfig(**config.lora)), tx), mesh, mc, abstract_params), 0
     if config.train.init_from:  # continued pretraining, fine-tuning
-        return init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params), 0
+        return init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params,
+                         adapt=posttrain_run.adapt_params(config, model_config)), 0
     return sharding.init_sharded(  # every device creates only its own shards
         lambda: init_state(init_params(model_config, config.train.seed), tx), mesh, mc,
         abstract_params), 0
@@ -290,13 +320,15 @@ def init_params(model_config: ModelConfig, seed: int):
     return nnx.to_pure_dict(nnx.state(create(model_config, seed), nnx.Param))
 
 
-def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_params) -> TrainState:
+def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_params,
+              adapt: Callable[[dict], dict] | None = None) -> TrainState:
     """A fresh TrainState (step 0, new optimizer state) around the weights of any checkpoint
     `llama_jax.load` reads (params export, Hugging Face, Meta), placed by the mesh rules.
 
     The checkpoint's architecture must equal `model_config`'s; execution options (dtypes,
-    remat, scan, max_seq_len) are the run's. A resumed run ignores it: the workdir wins."""
-    params = load_params(path, model_config, mesh, mc, abstract_params)
+    remat, scan, max_seq_len) are the run's. A resumed run ignores it: the workdir wins.
+    `adapt` maps the loaded parameter dict to the trained one (a reward model's head)."""
+    params = load_params(path, model_config, mesh, mc, abstract_params, adapt)
     shardings = sharding.state_shardings(
         jax.eval_shape(lambda p: init_state(p, tx), params), abstract_params, mesh, mc.fsdp)
     with jax.set_mesh(mesh):
@@ -304,7 +336,8 @@ def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_param
                        donate_argnums=0)(params)
 
 
-def load_params(path: str, model_config: ModelConfig, mesh, mc, axes) -> Any:
+def load_params(path: str, model_config: ModelConfig, mesh, mc, axes,
+                adapt: Callable[[dict], dict] | None = None) -> Any:
     """The parameters of checkpoint `path` (`init_from`'s checks), placed by the mesh rules."""
     exec_opts = dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype,
                      scan_layers=model_config.scan_layers, remat=model_config.remat,
@@ -317,6 +350,7 @@ def load_params(path: str, model_config: ModelConfig, mesh, mc, axes) -> Any:
                          f"({'; '.join(diff)}); use the matching model preset or overrides.")
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     del model
+    params = adapt(params) if adapt else params
     return jax.device_put(params, sharding.state_shardings(params, axes, mesh, mc.fsdp))
 
 
@@ -392,11 +426,11 @@ def _finish(config, workdir, model, tokenizer, tokenizer_file):
                               base_model=config.train.init_from, overwrite=True)
         _print(f"Exported the LoRA adapters to {path} (PEFT's layout).")
         model = lora.merge(model)
-    path = checkpoint.save_params(os.path.join(workdir, "export"), model,
-                                  tokenizer_path=tokenizer_file, overwrite=True)
+    path = posttrain_run.save(config)(os.path.join(workdir, "export"), model,
+                                      tokenizer_path=tokenizer_file, overwrite=True)
     _print(f"Exported parameters to {path}.")
-    if config.train.sample_tokens:
-        prompt = tokenizer.encode(config.train.sample_prompt, bos=True, eos=False)
+    if config.train.sample_tokens and config.train.objective != "reward":
+        prompt = posttrain_run.sample_prompt(config, tokenizer)
         # Nucleus sampling rather than greedy: a small model's greedy output falls into a
         # repetition loop (e.g. a run of underscores) that hides what it has learnt.
         params = SamplingParams(temperature=config.train.sample_temperature, top_p=0.95)
@@ -490,7 +524,7 @@ MINIMUM = {
 
 def check(config, model_config: ModelConfig) -> None:
     """One-sentence errors for a config that cannot train, raised before anything compiles."""
-    lora.check(lora.LoraConfig(**config.lora))
+    lora.check(lora.LoraConfig(**config.lora), config.train.objective)
     for key, (least, meaning) in MINIMUM.items():
         section, field = key.split(".")
         if config[section][field] < least:

@@ -31,17 +31,19 @@ def _tokens(vocab, shape=(2, 24)):
 def test_adapters_start_as_the_base_and_merge_exactly():
     """B = 0 leaves the model unchanged; with B random, merge (W + s·A·B) equals the two-path
     product and base() is the model before the adapters."""
-    m = llama_jax.create(_model_config().replace(scan_layers=True), seed=1)
+    c = _model_config().replace(scan_layers=True)
+    m = hf.from_params(c, train.init_params(c, 1))
     tokens = jnp.asarray(_tokens(m.config.vocab_size))
-    before = np.asarray(m(tokens))
+    logits = nnx.jit(lambda model, x: model(x))
+    before = np.asarray(logits(m, tokens))
     lora.attach(m, lora.LoraConfig(rank=RANK, alpha=ALPHA))
-    np.testing.assert_array_equal(np.asarray(m(tokens)), before)
+    np.testing.assert_array_equal(np.asarray(logits(m, tokens)), before)
     for i, adapter in enumerate(lora.adapters_of(m).values()):
         adapter.b[...] = 0.1 * jax.random.normal(jax.random.key(i), adapter.b.shape)
-    adapted = np.asarray(m(tokens))
+    adapted = np.asarray(logits(m, tokens))
     assert np.abs(adapted - before).max() > 0.1
-    np.testing.assert_allclose(np.asarray(lora.merge(m)(tokens)), adapted, atol=2e-5)
-    np.testing.assert_array_equal(np.asarray(lora.base(m)(tokens)), before)
+    np.testing.assert_allclose(np.asarray(logits(lora.merge(m), tokens)), adapted, atol=2e-5)
+    np.testing.assert_array_equal(np.asarray(logits(lora.base(m), tokens)), before)
     assert not lora.adapters_of(lora.merge(m)) and not lora.adapters_of(lora.base(m))
 
 

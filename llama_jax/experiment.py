@@ -26,7 +26,7 @@ import os
 
 import ml_collections
 
-from llama_jax import data, optim, posttrain, sharding
+from llama_jax import data, lora, optim, posttrain, sharding
 from llama_jax.config import get_config as model_config
 
 # The fields a run fills in itself rather than reading from its section.
@@ -51,6 +51,7 @@ def base(model: str) -> ml_collections.ConfigDict:
     c.optim = section(optim.OptimConfig)
     c.mesh = section(sharding.MeshConfig)  # data -1: every device not used by another axis
     c.dpo = section(posttrain.DPOConfig)  # read when train.objective is "dpo"
+    c.lora = section(lora.LoraConfig)  # rank 0: full training
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 10_000  # also the end of the cosine schedule

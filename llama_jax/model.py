@@ -73,13 +73,28 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init=_INIT) -> nnx.Param:
 # swaps a piece in, that piece equals the plain form written here.
 
 
-def project(spec: str, x: jax.Array, w, ops: Backend, out_dtype=None) -> jax.Array:
+def project(spec: str, x: jax.Array, w, ops: Backend, out_dtype=None, lora=None) -> jax.Array:
     """A weight product einsum(spec, x, w) in x's (compute) dtype with float32 accumulation,
-    rounded once to out_dtype (default x's dtype); f32 master weights are cast first."""
+    rounded once to out_dtype (default x's dtype); f32 master weights are cast first.
+    lora = {a [*in, R], b [R, *out], scale} (llama_jax.lora) adds scale·(x·a)·b."""
     if ops.einsum is not None:
-        return ops.einsum(spec, x, w, out_dtype)
-    y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+        y = ops.einsum(spec, x, w, out_dtype)
+    else:
+        y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = y.astype(out_dtype or x.dtype)
+    return y if lora is None else y + _low_rank(spec, x, lora).astype(y.dtype)
+
+
+def _low_rank(spec: str, x, lora) -> jax.Array:
+    """scale·(x·a)·b with the letters of `spec`: a takes w's contracted dims, b its others."""
+    (xs, ws), out = spec.split("->")[0].split(","), spec.split("->")[1]
+    ins, outs = "".join(c for c in ws if c in xs), "".join(c for c in ws if c not in xs)
+    rows = "".join(c for c in xs if c not in ws)  # B, T or "..."
+    xa = jnp.einsum(f"{xs},{ins}r->{rows}r", x, lora["a"].astype(x.dtype),
+                    preferred_element_type=jnp.float32).astype(x.dtype)
+    y = jnp.einsum(f"{rows}r,r{outs}->{out}", xa, lora["b"].astype(x.dtype),
+                   preferred_element_type=jnp.float32)
+    return y * lora["scale"]
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float, ops: Backend) -> jax.Array:
@@ -148,9 +163,9 @@ def self_attention(p: Params, x, positions, segment_ids, rope, ops: Backend,
     """Grouped-query attention of x [B, T, D]: ([B, T, D], (k, v) with this call's keys
     written, or None). Without a cache the keys are this call's tokens (ops.attend); with one,
     k/v go to their slots of layer `cache.layer` and the queries attend over all slots."""
-    q = project("btd,dnh->btnh", x, p["wq"], ops)
-    k = project("btd,dkh->btkh", x, p["wk"], ops)
-    v = project("btd,dkh->btkh", x, p["wv"], ops)
+    q = project("btd,dnh->btnh", x, p["wq"], ops, lora=p.get("wq_lora"))
+    k = project("btd,dkh->btkh", x, p["wk"], ops, lora=p.get("wk_lora"))
+    v = project("btd,dkh->btkh", x, p["wv"], ops, lora=p.get("wv_lora"))
     q, k = apply_rope(q, rope), apply_rope(k, rope)
     if cache is None:
         out, new_kv = ops.attend(q, k, v, positions, segment_ids), None
@@ -158,17 +173,17 @@ def self_attention(p: Params, x, positions, segment_ids, rope, ops: Backend,
         keys, values, new_kv = cache.write(k, v)
         out = attention.dot_product_attention(q, keys.astype(x.dtype), values.astype(x.dtype),
                                               cache.mask)
-    return project("btnh,nhd->btd", out, p["wo"], ops), new_kv
+    return project("btnh,nhd->btd", out, p["wo"], ops, lora=p.get("wo_lora")), new_kv
 
 
 def mlp(p: Params, x, ops: Backend):
     """SwiGLU: down(silu(x · w_gate) * (x · w_up)), x [B, T, D]."""
-    if ops.swiglu is not None:
+    if ops.swiglu is not None and "w_gate_lora" not in p and "w_up_lora" not in p:
         h = ops.swiglu(x, p["w_gate"], p["w_up"])
     else:
-        h = (jax.nn.silu(project("btd,df->btf", x, p["w_gate"], ops))
-             * project("btd,df->btf", x, p["w_up"], ops))
-    return project("btf,fd->btd", h, p["w_down"], ops)
+        h = (jax.nn.silu(project("btd,df->btf", x, p["w_gate"], ops, lora=p.get("w_gate_lora")))
+             * project("btd,df->btf", x, p["w_up"], ops, lora=p.get("w_up_lora")))
+    return project("btf,fd->btd", h, p["w_down"], ops, lora=p.get("w_down_lora"))
 
 
 def block(p: Params, x, positions, segment_ids, rope, ops: Backend, eps: float,

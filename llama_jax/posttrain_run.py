@@ -130,17 +130,23 @@ def adapt_params(config, model_config: ModelConfig) -> Callable[[dict], dict]:
     return lambda params: reward.from_lm(params, model_config, config.train.seed)
 
 
-def reference_fn(config, model_config: ModelConfig, graphdef, abstract_params, mesh, mc):
+def reference_fn(config, model_config: ModelConfig, graphdef, abstract_params, mesh, mc,
+                 base: dict | None = None):
     """batch -> ref_logprobs [B, T] for DPO: dpo.reference's weights, or train.init_from's,
-    loaded once, frozen, placed as the policy's; None for other objectives."""
+    loaded once, frozen, placed as the policy's; None for other objectives. `base`: with LoRA,
+    the frozen base parameters, which are the reference when dpo.reference is unset (the
+    policy with its adapters off; no second copy)."""
     if config.train.objective != "dpo":
         return None
-    path = config.dpo.reference or config.train.init_from
-    loaded = io.load(path, **{k: getattr(model_config, k) for k in EXEC_OPTIONS})
-    params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
-    del loaded
-    shardings = sharding.state_shardings(params, abstract_params, mesh, mc.fsdp)
-    params = jax.device_put(params, shardings)
+    if base is not None and not config.dpo.reference:
+        params = base
+    else:
+        path = config.dpo.reference or config.train.init_from
+        loaded = io.load(path, **{k: getattr(model_config, k) for k in EXEC_OPTIONS})
+        params = nnx.to_pure_dict(nnx.state(loaded, nnx.Param))
+        del loaded
+        shardings = sharding.state_shardings(params, abstract_params, mesh, mc.fsdp)
+        params = jax.device_put(params, shardings)
     with jax.set_mesh(mesh):
         fn = posttrain.reference(graphdef, params)
     return lambda batch: _under(mesh, fn, batch)

@@ -56,6 +56,7 @@ RULES: dict[str, tuple[str, ...]] = {
     "mlp": ("tensor",),        # column-parallel w_gate / w_up, row-parallel w_down
     "layers": ("pipeline",),   # the stacked L axis: one slice of layers per stage
     "norm": (),
+    "lora_rank": (),           # LoRA's R (llama_jax.lora): a handful of columns, replicated
 }
 
 
@@ -348,12 +349,21 @@ def init_sharded(init_fn: Callable[[], Any], mesh: Mesh, mc: MeshConfig, axes: A
 
 
 def jit_step(step_fn: Callable, mesh: Mesh, mc: MeshConfig, state: Any, axes: Any,
-             donate: bool = True) -> Callable:
+             donate: bool = True, frozen: Any = None, frozen_axes: Any = None) -> Callable:
     """jit of the pure step_fn(state, batch) -> (state, metrics) with the state placed by the
     rules and the batch by batch_sharding; the step's model should run as `execution` says
     for this mesh. `state` may be abstract (ShapeDtypeStructs). Call it under
-    `jax.set_mesh(mesh)`."""
+    `jax.set_mesh(mesh)`. Arrays the step reads but never changes (`frozen`: a LoRA base,
+    placed by the rules with `frozen_axes`) go to step_fn(state, batch, frozen), not donated.
+    """
     shardings = state_shardings(state, axes, mesh, mc.fsdp)
-    return jax.jit(step_fn, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, NamedSharding(mesh, P())),
+    ins = (shardings, batch_sharding(mesh))
+    if frozen is not None:
+        ins += (state_shardings(frozen, frozen_axes, mesh, mc.fsdp),)
+    step = jax.jit(step_fn, in_shardings=ins, out_shardings=(shardings, NamedSharding(mesh, P())),
                    donate_argnums=(0,) if donate else ())
+    return step if frozen is None else functools.partial(_with_frozen, step, frozen)
+
+
+def _with_frozen(step, frozen, state, batch):
+    return step(state, batch, frozen)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from llama_jax import backends, checkpoint, data, decode, evaluation, flops, io, optim, posttrain
+from llama_jax import backends, checkpoint, data, decode, evaluation, flops, io, lora, optim
+from llama_jax import posttrain
 from llama_jax import posttrain_run, resume, sharding, tokenizer_training, train_checkpoint
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
@@ -83,7 +84,8 @@ def init_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
 LOSS_TOKENS = 1024  # tokens per row projected to logits at once in loss_fn
 
 
-def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0, chunk: int = 0):
+def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0, chunk: int = 0,
+            frozen=None):
     """Summed (not averaged) masked loss and (sum of cross-entropy, token count).
 
     Sums rather than means so that microbatches and data-parallel shards combine by addition
@@ -92,14 +94,32 @@ def loss_fn(params, graphdef, batch: Batch, z_loss: float = 0.0, chunk: int = 0)
     The [B, T, V] float32 logits never exist whole (at 128k vocabulary they outweigh the
     model's activations): the final-norm outputs are projected `chunk` tokens per row at a time
     (0 = LOSS_TOKENS) under remat, so the backward pass recomputes one chunk's logits at a time.
+    `frozen`: the state the model also needs but that is not trained (`model_of`).
     """
-    model = nnx.merge(graphdef, params)
+    model = model_of(graphdef, params, frozen)
     x = model.hidden(batch["inputs"], batch["positions"], batch["segment_ids"])  # [B, T, D]
     mask = batch["loss_mask"].astype(jnp.float32)
     ce, z = _chunked_cross_entropy(model.unembed, x, batch["targets"], mask,
                                    chunk or LOSS_TOKENS)
     total = ce + z_loss * z if z_loss else ce
     return total, (ce, jnp.sum(mask))
+
+
+def model_of(graphdef, params, frozen=None):
+    """The model of the trained `params` and the `frozen` rest (None: params are all of it;
+    with LoRA, params are the adapters and frozen the base, llama_jax.lora)."""
+    return nnx.merge(graphdef, combined(params, frozen))
+
+
+def combined(params: dict, frozen: dict | None) -> dict:
+    """One pure dict of the trained and the frozen parameters (disjoint leaves), the form an
+    objective (llama_jax.posttrain) merges with the graphdef."""
+    if frozen is None:
+        return params
+    out = dict(frozen)
+    for k, v in params.items():
+        out[k] = combined(v, frozen[k]) if isinstance(v, dict) and k in frozen else v
+    return out
 
 
 def _chunked_cross_entropy(unembed, x, targets, mask, chunk: int):
@@ -125,27 +145,30 @@ def _chunked_cross_entropy(unembed, x, targets, mask, chunk: int):
     return jnp.sum(ce), jnp.sum(z)
 
 
-def _loss_and_grad(s: Step):
+def _loss_and_grad(s: Step, frozen=None):
     """(params, batch) -> ((cross-entropy sum, tokens), grads of the summed loss with z-loss),
     the form optim.accumulate_gradients weights by tokens."""
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def fn(params, batch):
-        (_, (ce, n)), grads = grad_fn(params, s.graphdef, batch, s.z_loss)
+        (_, (ce, n)), grads = grad_fn(params, s.graphdef, batch, s.z_loss, frozen=frozen)
         return (ce, n), grads
     return fn
 
 
 @functools.partial(jax.jit, static_argnums=(2,), donate_argnums=(0,))
-def train_step(state: TrainState, batch: Batch, s: Step) -> tuple[TrainState, dict]:
-    """One optimizer update on the token-weighted mean loss of `batch`; skips non-finite ones."""
+def train_step(state: TrainState, batch: Batch, s: Step, frozen=None
+               ) -> tuple[TrainState, dict]:
+    """One optimizer update on the token-weighted mean loss of `batch`; skips non-finite ones.
+    `frozen` (not donated, not updated): the untrained rest of the model (`model_of`)."""
     extra = {}
     if s.objective is not None:
-        (loss, (n, extra)), grads = jax.value_and_grad(s.objective, has_aux=True)(
+        objective = lambda p, g, b: s.objective(combined(p, frozen), g, b)  # noqa: E731
+        (loss, (n, extra)), grads = jax.value_and_grad(objective, has_aux=True)(
             state.params, s.graphdef, batch)
     else:
-        (loss, n), grads = optim.accumulate_gradients(_loss_and_grad(s), state.params, batch,
-                                                      s.microbatches)
+        (loss, n), grads = optim.accumulate_gradients(_loss_and_grad(s, frozen), state.params,
+                                                      batch, s.microbatches)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     fused = s.fused_update and s.fused_update(grads, grad_norm, ok, state.opt_state,
@@ -167,9 +190,9 @@ def train_step(state: TrainState, batch: Batch, s: Step) -> tuple[TrainState, di
 
 
 @functools.partial(jax.jit, static_argnums=(2,))
-def eval_step(params, batch: Batch, graphdef) -> tuple[jax.Array, jax.Array]:
+def eval_step(params, batch: Batch, graphdef, frozen=None) -> tuple[jax.Array, jax.Array]:
     """(sum of cross-entropy, token count) over the loss-masked tokens of `batch`."""
-    _, (ce, n) = loss_fn(params, graphdef, batch)
+    _, (ce, n) = loss_fn(params, graphdef, batch, frozen=frozen)
     return ce, n
 
 
@@ -215,8 +238,9 @@ def run(config, workdir: str) -> TrainState:
         max_tokens=config.train.eval_batches * dcfg.global_batch * dcfg.seq_len)
 
     backend, parallel = sharding.execution(mesh, mc)
-    graphdef, abstract_params = nnx.split(
-        posttrain_run.abstract_model(config)(model_config, backend, parallel), nnx.Param)
+    base_model = posttrain_run.abstract_model(config)(model_config, backend, parallel)
+    lcfg = lora.LoraConfig(**config.lora)  # rank 0: every parameter trains, nothing is frozen
+    graphdef, abstract_params, abstract_frozen = lora.training_split(base_model, lcfg)
     ocfg = optim_config(config)
     tx = optim.make_optimizer(ocfg, abstract_params)
     fused = backend.fused_update and backend.fused_update(ocfg, abstract_params)
@@ -233,10 +257,13 @@ def run(config, workdir: str) -> TrainState:
         ckpt.start_over(why_restart)
     state, start = _initial_state(config, ckpt, train_iter, model_config, tx, built, mesh, mc,
                                   abstract_params)
-    step_fn = sharding.jit_step(lambda st, b: train_step.__wrapped__(st, b, s), mesh, mc,
-                                state, abstract_params)
-    reference = posttrain_run.reference_fn(config, model_config, graphdef, abstract_params, mesh,
-                                           mc)
+    frozen = None if abstract_frozen is None else lora.frozen_values(
+        abstract_frozen, _base_params(config, model_config, mesh, mc), lcfg)
+    step_fn = sharding.jit_step(lambda st, b, *fr: train_step.__wrapped__(st, b, s, *fr), mesh,
+                                mc, state, abstract_params, frozen=frozen,
+                                frozen_axes=abstract_frozen)
+    reference = posttrain_run.reference_fn(config, model_config, *nnx.split(base_model, nnx.Param),
+                                           mesh, mc, base=lora.base_params(frozen))
     if reference:  # DPO: the frozen reference's log-probs join each batch
         step_fn = posttrain.with_reference(step_fn, reference)
     put = sharding.array_putter(mesh)
@@ -246,10 +273,11 @@ def run(config, workdir: str) -> TrainState:
         peak_tflops=flops.device_peak_tflops(cpu_peak_tflops=config.train.cpu_peak_tflops))
     def evaluate(params) -> dict[str, float]:
         held_out = evaluation.results(
-            eval_sets, lambda b: eval_step(params, jax.tree.map(put, b), graphdef),
+            eval_sets, lambda b: eval_step(params, jax.tree.map(put, b), graphdef, frozen),
             process_index=jax.process_index(), process_count=jax.process_count())
         return {"eval_loss": _evaluate(params, graphdef=graphdef, ds=val_ds, put=put,
-                                       n_batches=config.train.eval_batches), **held_out}
+                                       n_batches=config.train.eval_batches, frozen=frozen),
+                **held_out}
     try:
         state = _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, start)
     finally:
@@ -257,7 +285,8 @@ def run(config, workdir: str) -> TrainState:
         writer.close()
     if int(state.step) >= config.train.steps:
         _print(f"Trained {config.train.steps} steps in {time.perf_counter() - t_start:.0f}s.")
-        _finish(config, workdir, nnx.merge(graphdef, state.params), tokenizer, tokenizer_file)
+        _finish(config, workdir, model_of(graphdef, state.params, frozen), tokenizer,
+                tokenizer_file)
     return state
 
 
@@ -276,12 +305,25 @@ def _initial_state(config, ckpt, train_iter, model_config, tx, built, mesh, mc,
             _print(f"Resumed from step {restored.step} in {ckpt.directory}.")
             return restored.state, restored.step
         ckpt.start_over(resume.no_restorable_step(ckpt, restored.skipped, config))
+    if config.lora.rank:  # the adapters train; the base (`_base_params`) is frozen
+        return sharding.init_sharded(lambda: init_state(lora.init_adapters(
+            model_config, lora.LoraConfig(**config.lora)), tx), mesh, mc, abstract_params), 0
     if config.train.init_from:  # continued pretraining, fine-tuning
         return init_from(config.train.init_from, model_config, tx, mesh, mc, abstract_params,
                          adapt=posttrain_run.adapt_params(config, model_config)), 0
     return sharding.init_sharded(  # every device creates only its own shards
         lambda: init_state(init_params(model_config, config.train.seed), tx), mesh, mc,
         abstract_params), 0
+
+
+def _base_params(config, model_config: ModelConfig, mesh, mc):
+    """The base parameters LoRA adapts (train.init_from, else the seed's), placed by the rules.
+    """
+    axes = nnx.state(abstract(model_config), nnx.Param)
+    if config.train.init_from:
+        return load_params(config.train.init_from, model_config, mesh, mc, axes)
+    return sharding.init_sharded(lambda: init_params(model_config, config.train.seed), mesh, mc,
+                                 axes)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -299,6 +341,17 @@ def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_param
     The checkpoint's architecture must equal `model_config`'s; execution options (dtypes,
     remat, scan, max_seq_len) are the run's. A resumed run ignores it: the workdir wins.
     `adapt` maps the loaded parameter dict to the trained one (a reward model's head)."""
+    params = load_params(path, model_config, mesh, mc, abstract_params, adapt)
+    shardings = sharding.state_shardings(
+        jax.eval_shape(lambda p: init_state(p, tx), params), abstract_params, mesh, mc.fsdp)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda p: init_state(p, tx), out_shardings=shardings,
+                       donate_argnums=0)(params)
+
+
+def load_params(path: str, model_config: ModelConfig, mesh, mc, axes,
+                adapt: Callable[[dict], dict] | None = None) -> Any:
+    """The parameters of checkpoint `path` (`init_from`'s checks), placed by the mesh rules."""
     exec_opts = dict(param_dtype=model_config.param_dtype, dtype=model_config.dtype,
                      scan_layers=model_config.scan_layers, remat=model_config.remat,
                      max_seq_len=model_config.max_seq_len)
@@ -311,12 +364,7 @@ def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_param
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     del model
     params = adapt(params) if adapt else params
-    shardings = sharding.state_shardings(
-        jax.eval_shape(lambda p: init_state(p, tx), params), abstract_params, mesh, mc.fsdp)
-    params = jax.device_put(params, shardings.params)
-    with jax.set_mesh(mesh):
-        return jax.jit(lambda p: init_state(p, tx), out_shardings=shardings,
-                       donate_argnums=0)(params)
+    return jax.device_put(params, sharding.state_shardings(params, axes, mesh, mc.fsdp))
 
 
 def _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, step):
@@ -369,21 +417,27 @@ def _report(config, writer, step, metrics, tokens_per_step):
         writer.train(step, metrics, tokens_per_step=tokens_per_step)
 
 
-def _evaluate(params, *, graphdef, ds, put, n_batches) -> float:
+def _evaluate(params, *, graphdef, ds, put, n_batches, frozen=None) -> float:
     """Mean cross-entropy over the first n_batches of the held-out split (the same each time)."""
     ce, n = 0.0, 0.0
     for batch in itertools.islice(iter(ds), n_batches):
-        c, k = eval_step(params, jax.tree.map(put, batch), graphdef)
+        c, k = eval_step(params, jax.tree.map(put, batch), graphdef, frozen)
         ce, n = ce + float(c), n + float(k)
     return ce / max(n, 1.0)
 
 
 def _finish(config, workdir, model, tokenizer, tokenizer_file):
-    """Params-only export to workdir/export, and a sample from the trained model.
+    """Params-only export to workdir/export, and a sample from the trained model. With LoRA
+    the export holds the merged weights and workdir/adapter the adapters in PEFT's layout.
 
     Every process takes part (the export is a collective Orbax save); process 0 prints."""
     if isinstance(tokenizer, tokenizer_lib.ByteTokenizer):  # no file: the export records it
         tokenizer_file = tokenizer_lib.BYTE
+    if lora.adapters_of(model):
+        path = lora.save_peft(os.path.join(workdir, "adapter"), model,
+                              base_model=config.train.init_from, overwrite=True)
+        _print(f"Exported the LoRA adapters to {path} (PEFT's layout).")
+        model = lora.merge(model)
     path = posttrain_run.save(config)(os.path.join(workdir, "export"), model,
                                       tokenizer_path=tokenizer_file, overwrite=True)
     _print(f"Exported parameters to {path}.")
@@ -482,6 +536,7 @@ MINIMUM = {
 
 def check(config, model_config: ModelConfig) -> None:
     """One-sentence errors for a config that cannot train, raised before anything compiles."""
+    lora.check(lora.LoraConfig(**config.lora), config.train.objective)
     for key, (least, meaning) in MINIMUM.items():
         section, field = key.split(".")
         if config[section][field] < least:

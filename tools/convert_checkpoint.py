@@ -246,6 +246,18 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
             model_parallel: int = 1, overwrite: bool = False, embedding_split=None,
             mesh: str | None = None) -> str:
     """Converts checkpoint directory `src` to format `to` in `dst`; returns dst."""
+    check_output(dst, to=to, dtype=dtype, model_parallel=model_parallel, mesh=mesh,
+                 overwrite=overwrite)
+    _return_freed_memory()
+    source = open_source(src, from_)
+    return write(source, dst, to=to, dtype=dtype, model_parallel=model_parallel,
+                 embedding_split=embedding_split, mesh=mesh,
+                 byte=checkpoint.tokenizer_spec(src) == BYTE, overwrite=overwrite)
+
+
+def check_output(dst: str, *, to: str, dtype: str | None = None, model_parallel: int = 1,
+                 mesh: str | None = None, overwrite: bool = False) -> None:
+    """One-sentence errors for output options, before any input is read."""
     if to not in FORMATS:
         raise ValueError(f"Unknown output format {to!r}; valid: {', '.join(FORMATS)}.")
     if dtype is not None and dtype not in DTYPES:
@@ -254,17 +266,24 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
         raise ValueError("--model_parallel applies to Meta output only (--to=meta).")
     if mesh is not None and to != "orbax":
         raise ValueError("--mesh applies to Orbax output only (--to=orbax).")
-    mesh = parse_mesh(mesh) if mesh else None
+    if mesh:
+        parse_mesh(mesh)  # its errors before any input is read
     if os.path.exists(dst) and os.listdir(dst) and not overwrite:
         raise FileExistsError(f"{dst} already exists and is not empty; choose another --output "
                               "or pass --overwrite.")
+
+
+def write(source, dst: str, *, to: str, dtype: str | None = None, model_parallel: int = 1,
+          embedding_split=None, mesh: str | None = None, byte: bool = False,
+          overwrite: bool = False) -> str:
+    """Writes a source (HFReader, OrbaxReader, meta.MetaReader or anything with their
+    interface) to `dst` in format `to`, tensor by tensor, atomically; `byte`: the tokenizer
+    is "byte" (an Orbax export records it). Returns dst."""
+    mesh = parse_mesh(mesh) if mesh else None
     out_dt = DTYPES.get(dtype)
-    _return_freed_memory()
-    source = open_source(src, from_)
     if to == "orbax":
         dt_name = _DTYPE_NAMES[np.dtype(out_dt or source.dtype(source.names[0]))]
         c = source.config.replace(param_dtype=dt_name, dtype=dt_name)
-        byte = checkpoint.tokenizer_spec(src) == BYTE  # a byte-level export: no file to carry
         checkpoint.write_export(dst, c, lambda path: write_orbax(path, source, c, mesh),
                                 files=source.carried, overwrite=True,
                                 tokenizer=BYTE if byte else None)

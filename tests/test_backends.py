@@ -26,7 +26,7 @@ def test_importing_and_building_the_model_loads_no_cpu_backend_module():
     code = ("import sys, jax.numpy as jnp, llama_jax, llama_jax.train, llama_jax.decode\n"
             "m = llama_jax.create(llama_jax.get_config('tiny', n_layers=1))\n"
             "m(jnp.ones((1, 4), jnp.int32))\n"
-            "print(sorted(n for n in sys.modules if n.startswith('llama_jax.backends.')))\n")
+            "print(sorted(n for n in sys.modules if n.startswith('llama_jax.backends.cpu')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -43,13 +43,16 @@ setuptools.setup(
             "httpx",  # tests/test_serve.py: malformed bodies the openai client cannot send
             # tests/test_lm_eval_model.py: our backend against lm_eval's own hf backend.
             "lm-eval",
+            # tests/test_needle.py: tools/needle.py's heat map.
+            "matplotlib",
         ],
         # experiments/serve.py: the OpenAI-compatible HTTP API (llama_jax/serve/api.py) on a
         # well-kept ASGI stack rather than a hand-written HTTP server.
         "serve": ["fastapi", "uvicorn"],
         # tools/lm_eval.py and llama_jax.lm_eval_model: the harness whose model interface the
         # llama_jax backend implements (lm_eval 0.4's LM/TemplateLM, register_model).
-        "eval": ["lm-eval"],
+        # tools/needle.py draws its heat map with matplotlib.
+        "eval": ["lm-eval", "matplotlib"],
         "convert": ["torch==2.13.0"],
         # Ahead-of-time compilation for TPU topologies on any machine (tools/plan.py): libtpu,
         # pinned by jax to the matching release. Only here: on a host without a TPU it is dead

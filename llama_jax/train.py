@@ -339,7 +339,8 @@ def init_from(path: str, model_config: ModelConfig, tx, mesh, mc, abstract_param
     `llama_jax.load` reads (params export, Hugging Face, Meta), placed by the mesh rules.
 
     The checkpoint's architecture must equal `model_config`'s; execution options (dtypes,
-    remat, scan, max_seq_len) are the run's. A resumed run ignores it: the workdir wins.
+    remat, scan, max_seq_len) and RoPE settings (no parameters: a context-extension stage
+    changes them) are the run's. A resumed run ignores it: the workdir wins.
     `adapt` maps the loaded parameter dict to the trained one (a reward model's head)."""
     params = load_params(path, model_config, mesh, mc, abstract_params, adapt)
     shardings = sharding.state_shardings(
@@ -357,7 +358,8 @@ def load_params(path: str, model_config: ModelConfig, mesh, mc, axes,
                      max_seq_len=model_config.max_seq_len)
     model = io.load(path, **exec_opts)
     theirs, ours = model.config.arch(), model_config.arch()
-    diff = [f"{k} {theirs[k]} != {ours[k]}" for k in ours if theirs[k] != ours[k]]
+    diff = [f"{k} {theirs[k]} != {ours[k]}" for k in ours
+            if theirs[k] != ours[k] and k not in ("rope_theta", "rope_scaling")]
     if diff:
         raise ValueError(f"train.init_from {path} holds another architecture than config.model "
                          f"({'; '.join(diff)}); use the matching model preset or overrides.")

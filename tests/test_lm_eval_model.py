@@ -180,3 +180,14 @@ def test_generation_past_the_context_truncates_left_with_a_warning(setup, caplog
     out = decode.generate(lm.weights, [ids[-56:]], 8, stop_ids=list(lm.tokenizer.stop_ids))
     expected = lm.tok_decode([t for t in out.ids(0) if t not in lm.tokenizer.stop_ids])
     assert text == expected.split("\n\n")[0]
+
+
+def test_weights_split_over_devices_score_the_same(setup):
+    from lm_eval.api.instance import Instance
+    from llama_jax import lm_eval_model
+    reqs = [Instance("loglikelihood", {}, (q, choices[0]), 0) for q, choices, _ in MC]
+    one = lm_eval_model.LlamaJaxLM(checkpoint=setup[0], batch_size=4)
+    split = lm_eval_model.LlamaJaxLM(checkpoint=setup[0], batch_size=4, tensor=2)
+    assert not split.weights.embed.sharding.is_fully_replicated  # the vocab rows are split
+    for (a, greedy_a), (b, greedy_b) in zip(one.loglikelihood(reqs), split.loglikelihood(reqs)):
+        assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b

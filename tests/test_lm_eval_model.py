@@ -191,3 +191,16 @@ def test_weights_split_over_devices_score_the_same(setup):
     assert not split.weights.embed.sharding.is_fully_replicated  # the vocab rows are split
     for (a, greedy_a), (b, greedy_b) in zip(one.loglikelihood(reqs), split.loglikelihood(reqs)):
         assert a == pytest.approx(b, abs=1e-4) and greedy_a == greedy_b
+
+
+def test_new_lengths_in_a_bucket_reuse_the_compiled_scorer(setup):
+    from lm_eval.api.instance import Instance
+    from llama_jax import lm_eval_model
+    lm = lm_eval_model.LlamaJaxLM(checkpoint=setup[0], batch_size=3)  # shapes no test used
+    lm.loglikelihood([Instance("loglikelihood", {}, ("a b", " c"), 0)])
+    compiled = lm_eval_model.score._cache_size()
+    for n in (3, 5, 9, 14):  # rows of 4 to 15 tokens: the 16-token bucket
+        lm.loglikelihood([Instance("loglikelihood", {}, (" x" * n, " y"), 0)] * (n % 3 + 1))
+    assert lm_eval_model.score._cache_size() == compiled
+    lm.loglikelihood([Instance("loglikelihood", {}, (" x" * 20, " y"), 0)])  # 32-token bucket
+    assert lm_eval_model.score._cache_size() == compiled + 1

@@ -1,7 +1,7 @@
 """Needle in a haystack: can the model repeat a fact hidden at a given depth of a long prompt?
 
-    result = needle.run(generate, tokenizer, filler_texts, lengths=[1024, 4096],
-                        depths=[0, 0.5, 1])
+    filler = needle.filler_ids(tokenizer, texts, 4096)     # haystack tokens, checked first
+    result = needle.run(generate, tokenizer, filler, lengths=[1024, 4096], depths=[0, 0.5, 1])
     needle.heat_map(result, "needle.png")
 
 Each prompt is exactly `length` tokens: BOS, filler text (any documents, cut at token
@@ -49,18 +49,20 @@ def prompt(tokenizer, filler: Sequence[int], length: int, depth: float,
     return ids, 1 + at
 
 
-def check(lengths: Sequence[int], depths: Sequence[float]) -> None:
+def check(tokenizer, lengths: Sequence[int], depths: Sequence[float]) -> None:
+    """One sentence for depths outside [0, 1] or lengths too short for the needle/question."""
     bad = [d for d in depths if not 0 <= d <= 1]
-    if bad or not depths or not lengths or min(lengths) < 1:
+    if bad or not depths or not lengths:
         raise ValueError(f"depths must be fractions in [0, 1] (got {list(depths)}) and lengths "
-                         f"positive token counts (got {list(lengths)}).")
+                         f"given (got {list(lengths)}).")
+    prompt(tokenizer, [tokenizer.bos_id] * max(lengths), min(lengths), 0.0)  # raises if short
 
 
-def run(generate: Callable, tokenizer, texts: Iterable[str], *, lengths: Sequence[int],
+def run(generate: Callable, tokenizer, filler: Sequence[int], *, lengths: Sequence[int],
         depths: Sequence[float], answer: str = ANSWER, max_new_tokens: int = 16) -> dict:
-    """{"lengths", "depths", "scores" [len(lengths)][len(depths)], "outputs" (same shape)}."""
-    check(lengths, depths)
-    filler = filler_ids(tokenizer, texts, max(lengths))
+    """{"lengths", "depths", "scores" [len(lengths)][len(depths)], "outputs" (same shape)};
+    filler: at least max(lengths) haystack tokens (`filler_ids`)."""
+    check(tokenizer, lengths, depths)
     scores, outputs = [], []
     for length in lengths:
         prompts = [prompt(tokenizer, filler, length, d, answer)[0] for d in depths]

@@ -39,13 +39,15 @@ def test_scores_follow_the_model():
             out.append(tok.encode(f" {needle.ANSWER}." if found else " 12.", bos=False,
                                   eos=False)[:n])
         return out
-    r = needle.run(reads_first_300_tokens, tok, TEXTS, lengths=[200, 900],
-                   depths=[0, 0.5, 1])
+    filler = needle.filler_ids(tok, TEXTS, 900)
+    r = needle.run(reads_first_300_tokens, tok, filler, lengths=[200, 900], depths=[0, 0.5, 1])
     assert r["scores"] == [[1, 1, 1], [1, 0, 0]]
     with pytest.raises(ValueError, match="fractions in"):
-        needle.run(reads_first_300_tokens, tok, TEXTS, lengths=[200], depths=[50])
+        needle.run(reads_first_300_tokens, tok, filler, lengths=[200], depths=[50])
+    with pytest.raises(ValueError, match="no room for filler"):
+        needle.run(reads_first_300_tokens, tok, filler, lengths=[100, 200], depths=[0])
     with pytest.raises(ValueError, match="more text"):
-        needle.run(reads_first_300_tokens, tok, TEXTS[:1], lengths=[10_000], depths=[0])
+        needle.filler_ids(tok, TEXTS[:1], 10_000)
 
 
 def test_tool_writes_json_and_heat_map(tmp_path):

@@ -25,13 +25,14 @@ def evaluate(checkpoint: str, output: str, *, lengths, depths, haystack: str = "
     from llama_jax import corpus, decode, io, needle
     from llama_jax import tokenizer as tokenizer_lib
 
-    needle.check(lengths, depths)
     spec = io.tokenizer_file(checkpoint) or checkpoint_lib.tokenizer_spec(checkpoint)
     if spec is None:
         raise ValueError(f"{checkpoint} stores no tokenizer; the needle needs text.")
     tok = tokenizer_lib.load_tokenizer(spec)
+    needle.check(tok, lengths, depths)  # mistakes before the model is loaded
     paths = corpus.corpus_files(haystack)  # "" = the stdlib; raises on no match
     texts = (open(p, encoding="utf-8", errors="replace").read() for p in paths)
+    filler = needle.filler_ids(tok, texts, max(lengths))
     model = io.load(checkpoint)
     if max(lengths) + max_new_tokens > model.config.max_seq_len:
         raise ValueError(f"--lengths up to {max(lengths)} plus {max_new_tokens} new tokens "
@@ -45,7 +46,7 @@ def evaluate(checkpoint: str, output: str, *, lengths, depths, haystack: str = "
                               max_len=weights.config.max_seq_len)
         return [out.ids(b) for b in range(len(prompts))]
 
-    result = needle.run(generate, tok, texts, lengths=lengths, depths=depths,
+    result = needle.run(generate, tok, filler, lengths=lengths, depths=depths,
                         max_new_tokens=max_new_tokens)
     result["checkpoint"] = os.path.abspath(checkpoint)
     os.makedirs(output, exist_ok=True)

@@ -56,6 +56,9 @@ def setup(tmp_path_factory):
     tok = os.path.join(os.path.dirname(meta_tok.__file__), "tokenizer.model")
     checkpoint.save_params(str(root / "orbax"), m, tokenizer_path=tok)
     convert_checkpoint.convert(str(root / "orbax"), str(root / "hf"), to="hf")
+    # --to=hf wrote the tokenizer files the hf backend reads (hf_tokenizer)
+    assert {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"} <= set(
+        os.listdir(root / "hf"))
     (root / "data").mkdir()
     (root / "tasks").mkdir()
     with open(root / "data" / "mc.jsonl", "w") as f:

@@ -77,7 +77,7 @@ def check(spec: str, *, corpus_split: bool = True) -> None:
                 corpus.corpus_files(source)
             elif not corpus_split:
                 raise ValueError(f"{VALIDATION!r} is a training corpus's held-out split, which "
-                                 "only a training run has; name files instead")
+                                 "only a training run has; name files instead.")
         except ValueError as e:
             raise ValueError(f"eval set {name!r} ({source}): {e}") from None
 

@@ -11,6 +11,7 @@ tokenizer defaults to the checkpoint's tokenizer.model.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Callable
 
 import jax
@@ -78,13 +79,16 @@ def check_reference(config, policy: ModelConfig) -> None:
 
 
 def tokenizer_spec(config) -> str:
-    """data.tokenizer, or for post-training by default train.init_from's tokenizer."""
+    """data.tokenizer, or for post-training by default train.init_from's tokenizer.model
+    (beside the weights, or in original/ as Meta's Hugging Face repositories keep it)."""
     spec = config.data.tokenizer
     if spec or config.train.objective == "lm":
         return spec
     path = config.train.init_from
     found = io.tokenizer_file(path) or (checkpoint.tokenizer_spec(path)
                                         if checkpoint.is_params_checkpoint(path) else None)
+    original = os.path.join(path, "original", "tokenizer.model")  # Meta's Llama 3 HF repos
+    found = found or (original if os.path.isfile(original) else None)
     if not found:
         raise ValueError(f"train.init_from {path} holds no tokenizer.model; pass "
                          f"--config.data.tokenizer=FILE.")

@@ -133,6 +133,22 @@ def test_reward_run_exports_a_model_that_ranks_the_pairs(files, tmp_path):
     assert scores[0] > scores[1]
 
 
+def test_hf_checkpoint_gives_the_architecture_and_tokenizer(files, tmp_path):
+    from llama_jax import hf, posttrain_run
+    small = CONFIG.replace(vocab_size=128256, n_layers=1)
+    hf.save_hf(llama_jax.create(small), str(tmp_path / "hf"))
+    os.makedirs(tmp_path / "hf" / "original")
+    with open(LLAMA3, "rb") as src, open(tmp_path / "hf" / "original" / "tokenizer.model",
+                                         "wb") as dst:
+        dst.write(src.read())
+    config = _config("sft", files, **{"train.init_from": str(tmp_path / "hf"),
+                                      "model.remat": "full"})
+    got = posttrain_run.model_config(config)
+    assert got.arch() == small.arch() and got.remat == "full"  # execution options: the run's
+    assert posttrain_run.tokenizer_spec(config) == str(tmp_path / "hf" / "original" /
+                                                      "tokenizer.model")
+
+
 def _must_not_run(*args, **kwargs):
     raise AssertionError("the model was built although a check should have failed")
 

@@ -131,8 +131,6 @@ def post_training(objective: str) -> ml_collections.ConfigDict:
     c.train.log_every, c.train.checkpoint_every = 10, 500
     c.train.sample_prompt = "Write a haiku about gradient descent."
     c.train.sample_tokens = 64
-    if objective != "sft":  # preference pairs: no held-out evaluation yet
-        c.train.eval_every = 0
     if objective == "reward":
         c.train.sample_tokens = 0  # a reward model does not generate
     return c

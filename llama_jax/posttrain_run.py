@@ -10,6 +10,8 @@ tokenizer defaults to the checkpoint's tokenizer.model.
 
 from __future__ import annotations
 
+import itertools
+import os
 from typing import Callable
 
 import jax
@@ -17,6 +19,7 @@ from flax import nnx
 
 from llama_jax import chat_data, checkpoint, data, io, model, posttrain, reward, sharding
 from llama_jax import config as config_lib
+from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.config import ModelConfig
 
 EXEC_OPTIONS = ("param_dtype", "dtype", "scan_layers", "remat")
@@ -33,13 +36,12 @@ def check(config) -> None:
     if not config.train.init_from:
         raise ValueError(f"train.objective {name} starts from a checkpoint; pass "
                          f"--config.train.init_from=DIR (HF, Meta or a llama_jax export).")
-    if posttrain.DATA[name] == "preference":
-        for key, ok, fix in (
-                ("optim.accumulation_steps", config.optim.accumulation_steps == 1, "1"),
-                ("train.eval_every", config.train.eval_every == 0, "0 (no held-out "
-                 "evaluation for preference pairs yet)")):
-            if not ok:
-                raise ValueError(f"{key} must be {fix} for train.objective {name}.")
+    if posttrain.DATA[name] == "preference" and config.optim.accumulation_steps != 1:
+        raise ValueError(f"optim.accumulation_steps must be 1 for train.objective {name} (its "
+                         f"loss is a mean over pairs, taken in one pass).")
+    if name == "reward" and config.train.eval_sets:
+        raise ValueError("train.eval_sets measure a language model's loss on text; a reward "
+                         "model has none, so leave train.eval_sets empty.")
 
 
 def checkpoint_config(path: str) -> ModelConfig:
@@ -77,13 +79,16 @@ def check_reference(config, policy: ModelConfig) -> None:
 
 
 def tokenizer_spec(config) -> str:
-    """data.tokenizer, or for post-training by default train.init_from's tokenizer."""
+    """data.tokenizer, or for post-training by default train.init_from's tokenizer.model
+    (beside the weights, or in original/ as Meta's Hugging Face repositories keep it)."""
     spec = config.data.tokenizer
     if spec or config.train.objective == "lm":
         return spec
     path = config.train.init_from
     found = io.tokenizer_file(path) or (checkpoint.tokenizer_spec(path)
                                         if checkpoint.is_params_checkpoint(path) else None)
+    original = os.path.join(path, "original", "tokenizer.model")  # Meta's Llama 3 HF repos
+    found = found or (original if os.path.isfile(original) else None)
     if not found:
         raise ValueError(f"train.init_from {path} holds no tokenizer.model; pass "
                          f"--config.data.tokenizer=FILE.")
@@ -96,7 +101,7 @@ def check_data(config, tokenizer) -> None:
     kind = posttrain.DATA[config.train.objective]
     if kind == "text":
         return
-    if not hasattr(tokenizer, "encode_dialog") or tokenizer.__class__.__name__ == "ByteTokenizer":
+    if isinstance(tokenizer, tokenizer_lib.ByteTokenizer):
         raise ValueError("the byte tokenizer has no chat format; post-train a checkpoint with a "
                          "Llama 2 or Llama 3 tokenizer.model (data.tokenizer).")
     chat_data.scan(config.data.files, kind)
@@ -115,6 +120,32 @@ def dataset_fn(config) -> Callable:
                                       process_index=process_index,
                                       process_count=process_count, prefetch=prefetch)
     return make
+
+
+def rows(config) -> int:
+    """Rows of a step's batch: data.global_batch, twice that for preference pairs (2P rows)."""
+    return config.data.global_batch * (2 if posttrain.DATA[config.train.objective]
+                                       == "preference" else 1)
+
+
+def evaluator(config, graphdef, ds, put, reference, full_params: Callable) -> Callable | None:
+    """params -> the objective's mean loss over the first train.eval_batches batches of the
+    held-out pairs (dpo: with the reference's log-probs), for dpo and reward; None for lm and
+    sft, whose held-out loss is train._evaluate's. full_params: trained -> all parameters."""
+    objective = posttrain.objective(config)
+    if objective is None:
+        return None
+    loss = jax.jit(lambda p, b: objective(p, graphdef, b)[0])
+
+    def evaluate(params) -> float:
+        losses = []
+        for batch in itertools.islice(iter(ds), config.train.eval_batches):
+            batch = jax.tree.map(put, batch)
+            if reference is not None:
+                batch = {**batch, "ref_logprobs": reference(batch)}
+            losses.append(float(loss(full_params(params), batch)))
+        return sum(losses) / len(losses)
+    return evaluate
 
 
 def abstract_model(config) -> Callable:

@@ -271,13 +271,17 @@ def run(config, workdir: str) -> TrainState:
         workdir, total_steps=config.train.steps, start_step=start,
         flops_per_token=flops.train_flops_per_token(model_config, dcfg.seq_len),
         peak_tflops=flops.device_peak_tflops(cpu_peak_tflops=config.train.cpu_peak_tflops))
+    objective_eval = posttrain_run.evaluator(  # dpo, reward: their loss on held-out pairs
+        config, graphdef, val_ds, put, reference, lambda p: combined(p, frozen))
+
     def evaluate(params) -> dict[str, float]:
         held_out = evaluation.results(
             eval_sets, lambda b: eval_step(params, jax.tree.map(put, b), graphdef, frozen),
             process_index=jax.process_index(), process_count=jax.process_count())
-        return {"eval_loss": _evaluate(params, graphdef=graphdef, ds=val_ds, put=put,
-                                       n_batches=config.train.eval_batches, frozen=frozen),
-                **held_out}
+        eval_loss = objective_eval(params) if objective_eval else _evaluate(
+            params, graphdef=graphdef, ds=val_ds, put=put, n_batches=config.train.eval_batches,
+            frozen=frozen)
+        return {"eval_loss": eval_loss, **held_out}
     try:
         state = _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, start)
     finally:
@@ -377,7 +381,7 @@ def _loop(config, state, step_fn, ckpt, train_iter, put, writer, evaluate, step)
     preempted = threading.Event()
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, lambda *_: preempted.set()) if main else None
-    tokens_per_step = config.data.global_batch * config.data.seq_len
+    tokens_per_step = posttrain_run.rows(config) * config.data.seq_len
     pending, first = None, step + 1
     try:
         while step < config.train.steps and not preempted.is_set():
@@ -504,7 +508,7 @@ def describe_run(config, model_config: ModelConfig, workdir: str) -> str:
     sizes = sharding.mesh_shape(sharding.from_config(config.mesh), n)
     axes = " × ".join(f"{a} {k}" for a, k in zip(sharding.AXES, sizes) if k > 1)
     devices = f"{n} {jax.devices()[0].platform} device{'s' * (n > 1)}"
-    rows, t = config.data.global_batch, config.data.seq_len
+    rows, t = posttrain_run.rows(config), config.data.seq_len
     backend = backends.get(config.mesh.backend, config.mesh.attention)  # checks both names
     attention = config.mesh.attention
     if attention == "auto":

@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import data, experiment, flops, optim, posttrain, sharding, train
+from llama_jax import data, experiment, flops, lora, optim, posttrain, sharding, train
 from llama_jax.config import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,7 @@ CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "experiments", "configs
 # Each section and the dataclass it is built from; optim's total_steps is train.steps.
 SECTIONS = {"model": (ModelConfig, ()), "data": (data.DataConfig, ()),
             "optim": (optim.OptimConfig, ("total_steps",)), "mesh": (sharding.MeshConfig, ()),
-            "dpo": (posttrain.DPOConfig, ())}
+            "dpo": (posttrain.DPOConfig, ()), "lora": (lora.LoraConfig, ())}
 
 
 def load(path, arg=""):

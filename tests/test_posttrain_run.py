@@ -95,9 +95,15 @@ def test_sft_run_logs_the_loss_before_the_first_update(files, tmp_path):
 
 @pytest.mark.slow
 def test_dpo_run_starts_at_log2_plus_nll_and_separates_a_toy_set(files, tmp_path):
-    config = _config("dpo", files, **{"train.steps": 6})
+    config = _config("dpo", files, **{"train.steps": 6, "train.eval_every": 3,
+                                      "train.eval_batches": 1})
     train.run(config, str(tmp_path))
     logged = _metrics(tmp_path)
+    with open(tmp_path / "metrics.jsonl") as f:
+        evals = [json.loads(line) for line in f if "eval_loss" in line]
+    # held-out pairs: the DPO loss (with the reference), falling as the pairs separate
+    assert [e["step"] for e in evals] == [3, 6] and evals[1]["eval_loss"] < evals[0]["eval_loss"]
+    assert evals[0]["eval_loss"] < np.log(2) + 0.2 * logged[0]["nll_loss"]
     first, last = logged[0], logged[-1]
     assert first["dpo_loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference
     # the NLL term: mean -log p over the chosen responses' content tokens, before the update
@@ -125,6 +131,22 @@ def test_reward_run_exports_a_model_that_ranks_the_pairs(files, tmp_path):
     chosen, rejected = chat_data.encode_pair(tok, pair)
     scores = reward.score(model, [list(chosen.tokens), list(rejected.tokens)])
     assert scores[0] > scores[1]
+
+
+def test_hf_checkpoint_gives_the_architecture_and_tokenizer(files, tmp_path):
+    from llama_jax import hf, posttrain_run
+    small = CONFIG.replace(vocab_size=128256, n_layers=1)
+    hf.save_hf(llama_jax.create(small), str(tmp_path / "hf"))
+    os.makedirs(tmp_path / "hf" / "original")
+    with open(LLAMA3, "rb") as src, open(tmp_path / "hf" / "original" / "tokenizer.model",
+                                         "wb") as dst:
+        dst.write(src.read())
+    config = _config("sft", files, **{"train.init_from": str(tmp_path / "hf"),
+                                      "model.remat": "full"})
+    got = posttrain_run.model_config(config)
+    assert got.arch() == small.arch() and got.remat == "full"  # execution options: the run's
+    assert posttrain_run.tokenizer_spec(config) == str(tmp_path / "hf" / "original" /
+                                                      "tokenizer.model")
 
 
 def _must_not_run(*args, **kwargs):

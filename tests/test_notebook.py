@@ -109,3 +109,34 @@ def test_tpu_memory_estimate_on_cpu():
     assert "fits" in notebook_mesh.memory_table(report)
     with pytest.raises(ValueError, match="not one slice"):
         notebook_mesh.tpu_memory(config, "2xv5e:4x4")
+
+
+def test_conversion_progress_counts_every_byte_read(monkeypatch):
+    from tqdm import tqdm
+
+    from llama_jax import progress
+    out = io.StringIO()
+    monkeypatch.setattr(progress, "bar", lambda total, desc, unit="B": tqdm(
+        total=total, desc=desc, file=out, disable=False, mininterval=0))
+
+    class Source:
+        names = ["a", "b"]
+        arrays = {"a": np.ones((4, 8), np.float32), "b": np.ones((3,), np.int8)}
+        config = "the config"
+
+        def shape(self, n):
+            return self.arrays[n].shape
+
+        def dtype(self, n):
+            return self.arrays[n].dtype
+
+        def get(self, n):
+            return self.arrays[n]
+
+    reading = progress.Reading(Source(), "a -> b")
+    assert reading.config == "the config" and reading.names == ["a", "b"]
+    assert reading._bar.total == 4 * 8 * 4 + 3
+    assert reading.get("a") is Source.arrays["a"] and reading._bar.n == 128
+    reading.get("b")
+    reading.close()
+    assert "100%" in out.getvalue() and "a -> b" in out.getvalue()

@@ -34,6 +34,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from llama_jax import checkpoint, cli, hf, io, meta, orbax_stream, safetensors_io  # noqa: E402
 from llama_jax import hf_tokenizer  # noqa: E402
+from llama_jax import progress  # noqa: E402
 from llama_jax import config as config_lib  # noqa: E402
 from llama_jax.tokenizer import BYTE  # noqa: E402
 
@@ -249,10 +250,14 @@ def convert(src: str, dst: str, *, to: str, from_: str | None = None, dtype: str
     check_output(dst, to=to, dtype=dtype, model_parallel=model_parallel, mesh=mesh,
                  overwrite=overwrite)
     _return_freed_memory()
-    source = open_source(src, from_)
-    return write(source, dst, to=to, dtype=dtype, model_parallel=model_parallel,
-                 embedding_split=embedding_split, mesh=mesh,
-                 byte=checkpoint.tokenizer_spec(src) == BYTE, overwrite=overwrite)
+    name = os.path.basename(os.path.normpath(src))
+    source = progress.Reading(open_source(src, from_), f"{name} -> {to}")  # bar of bytes read
+    try:
+        return write(source, dst, to=to, dtype=dtype, model_parallel=model_parallel,
+                     embedding_split=embedding_split, mesh=mesh,
+                     byte=checkpoint.tokenizer_spec(src) == BYTE, overwrite=overwrite)
+    finally:
+        source.close()
 
 
 def check_output(dst: str, *, to: str, dtype: str | None = None, model_parallel: int = 1,

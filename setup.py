@@ -26,6 +26,8 @@ setuptools.setup(
         "ml_dtypes",
         # TensorBoard event files without TensorFlow (flax.metrics.tensorboard needs TF).
         "tensorboardX",
+        # Progress bars of long command-line work (tools/convert_checkpoint.py; TFDS's own).
+        "tqdm",
     ],
     extras_require={
         # Reference implementations the tests compare against. torch is pinned to the CPU
@@ -43,8 +45,11 @@ setuptools.setup(
             "httpx",  # tests/test_serve.py: malformed bodies the openai client cannot send
             # tests/test_lm_eval_model.py: our backend against lm_eval's own hf backend.
             "lm-eval",
-            # tests/test_needle.py: tools/needle.py's heat map.
+            # tests/test_needle.py: tools/needle.py's heat map; the notebooks' plots.
             "matplotlib",
+            "nbclient",  # tests/test_notebooks.py executes notebooks/*.ipynb top to bottom
+            "nbformat",  # ... reads them and checks they are committed without outputs
+            "ipykernel",  # ... in a kernel of the test's own interpreter
         ],
         # experiments/serve.py: the OpenAI-compatible HTTP API (llama_jax/serve/api.py) on a
         # well-kept ASGI stack rather than a hand-written HTTP server.

@@ -54,6 +54,30 @@ def checkpoint_or_small(path: str, scratch: str) -> str:
     return small
 
 
+# A model small enough to fine-tune on a CPU in seconds, with a SentencePiece tokenizer (Llama
+# 2's chat format) of CHAT_VOCAB pieces trained on the Python standard library's source (present
+# everywhere): what `chat_checkpoint` builds when no checkpoint is given.
+CHAT_VOCAB = 512
+SMALL_CHAT = config_lib.ModelConfig(name="small-chat", vocab_size=CHAT_VOCAB, dim=64,
+                                    n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=192,
+                                    max_seq_len=256, scan_layers=False)
+
+
+def chat_checkpoint(path: str, scratch: str) -> str:
+    """`path` if it is a checkpoint directory (with its chat tokenizer); "" builds, once, a
+    random SMALL_CHAT export in scratch/small-chat with its tokenizer (seconds)."""
+    if path:
+        return checkpoint_or_small(path, scratch)
+    small = os.path.join(scratch, "small-chat")
+    if not checkpoint.is_params_checkpoint(small):
+        from llama_jax import model, tokenizer_training
+        spm = tokenizer_training.train(os.path.join(scratch, "tokenizer"),
+                                       vocab_size=CHAT_VOCAB, max_sentences=50_000)
+        checkpoint.save_params(small, model.create(SMALL_CHAT, 0), tokenizer_path=spm,
+                               overwrite=True)
+    return small
+
+
 def checkpoint_config(path: str) -> config_lib.ModelConfig:
     """The ModelConfig of checkpoint directory `path`, read from its small files only."""
     fmt = io.detect_format(path)

@@ -73,8 +73,11 @@ def chat_checkpoint(path: str, scratch: str) -> str:
         from llama_jax import model, tokenizer_training
         spm = tokenizer_training.train(os.path.join(scratch, "tokenizer"),
                                        vocab_size=CHAT_VOCAB, max_sentences=50_000)
-        checkpoint.save_params(small, model.create(SMALL_CHAT, 0), tokenizer_path=spm,
-                               overwrite=True)
+        m = model.create(SMALL_CHAT, 0)
+        # Initialised as Hugging Face does (std 0.02), the head's logits span about one nat, and
+        # with it frozen under LoRA no answer could become likely; a trained head spans tens.
+        m.lm_head[...] = m.lm_head[...] * 16
+        checkpoint.save_params(small, m, tokenizer_path=spm, overwrite=True)
     return small
 
 

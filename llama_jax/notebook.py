@@ -4,6 +4,7 @@ learning-rate curves of a run, pictures of array layouts over a mesh, and the pl
 table for a TPU topology with or without libtpu.
 
     path = notebook.checkpoint_or_small(CHECKPOINT, "/tmp/nb")   # "" builds a small one
+    path = notebook.chat_checkpoint(CHECKPOINT, "/tmp/nb")       # the same with a chat tokenizer
     notebook.check_fits(config, purpose="load", dtype="float32")  # MemoryError: what to lower
     fig = notebook.plot_metrics(workdir)                          # loss, eval loss, lr by step
 

@@ -36,7 +36,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AbstractMesh, NamedSharding
 
-from llama_jax import backends, experiment, flops, hardware, hlo_cost, optim, sharding, train
+from llama_jax import backends, experiment, flops, hardware, hlo_cost, optim, progress
+from llama_jax import sharding, train
 from llama_jax import model as model_lib
 from llama_jax.config import ModelConfig
 
@@ -245,7 +246,8 @@ def plan_many(config, target_name: str, layouts) -> list[dict]:
                   (target.device.platform == "cpu" and jax.device_count() == target.n_devices
                    and jax.devices()[0].platform == "cpu"))
     if in_process:
-        return [_plan_one(config, target, overrides) for overrides in layouts]
+        return [_plan_one(config, target, overrides)
+                for overrides in progress.steps(layouts, f"compiling for {target_name}")]
     request = json.dumps(dict(config=config.to_json(), target=target_name, layouts=layouts))
     # all-reduce-promotion (CPU only: bf16 all-reduces run in f32) aborts XLA on the pipeline's
     # bf16 all-reduces ("Invalid binary instruction opcode copy", jaxlib 0.10.2); these
@@ -253,10 +255,15 @@ def plan_many(config, target_name: str, layouts) -> list[dict]:
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
         " --xla_disable_hlo_passes=all-reduce-promotion"))
+    # On a terminal the worker's stderr (its progress bar) shows through; in a log it is kept
+    # for the error message.
+    shown = sys.stderr.isatty()
     proc = subprocess.run([sys.executable, "-m", "llama_jax.plan"], input=request, text=True,
-                          capture_output=True, env=env)
+                          stdout=subprocess.PIPE, stderr=None if shown else subprocess.PIPE,
+                          env=env)
     if proc.returncode:
-        raise RuntimeError(f"the planning subprocess failed: {proc.stderr.strip()[-2000:]}")
+        why = "its errors are above" if shown else proc.stderr.strip()[-2000:]
+        raise RuntimeError(f"the planning subprocess failed: {why}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -353,7 +360,8 @@ def _worker() -> None:
     request = json.loads(sys.stdin.read())
     config = ml_collections.ConfigDict(json.loads(request["config"]))
     target = hardware.parse_target(request["target"], cpu_device(config))
-    results = [_plan_one(config, target, o) for o in request["layouts"]]
+    results = [_plan_one(config, target, o)
+               for o in progress.steps(request["layouts"], f"compiling for {target.name}")]
     print(json.dumps(results, default=float))
 
 

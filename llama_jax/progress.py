@@ -1,8 +1,9 @@
-"""Progress bars for long command-line work (conversion), on stderr.
+"""Progress bars for long command-line work (conversion, planning), on stderr.
 
     source = progress.Reading(source, desc="hf -> orbax")   # a bar over the bytes read
     ...
     source.close()
+    for layout in progress.steps(layouts, "compiling"):      # a bar over a list's items
 
 Bars draw only where stderr is a terminal (tqdm's disable=None): in a log file each redraw
 would be a line, so there they stay silent and the tool's own summary lines remain.
@@ -21,6 +22,14 @@ def bar(total: float, desc: str, unit: str = "B"):
     from tqdm import tqdm
     return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024,
                 disable=None, file=sys.stderr, dynamic_ncols=True)
+
+
+def steps(items, desc: str):
+    """`items` with a bar advancing per item (none for a single item: nothing to watch)."""
+    if len(items) < 2:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, disable=None, file=sys.stderr, dynamic_ncols=True)
 
 
 class Reading:

@@ -140,3 +140,10 @@ def test_conversion_progress_counts_every_byte_read(monkeypatch):
     reading.get("b")
     reading.close()
     assert "100%" in out.getvalue() and "a -> b" in out.getvalue()
+
+
+def test_steps_bar_only_for_several_items():
+    from llama_jax import progress
+    one = [["--config.mesh.tensor=2"]]
+    assert progress.steps(one, "compiling") is one
+    assert list(progress.steps([1, 2, 3], "compiling")) == [1, 2, 3]

@@ -1,7 +1,6 @@
 """What the notebooks (notebooks/*.ipynb) call beside the library: a small checkpoint when none
-is at hand, a memory check that names the setting to lower, streamed text, the loss and
-learning-rate curves of a run, pictures of array layouts over a mesh, and the planner's memory
-table for a TPU topology with or without libtpu.
+is at hand, a memory check that names the setting to lower, streamed text, and the loss and
+learning-rate curves of a run (layout pictures and TPU memory tables: notebook_mesh.py).
 
     path = notebook.checkpoint_or_small(CHECKPOINT, "/tmp/nb")   # "" builds a small one
     path = notebook.chat_checkpoint(CHECKPOINT, "/tmp/nb")       # the same with a chat tokenizer
@@ -121,25 +120,29 @@ def device_memory() -> tuple[float, str]:
 
 def bytes_needed(cfg: config_lib.ModelConfig, purpose: str, dtype: str = "float32",
                  rows: int = 1, seq_len: int = 0) -> float:
-    """Rough bytes on one device: weights in `dtype` to load or decode; to train, f32 weights,
-    gradients and AdamW's two moments (16 bytes a parameter) plus the activations kept for the
-    backward pass (~34 values of D per token and layer without remat, Korthikanti et al. 2022),
-    the parameters and optimizer state split over the devices (FSDP)."""
+    """Rough bytes on one device, parameters and optimizer state split over the devices (FSDP):
+      load, decode: the weights in `dtype`;
+      train: f32 weights, gradients and AdamW's two moments (16 bytes a parameter) plus the
+        activations kept for the backward pass (~34 values of D per token and layer without
+        remat, Korthikanti et al. 2022);
+      lora: the frozen f32 base (4 bytes a parameter; the adapters are small) plus the same
+        activations."""
     n = flops.param_count(cfg)
     if purpose in ("load", "decode"):
         return n * np.dtype(dtype).itemsize
-    if purpose != "train":
-        raise ValueError(f"purpose {purpose!r} must be 'load', 'decode' or 'train'.")
+    if purpose not in ("train", "lora"):
+        raise ValueError(f"purpose {purpose!r} must be 'load', 'decode', 'train' or 'lora'.")
     devices = jax.device_count()
     acts = 34 * rows * (seq_len or cfg.max_seq_len) * cfg.dim * cfg.n_layers * 2 / devices
-    return 16 * n / devices + acts
+    return (16 if purpose == "train" else 4) * n / devices + acts
 
 
-LOWER = {"load": "DTYPE = 'bfloat16' halves the weights, or choose a smaller MODEL "
-                 "(e.g. 'llama3.2-1b')",
-         "decode": "DTYPE = 'bfloat16' halves the weights, or choose a smaller MODEL "
-                   "(e.g. 'llama3.2-1b')",
-         "train": "lower BATCH (rows per step) or SEQ_LEN, or choose a smaller MODEL"}
+_SMALLER = "or a smaller CHECKPOINT (e.g. Llama 3.2 1B)"
+LOWER = {"load": f"set DTYPE = 'bfloat16' (half the bytes) {_SMALLER}",
+         "decode": f"set DTYPE = 'bfloat16' (half the bytes) {_SMALLER}",
+         "train": "lower config.data.global_batch or config.data.seq_len, or train a smaller "
+                  "model (config.model)",
+         "lora": f"lower config.data.global_batch or config.data.seq_len, {_SMALLER}"}
 
 
 def check_fits(cfg: config_lib.ModelConfig, purpose: str, dtype: str = "float32",

@@ -38,12 +38,18 @@ def test_check_fits_names_the_setting_to_lower():
     cfg = llama_jax.get_config("llama3-8b")
     n = flops.param_count(cfg)
     assert notebook.bytes_needed(cfg, "load", "bfloat16") == 2 * n
-    with pytest.raises(MemoryError, match=r"llama3-8b needs about 29\.9 GiB .* DTYPE = "
-                                          r"'bfloat16' halves the weights"):
+    with pytest.raises(MemoryError, match=r"llama3-8b needs about 29\.9 GiB .* set DTYPE = "
+                                          r"'bfloat16' \(half the bytes\) or a smaller CHECKPOINT"):
         notebook.check_fits(cfg, "load", "float32", available=20 * 2**30)
     assert notebook.check_fits(cfg, "load", "bfloat16", available=20 * 2**30) == 2 * n
-    with pytest.raises(MemoryError, match="lower BATCH"):
+    with pytest.raises(MemoryError, match="lower config.data.global_batch or config.data.seq_len"):
         notebook.check_fits(cfg, "train", rows=256, seq_len=8192, available=2**40)
+    # LoRA keeps the frozen f32 base (4 bytes a parameter) where full training keeps 16
+    per_row = (notebook.bytes_needed(cfg, "lora", rows=2, seq_len=64)
+               - notebook.bytes_needed(cfg, "lora", rows=1, seq_len=64))
+    d = jax.device_count()
+    assert notebook.bytes_needed(cfg, "lora", seq_len=64) == pytest.approx(4 * n / d + per_row)
+    assert notebook.bytes_needed(cfg, "train", seq_len=64) == pytest.approx(16 * n / d + per_row)
     with pytest.raises(ValueError, match="purpose"):
         notebook.check_fits(cfg, "serve")
     have, what = notebook.device_memory()  # this runtime: host RAM on a CPU

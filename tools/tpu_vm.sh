@@ -118,7 +118,11 @@ if [ "$RUN" -eq 0 ]; then
   printf '%s\n' "$commands"
   exit 0
 fi
-[ "$STEP" = plan ] || command -v gcloud >/dev/null || die "gcloud is not installed; install the Google Cloud CLI and run gcloud init"
+if [ "$STEP" = plan ]; then
+  cd "$(dirname "$0")/.."  # the plan runs here, from the checkout's root and its .venv
+else
+  command -v gcloud >/dev/null || die "gcloud is not installed; install the Google Cloud CLI and run gcloud init"
+fi
 while IFS= read -r line; do
   echo "+ $line" >&2
   eval "$line"

@@ -21,6 +21,7 @@ rendered string, so a message that starts with whitespace may merge with the hea
 from __future__ import annotations
 
 import json
+import logging
 import os
 
 from llama_jax import tokenizer as tok
@@ -69,7 +70,12 @@ def complete(directory: str, *, model_max_length: int | None = None) -> list[str
     path = os.path.join(directory, "tokenizer.model")
     if not os.path.isfile(path) or os.path.isfile(os.path.join(directory, TOKENIZER_JSON)):
         return []
-    out = {name: value for name, value in files(path, model_max_length=model_max_length).items()
+    try:
+        made = files(path, model_max_length=model_max_length)
+    except ValueError as e:  # not a tokenizer we read: carried as it is, as before
+        logging.warning("%s No Hugging Face tokenizer files written beside it.", e)
+        return []
+    out = {name: value for name, value in made.items()
            if not os.path.exists(os.path.join(directory, name))}
     _dump(directory, out)
     return list(out)

@@ -56,7 +56,12 @@ def load_tokenizer(path: str) -> SentencePieceTokenizer | Llama3Tokenizer | Byte
         head = f.read(256).split(b"\n", 1)[0]
     if _is_tiktoken_line(head):
         return Llama3Tokenizer(path)
-    return SentencePieceTokenizer(path)
+    try:
+        return SentencePieceTokenizer(path)
+    except RuntimeError as e:  # sentencepiece's "could not parse ModelProto"
+        raise ValueError(f"{path} is neither a SentencePiece model nor a Llama 3 tiktoken file "
+                         f"(first line {head[:40]!r}); pass the tokenizer.model of the release "
+                         f"or 'byte'.") from e
 
 
 def _is_tiktoken_line(line: bytes) -> bool:

@@ -147,3 +147,17 @@ def test_byte_tokenizer_is_recorded_with_the_export(tmp_path):
     converted = convert_checkpoint.convert(out, str(tmp_path / "orbax"), to="orbax")
     assert checkpoint.tokenizer_spec(converted) == tok.BYTE
     assert checkpoint.tokenizer_spec(str(tmp_path)) is None  # not a checkpoint
+
+
+def test_unreadable_tokenizer_file_is_one_sentence(tmp_path):
+    """A tokenizer.model that is neither SentencePiece nor tiktoken is a ValueError naming the
+    file (sentencepiece's own error is an INTERNAL RuntimeError); the HF export carries it
+    without tokenizer.json instead of failing after the weights are written."""
+    from llama_jax import hf_tokenizer
+
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="neither a SentencePiece model nor a Llama 3"):
+        tok.load_tokenizer(str(path))
+    assert hf_tokenizer.complete(str(tmp_path)) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer.model"]

@@ -1,8 +1,7 @@
-"""LoRA: the adapted product, training only the adapters, and the exports that transformers
-and peft load (merged weights; the adapter alone in PEFT's layout)."""
+"""LoRA: the adapted product, SFT training only the adapters, and the exports that
+transformers and peft load (merged weights; the adapter alone in PEFT's layout)."""
 
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +14,11 @@ from flax import nnx
 
 import llama_jax
 from llama_jax import hf, lora, train, train_checkpoint
-from tests.test_train import tiny_config
+
+import chat_setup
+from mesh_setup import fast_compiles  # noqa: F401 - autouse fixture: no XLA optimisation passes
 
 RANK, ALPHA = 4, 8.0
-
-
-def _model_config():
-    return train.ModelConfig.from_dict(tiny_config().model.to_dict())
 
 
 def _tokens(vocab, shape=(2, 24)):
@@ -31,7 +28,7 @@ def _tokens(vocab, shape=(2, 24)):
 def test_adapters_start_as_the_base_and_merge_exactly():
     """B = 0 leaves the model unchanged; with B random, merge (W + s·A·B) equals the two-path
     product and base() is the model before the adapters."""
-    c = _model_config().replace(scan_layers=True)
+    c = chat_setup.CONFIG.replace(scan_layers=True)
     m = hf.from_params(c, train.init_params(c, 1))
     tokens = jnp.asarray(_tokens(m.config.vocab_size))
     logits = nnx.jit(lambda model, x: model(x))
@@ -53,36 +50,29 @@ def test_bad_lora_settings_are_one_sentence():
     with pytest.raises(ValueError, match="lora.rank -1 must be >= 0"):
         lora.check(lora.LoraConfig(rank=-1))
     with pytest.raises(ValueError, match="no LoRA adapters"):
-        lora.save_peft("unused", llama_jax.create(_model_config()))
+        lora.save_peft("unused", llama_jax.abstract(chat_setup.CONFIG))
 
 
 # ----------------------------------------------------------------------------------------------
-# Training with train.run from a Hugging Face base: full vs LoRA.
+# SFT with train.run from a Hugging Face base: full vs LoRA.
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """(tmp, LoRA run's final TrainState): a 3-step LoRA run and a 1-step full run, both from
-    the same Hugging Face base."""
+    """(tmp, LoRA run's final TrainState): a 3-step LoRA SFT run and a 1-step full one, both
+    from the same Hugging Face base and data."""
     tmp = tmp_path_factory.mktemp("lora")
-    hf.save_hf(llama_jax.create(_model_config(), seed=3), str(tmp / "base"))
-    common = {"train.init_from": str(tmp / "base"), "optim.warmup_steps": 0,
-              "optim.peak_lr": 1e-2, "train.eval_every": 0, "train.sample_tokens": 0,
-              "train.checkpoint_every": 0}
-    train.run(tiny_config(**common, **{"train.steps": 1}), str(tmp / "full"))
-    state = train.run(tiny_config(**common, **{"train.steps": 3, "lora.rank": RANK,
-                                               "lora.alpha": ALPHA}), str(tmp / "lora"))
+    common = {"train.init_from": chat_setup.base_checkpoint(str(tmp / "base")),
+              "data.files": chat_setup.sft_file(tmp / "sft.jsonl"), "optim.peak_lr": 1e-2}
+    train.run(chat_setup.config("sft", tmp, **common, **{"train.steps": 1}), str(tmp / "full"))
+    state = train.run(chat_setup.config("sft", tmp, **common, **{
+        "train.steps": 3, "lora.rank": RANK, "lora.alpha": ALPHA}), str(tmp / "lora"))
     return tmp, state
 
 
-def _metrics(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if '"loss"' in line]
-
-
-def test_first_lora_step_has_full_trainings_loss(runs):
+def test_first_lora_step_has_full_sfts_loss(runs):
     tmp, _ = runs
-    full, adapted = _metrics(str(tmp / "full")), _metrics(str(tmp / "lora"))
+    full, adapted = chat_setup.metrics(tmp / "full"), chat_setup.metrics(tmp / "lora")
     assert adapted[0]["loss"] == full[0]["loss"]  # B = 0: the same model on the same batch
     assert adapted[-1]["loss"] < adapted[0]["loss"]  # and the adapters learn
 
@@ -95,7 +85,7 @@ def test_only_adapters_are_trained_and_checkpointed(runs):
     assert params and all("_lora/" in p for p in params)
     assert len(params) == 2 * len(lora.TARGETS)  # A and B of every default target
     assert all("_lora/" in p for p in opt if "/mu/" in p or "/nu/" in p)
-    ckpt = train_checkpoint.Manager(str(tmp / "lora"), _model_config(), save_every=0, keep=1)
+    ckpt = train_checkpoint.Manager(str(tmp / "lora"), chat_setup.CONFIG, save_every=0, keep=1)
     saved = ckpt.saved_shapes(3)
     ckpt.close()
     weights = [p for p in saved if p.startswith(("params/", "opt_state/"))]
@@ -119,7 +109,8 @@ def test_exports_give_the_projects_logits_in_transformers(runs):
     hf_base = transformers.LlamaForCausalLM.from_pretrained(str(tmp / "base")).eval()
     peft_model = peft.PeftModel.from_pretrained(hf_base, str(tmp / "lora" / "adapter")).eval()
     with open(tmp / "lora" / "adapter" / "adapter_config.json") as f:
-        assert json.load(f)["lora_alpha"] == ALPHA
+        config = json.load(f)
+    assert config["lora_alpha"] == ALPHA and config["base_model_name_or_path"] == str(tmp / "base")
     with torch.no_grad():
         x = torch.tensor(tokens)
         unmerged = peft_model(x).logits.numpy()

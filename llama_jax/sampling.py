@@ -90,7 +90,11 @@ def sample(logits, key, temperature, top_k, top_p, min_p):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(_):
-        x = filter_logits(logits, temperature, top_k, top_p, min_p)
+        # No filter set: skip filter_logits's sort of the vocabulary, which on XLA:CPU costs
+        # most of a decode step at Llama 3's 128k (0.8 s for 12 rows; rejection sampling).
+        x = jax.lax.cond((top_k > 0) | (top_p < 1) | (min_p > 0),
+                         lambda: filter_logits(logits, temperature, top_k, top_p, min_p),
+                         lambda: logits / jnp.maximum(temperature, 1e-6))
         return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
 
     tokens = jax.lax.cond(temperature <= 0, greedy, draw, None)

@@ -1,6 +1,7 @@
 """Rejection sampling: K samples per prompt from the decode loop, scored by the reward model;
 the kept response is the best of its prompt (scores recomputed here from the Llama 3 chat
-format by hand) and the output file is SFT data."""
+format by hand) and is SFT data; the tool's one-line refusals. The tool's output file is
+checked end to end in test_post_training_round."""
 
 import json
 import os
@@ -42,14 +43,24 @@ def setup(tmp_path_factory):
     return d
 
 
-def test_kept_response_is_the_best_of_its_prompt(setup):
-    tok = tok_lib.load_tokenizer(LLAMA3)
-    rm = reward.load(str(setup / "rm"))
+@pytest.fixture(scope="module")
+def loaded(setup):
+    """(tokenizer, reward model, policy, prompts), loaded once: both runs share compilations."""
     prompts = rejection.read_prompts(str(setup / "prompts.jsonl"))
     assert [line for line, _ in prompts] == [1, 3, 4]  # line 2 (no user turn) skipped
-    results = list(rejection.best_of_n(
-        llama_jax.load(str(setup / "policy")), rm, tok, prompts, n=N, max_new_tokens=NEW,
-        sampling=SamplingParams(1.0), batch_rows=8, keep_unfinished=True))
+    return (tok_lib.load_tokenizer(LLAMA3), reward.load(str(setup / "rm")),
+            llama_jax.load(str(setup / "policy")), prompts)
+
+
+def _results(loaded, keep_unfinished):
+    tok, rm, policy, prompts = loaded
+    return tok, rm, list(rejection.best_of_n(
+        policy, rm, tok, prompts, n=N, max_new_tokens=NEW, sampling=SamplingParams(1.0),
+        batch_rows=8, keep_unfinished=keep_unfinished))
+
+
+def test_kept_response_is_the_best_of_its_prompt(loaded):
+    tok, rm, results = _results(loaded, keep_unfinished=True)
     assert len(results) == len(PROMPTS)
     for r, messages in zip(results, PROMPTS):
         assert r.messages == messages and len(r.texts) == N and len(set(r.texts)) > 1
@@ -61,33 +72,16 @@ def test_kept_response_is_the_best_of_its_prompt(setup):
         assert r.best == {"messages": messages + [
             {"role": "assistant", "content": r.texts[int(np.argmax(scores))]}],
             "score": pytest.approx(max(scores), rel=1e-5, abs=1e-6)}
-
-
-def test_tool_writes_sft_data(setup, capsys):
-    out = setup / "sft.jsonl"
-    rejection_sample.main([f"--policy={setup / 'policy'}", f"--reward={setup / 'rm'}",
-                           f"--prompts={setup / 'prompts.jsonl'}", f"--n={N}",
-                           f"--max_new_tokens={NEW}", "--batch_rows=8", "--keep_unfinished",
-                           "--backend=plain",
-                           "--temperature=1.0", "--top_p=1.0", f"--output={out}"])
-    assert f"Kept 3 of 3 prompts in {out}" in capsys.readouterr().out
-    lines = out.read_text().splitlines()
-    assert len(lines) == 3
-    for line, messages in zip(lines, PROMPTS):
-        example, why = chat_data.parse(line, "sft")
+        example, why = chat_data.parse(json.dumps(r.best), "sft")
         assert why is None and example["messages"][:-1] == messages
-        assert isinstance(example["score"], float)
-    assert not [f for f in os.listdir(setup) if f.startswith(".tmp-")]
 
 
-def test_unfinished_samples_are_not_candidates(setup, capsys):
-    """Six tokens from a random model end without a stop token: nothing is kept."""
-    out = setup / "none.jsonl"
-    rejection_sample.main([f"--policy={setup / 'policy'}", f"--reward={setup / 'rm'}",
-                           f"--prompts={setup / 'prompts.jsonl'}", f"--n={N}",
-                           f"--max_new_tokens={NEW}", "--batch_rows=8", "--backend=plain",
-                           f"--output={out}"])
-    assert "Kept 0 of 3 prompts" in capsys.readouterr().out and out.read_text() == ""
+def test_unfinished_samples_are_not_candidates(loaded):
+    """Six tokens from a random 128k-vocabulary model end without a stop token (the same
+    samples as above, same seed): no candidate, nothing kept."""
+    _, _, results = _results(loaded, keep_unfinished=False)
+    assert all(r.best is None and np.isnan(r.scores).all() and len(r.texts) == N
+               for r in results)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -229,6 +229,13 @@ def training_split(model: Llama, cfg: LoraConfig):
     return split(nnx.eval_shape(lambda m: attach(m, cfg), model))
 
 
+def describe(cfg: LoraConfig, adapters) -> str:
+    """The run banner's LoRA line: rank, alpha, targets and the trained parameter count."""
+    n = sum(math.prod(x.shape) for x in jax.tree.leaves(adapters))
+    return (f"LoRA rank {cfg.rank}, alpha {cfg.alpha:g} on {', '.join(cfg.target_names())}: "
+            f"{n:,} trained parameters, the base frozen")
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def init_adapters(model_config, cfg: LoraConfig) -> dict:
     """The pure dict of fresh adapters (A random, B zero) of cfg on model_config's model; the

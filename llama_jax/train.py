@@ -241,6 +241,8 @@ def run(config, workdir: str) -> TrainState:
     base_model = posttrain_run.abstract_model(config)(model_config, backend, parallel)
     lcfg = lora.LoraConfig(**config.lora)  # rank 0: every parameter trains, nothing is frozen
     graphdef, abstract_params, abstract_frozen = lora.training_split(base_model, lcfg)
+    if lcfg.rank:
+        _print(lora.describe(lcfg, abstract_params))
     ocfg = optim_config(config)
     tx = optim.make_optimizer(ocfg, abstract_params)
     fused = backend.fused_update and backend.fused_update(ocfg, abstract_params)

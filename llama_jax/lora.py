@@ -127,7 +127,7 @@ def adapters_of(model: Llama) -> dict:
     return out
 
 
-def delta(adapter: LoRA, n_in: int) -> jax.Array:
+def delta(adapter: LoRA) -> jax.Array:
     """s·A·B [L, *in, *out] in float32: what the adapter adds to its weight."""
     a, b = adapter.a[...].astype(jnp.float32), adapter.b[...].astype(jnp.float32)
     layers, rank = a.shape[0], a.shape[-1]
@@ -157,10 +157,9 @@ def merge(model: Llama) -> Llama:
         return model
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     for name, adapter in adapters.items():
-        where, n_in, _ = TARGETS[name]
+        where = TARGETS[name][0]
         w = params["layers"][where][name]
-        params["layers"][where][name] = (w.astype(jnp.float32) + delta(adapter, n_in)
-                                         ).astype(w.dtype)
+        params["layers"][where][name] = (w.astype(jnp.float32) + delta(adapter)).astype(w.dtype)
     return _plain(model, params)
 
 

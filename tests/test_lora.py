@@ -70,6 +70,7 @@ def runs(tmp_path_factory):
     return tmp, state
 
 
+@pytest.mark.slow
 def test_first_lora_step_has_full_sfts_loss(runs):
     tmp, _ = runs
     full, adapted = chat_setup.metrics(tmp / "full"), chat_setup.metrics(tmp / "lora")
@@ -77,6 +78,7 @@ def test_first_lora_step_has_full_sfts_loss(runs):
     assert adapted[-1]["loss"] < adapted[0]["loss"]  # and the adapters learn
 
 
+@pytest.mark.slow
 def test_only_adapters_are_trained_and_checkpointed(runs):
     tmp, state = runs
     names = lambda tree: {train_checkpoint.tree_path(p)  # noqa: E731
@@ -92,6 +94,7 @@ def test_only_adapters_are_trained_and_checkpointed(runs):
     assert weights and all("_lora/" in p or p.endswith("/count") for p in weights)
 
 
+@pytest.mark.slow
 def test_exports_give_the_projects_logits_in_transformers(runs):
     """The project's adapted model (base + trained adapters, two-path product), its merged
     export converted to HF, and peft's merge of the PEFT export: the same logits."""

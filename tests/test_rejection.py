@@ -59,6 +59,7 @@ def _results(loaded, keep_unfinished):
         batch_rows=8, keep_unfinished=keep_unfinished))
 
 
+@pytest.mark.slow
 def test_kept_response_is_the_best_of_its_prompt(loaded):
     tok, rm, results = _results(loaded, keep_unfinished=True)
     assert len(results) == len(PROMPTS)
@@ -76,6 +77,7 @@ def test_kept_response_is_the_best_of_its_prompt(loaded):
         assert why is None and example["messages"][:-1] == messages
 
 
+@pytest.mark.slow
 def test_unfinished_samples_are_not_candidates(loaded):
     """Six tokens from a random 128k-vocabulary model end without a stop token (the same
     samples as above, same seed): no candidate, nothing kept."""

@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax import hf, safetensors_io
+from llama_jax import hf, reward, safetensors_io
 from tools import average_checkpoints
 
 CONFIG = llama_jax.get_config("tiny", n_layers=2, vocab_size=96, dim=32, n_heads=2,
@@ -78,3 +78,19 @@ def test_another_architecture_names_the_field(two, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "holds another architecture" in err and "ffn_dim 96 != 64" in err
     assert not os.path.exists(tmp_path / "out")
+
+
+def test_reward_models_average_into_a_reward_export(two, tmp_path, capsys):
+    for seed, name in ((1, "ra"), (2, "rb")):
+        reward.save(str(tmp_path / name), reward.create(CONFIG, seed=seed))
+    average_checkpoints.main([f"--input={tmp_path / 'ra'}", f"--input={tmp_path / 'rb'}",
+                              "--weights=1,3", f"--output={tmp_path / 'mean'}"])
+    a, b, got = (reward.params_of(reward.load(str(tmp_path / n))) for n in ("ra", "rb", "mean"))
+    for (k, x), (_, y), (_, z) in zip(_leaves(got), _leaves(a), _leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), 0.25 * np.asarray(y, np.float64)
+                                   + 0.75 * np.asarray(z, np.float64), rtol=0, atol=1e-7,
+                                   err_msg=k)
+    with pytest.raises(SystemExit):  # a reward model with a language model
+        average_checkpoints.main([f"--input={tmp_path / 'ra'}", f"--input={two / 'a'}",
+                                  f"--output={tmp_path / 'mixed'}"])
+    assert "not both reward models" in capsys.readouterr().err

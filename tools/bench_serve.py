@@ -11,7 +11,7 @@ list of --requests_per_client × C streaming greedy completions: prompts of rand
 model peer_decode.py writes),
 --max_tokens new tokens. The systems alternate at each C. Per system and C, one JSON line:
 requests/s, output tokens/s, time to first token and inter-token latency percentiles (ms).
-Output tokens are counted as streamed chunks (one per token on both servers).
+Output tokens are counted from the streamed logprobs (requested for that reason).
 """
 
 import argparse
@@ -19,6 +19,7 @@ import concurrent.futures
 import json
 import os
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def launch(args):
         "llama.cpp": (theirs, subprocess.Popen(
             [args.llama_python, "-m", "llama_cpp.server", "--model", args.gguf, "--port",
              str(theirs), "--model_alias", "bench", "--n_ctx", str(args.max_len),
-             "--n_threads", str(os.cpu_count()), "--interrupt_requests", "False"],
+             "--n_threads", str(args.llama_threads), "--interrupt_requests", "False"],
             stderr=open("/tmp/bench_serve_llamacpp.log", "w"))),
     }
     out = {}
@@ -70,16 +71,19 @@ def launch(args):
 
 def one(url, prompt, max_tokens):
     """(ttft s, [inter-token gaps s], tokens) of one streamed completion."""
+    # logprobs=1: a chunk per token on both servers even while the text of byte tokens is
+    # held back as an incomplete UTF-8 character (a random model emits many)
     body = dict(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0.0,
-                stream=True)
+                stream=True, logprobs=1)
     t0 = time.perf_counter()
     times = []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
-                if json.loads(line[6:])["choices"][0].get("text"):
-                    times.append(time.perf_counter())
+                choice = json.loads(line[6:])["choices"][0]
+                tokens = (choice.get("logprobs") or {}).get("tokens") or []
+                times += [time.perf_counter()] * (len(tokens) or bool(choice.get("text")))
     return times[0] - t0, list(np.diff(times)), len(times)
 
 
@@ -113,7 +117,11 @@ def main():
     ap.add_argument("--max_len", type=int, default=1024)
     ap.add_argument("--slots", type=int, default=32)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--llama_threads", type=int, default=os.cpu_count(),
+                    help="llama.cpp's threads (1 on a machine shared with other work: its "
+                    "threads meet at a spinning barrier every op)")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop both servers
     servers = launch(args)
     try:
         rng = random.Random(0)

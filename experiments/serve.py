@@ -88,7 +88,7 @@ def main(argv):
                     max_queue=_MAX_QUEUE.value)
     engine.warmup()
     name = _MODEL_NAME.value or os.path.basename(os.path.abspath(_CHECKPOINT.value))
-    app = api.create_app(engine, tok, name, shutdown_timeout=_SHUTDOWN.value)
+    app = api.create_app(engine, tok, name)
     config = uvicorn.Config(app, host=_HOST.value, port=_PORT.value, log_level="warning",
                             timeout_graceful_shutdown=max(1, int(_SHUTDOWN.value)))
     server = uvicorn.Server(config)

@@ -31,13 +31,15 @@ DISCONNECT_POLL_S = 0.25
 
 
 def create_app(engine: Engine, tokenizer, model_name: str, *,
-               shutdown_timeout: float = 30.0) -> FastAPI:
+               drain_timeout: float = 1.0) -> FastAPI:
+    """The app; at shutdown the engine gets drain_timeout seconds more, then is closed."""
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
-        # uvicorn has stopped taking connections and waited for open ones (up to its own
-        # timeout); whatever still runs is cancelled here.
-        await asyncio.to_thread(engine.close, shutdown_timeout)
+        # uvicorn has stopped taking connections and waited for open ones (up to its
+        # timeout_graceful_shutdown; the requests of connections it cut are cancelled), so
+        # what is left here is at most a step or two.
+        await asyncio.to_thread(engine.close, drain_timeout)
 
     app = FastAPI(title="llama-jax", lifespan=lifespan)
     vocab = engine.weights.config.vocab_size

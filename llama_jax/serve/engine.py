@@ -110,6 +110,10 @@ class Engine:
         if chunk & (chunk - 1) or chunk < 16:
             raise ValueError(f"chunk must be a power of two >= 16, got {chunk}.")
         self.chunk, self.n_slots = chunk, slots
+        # Page-table widths the decode step compiles for (warmup compiles them all): powers of
+        # two from 4 pages, and the whole table.
+        m = self.pages_per_slot
+        self.widths = sorted({min(4 << i, m) for i in range(max(1, m.bit_length()))})
         self.pool_host = paged.PagePool(n_pages, page_size)
         self.pool = paged.init_pool(c, n_pages, page_size)
         self.table = np.full((slots, self.pages_per_slot), paged.TRASH_PAGE, np.int32)
@@ -162,8 +166,15 @@ class Engine:
                         max_len=self.max_len, reused_tokens=self.reused_tokens)
 
     def warmup(self) -> None:
-        """Compiles the decode step and every prefill bucket (16 .. chunk tokens) now, by
-        serving one short request per bucket, rather than on the first requests."""
+        """Compiles the decode step for every page-table width and every prefill bucket (16 ..
+        chunk tokens, by serving one short request each) now rather than on the first
+        requests. Call it before submitting requests."""
+        for width in self.widths:  # the engine thread is idle: no request yet
+            b = self.n_slots
+            zeros = np.zeros((b,), np.int32)
+            self.pool, _ = steps.decode_step(
+                self.weights, self.pool, zeros, zeros,
+                np.full((b, width), paged.TRASH_PAGE, np.int32), self._sampling([None] * b))
         sizes = [n for n in (16 << i for i in range(self.chunk.bit_length()))
                  if n <= min(self.chunk, self.max_len - 2)]
         left = threading.Semaphore(0)
@@ -289,7 +300,10 @@ class Engine:
         tokens = np.array([r.last if r else 0 for r in rows], np.int32)
         positions = np.array([len(r.prompt) + r.generated - 1 if r else 0 for r in rows],
                              np.int32)
-        table = self.table.copy()
+        # Attention reads the first `width` pages of every row: the smallest bucket that
+        # holds the longest request running, not the whole context.
+        width = next(w for w in self.widths if w >= max(len(r.pages) for r in rows if r))
+        table = self.table[:, :width].copy()
         for i, r in enumerate(rows):
             if r is None:
                 table[i] = paged.TRASH_PAGE

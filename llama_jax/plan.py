@@ -22,6 +22,7 @@ flight); total = arguments + outputs − donated aliases + temporaries (memory_a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -84,12 +85,13 @@ def set_value(config, item: str) -> None:
 # The abstract train state, batch and the jitted sharded step for one mesh.
 
 
-def build(config, mesh, mc: sharding.MeshConfig):
-    """(jitted step, abstract state, abstract batch, logical axes) for `mesh`; nothing allocated."""
+def build(config, mesh, mc: sharding.MeshConfig, platform: str = "cpu"):
+    """(jitted step, abstract state, abstract batch, logical axes) for `mesh` of a `platform`
+    target; nothing allocated."""
     mcfg = ModelConfig.from_dict(config.model.to_dict())
-    # Targets are TPUs and GPUs: their backend (plain until they have their own), never the
-    # cpu one of the machine that plans.
-    backend = backends.get("plain", mc.attention)
+    # the target's backend (its attention kernel), never the cpu one of the machine that plans
+    backend = backends.for_target(platform, mc.attention)
+    mc = dataclasses.replace(mc, attention="auto")  # the backend's default: the one chosen
     abstract_model = model_lib.abstract(mcfg, *sharding.execution(mesh, mc, backend))
     graphdef, params = nnx.split(abstract_model, nnx.Param)
     params = nnx.to_pure_dict(params)
@@ -106,7 +108,11 @@ def build(config, mesh, mc: sharding.MeshConfig):
     rows, t = config.data.global_batch, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=sharding.batch_sharding(mesh))
              for k in BATCH_KEYS}
-    return step, state, batch, axes
+    # the attention planned (sharding.execution runs pipeline stages with chunked instead)
+    attention = backend.default_attention
+    if attention in backends.KERNELS and mesh.shape["pipeline"] > 1:
+        attention = "chunked"
+    return step, state, batch, axes, attention
 
 
 def shard_bytes(tree, axes, mesh, fsdp: bool) -> int:
@@ -138,9 +144,9 @@ def compile_on(config, devices, target: hardware.Target, full_shape=None) -> dic
     mc = sharding.from_config(config.mesh)
     mesh = sharding.make_mesh(mc, devices)
     check_layout(config, mesh, mc)
-    step, state, batch, axes = build(config, mesh, mc)
+    step, state, batch, axes, attention = build(config, mesh, mc, target.device.platform)
     full = AbstractMesh(tuple(full_shape or mesh.axis_sizes), sharding.AXES)
-    out = dict(params=shard_bytes(state.params, axes, full, mc.fsdp),
+    out = dict(attention=attention, params=shard_bytes(state.params, axes, full, mc.fsdp),
                optimizer=shard_bytes(state.opt_state, axes, full, mc.fsdp),
                compiled_state=shard_bytes((state.params, state.opt_state), axes, mesh, mc.fsdp))
     t0 = time.perf_counter()
@@ -160,10 +166,24 @@ def compile_on(config, devices, target: hardware.Target, full_shape=None) -> dic
     ca = ca[0] if isinstance(ca, (list, tuple)) else ca
     out["xla_cost_analysis_flops"] = float(ca.get("flops", 0.0))
     cost = hlo_cost.analyse(compiled.as_text(), _domains(mesh, target))
+    if attention in backends.KERNELS and target.device.platform == "tpu":
+        out["kernel_flops"] = _kernel_flops(config, mesh.size)
+        cost.flops += out["kernel_flops"]
     out.update(hlo_flops=cost.flops, hbm_bytes=cost.hbm_bytes, fast_bytes=cost.fast_bytes,
                slow_bytes=cost.slow_bytes, collectives=cost.collectives,
                compiled_mesh=dict(zip(sharding.AXES, mesh.axis_sizes)))
     return out
+
+
+def _kernel_flops(config, n_devices: int) -> float:
+    """FLOPs per device of the splash kernel, which the TPU's HLO shows as an opaque custom
+    call: per token, layer and query head each of its T·H-FLOP products over the causal half
+    of the keys, 2 forward (scores, context), 2 more when remat recomputes the forward, and 7
+    backward (the dq kernel's scores, dP, dq; the dk/dv kernel's scores, dP, dv, dk)."""
+    c = ModelConfig.from_dict(config.model.to_dict())
+    rows, t = config.data.global_batch, config.data.seq_len
+    products = 2 * (1 + (c.remat != "none")) + 7
+    return rows * t * c.n_layers * c.n_heads * c.head_dim * t * products / n_devices
 
 
 def _domains(mesh, target: hardware.Target) -> list[int]:
@@ -310,6 +330,7 @@ def report(config, target: hardware.Target, full_shape, m: dict, overrides) -> d
     out = dict(config=mcfg.name, target=target.name, device=dev.name, devices=n,
                estimate=target.estimate, overrides=list(overrides),
                mesh=dict(zip(sharding.AXES, full_shape)), remat=mcfg.remat,
+               attention=m.get("attention", config.mesh.attention),
                global_batch=rows, seq_len=t,
                accumulation_steps=config.optim.accumulation_steps,
                pipeline_microbatches=config.mesh.pipeline_microbatches)
@@ -338,6 +359,7 @@ def report(config, target: hardware.Target, full_shape, m: dict, overrides) -> d
     out.update(memory=mem, fits=fits, compile_s=round(m["compile_s"], 1),
                compiled_mesh=m["compiled_mesh"],
                flops=dict(compiler=m["hlo_flops"], analytic=analytic,
+                          kernel=m.get("kernel_flops", 0.0),
                           xla_cost_analysis=m["xla_cost_analysis_flops"]),
                roofline=dict(compute_s=rl.compute_s, hbm_s=rl.hbm_s, comm_s=rl.comm_s,
                              step_s=rl.step_s, serial_s=rl.serial_s, bound=rl.bound,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import socket
@@ -318,10 +319,15 @@ def execution(mesh: Mesh, mc: MeshConfig, backend: Backend | None = None):
     local = backend.attention or attention.IMPLS[backend.default_attention]
     cp = mc.context_impl if mesh.shape["context"] > 1 else None
     name = backend.default_attention if mc.attention == "auto" else mc.attention
-    if name in backends.KERNELS:  # a Pallas kernel: per-device rows and heads (backends/sharded.py)
-        if mesh.shape["pipeline"] > 1:
+    if name in backends.KERNELS and mesh.shape["pipeline"] > 1:
+        # Shardy does not nest the kernel's shard_map inside the pipeline's (pipeline.py)
+        if mc.attention != "auto":
             raise ValueError(f"mesh.attention={name} does not run inside pipeline stages yet; "
                              f"use mesh.attention=chunked with mesh.pipeline > 1.")
+        logging.info("mesh.attention auto: chunked (%s does not run in pipeline stages).", name)
+        backend, name = backend.with_attention("chunked"), "chunked"
+        local = backend.attention
+    if name in backends.KERNELS:  # a Pallas kernel: per-device rows and heads (backends/sharded.py)
         backend = dataclasses.replace(backend, attention=functools.partial(
             sharded.sharded_attention, mesh=mesh, local=local, context_impl=cp))
     elif cp:

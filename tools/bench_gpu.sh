@@ -7,6 +7,8 @@
 # benchmark has its own time limit, so one stuck case leaves the rest.
 #
 #   bash tools/bench_gpu.sh [MODEL]        # MODEL: a preset, default llama3.2-1b
+#   bash tools/bench_gpu.sh fused          # fused vs full attention (issue: accelerator
+#                                          # attention), about 10 minutes; see below
 #
 # What runs: the measured matmul peak (bf16 and f32, 8192^3); AdamW train steps of MODEL
 # against that peak on the plain backend (the model's own math; sequences of 2,048 tokens; bf16
@@ -32,6 +34,24 @@ run() {  # run LIMIT_S ARGS...: one benchmark.py mode, its JSON lines kept
     | tee -a "$out/gpu_bench.jsonl"
   echo "# benchmark.py $* exited $?" | tee -a "$out/gpu_bench.jsonl"
 }
+if [ "$model" = fused ]; then
+  # bf16 AdamW training of llama3.2-1b and -3b at 2,048 and 8,192 tokens per row: the gpu
+  # backend's fused attention (Pallas GPU flash, mesh.attention=pallas_gpu) against the plain
+  # backend's `reference` (whole [B, N, T, S] scores), MFU against the bf16 matmul peak each
+  # process measures first; then bf16 decode of llama3.2-1b at batch 1 / 8 / 64 against the
+  # measured HBM bandwidth. Rows per step: 8 x 2,048 or 2 x 8,192 (16k tokens) for 1b, half
+  # that for 3b; `reference` at 8,192 tokens for 3b is left out (its scores alone exceed HBM).
+  for args in "llama3.2-1b 8 2048 gpu pallas_gpu" "llama3.2-1b 8 2048 plain reference" \
+      "llama3.2-1b 2 8192 gpu pallas_gpu" "llama3.2-1b 2 8192 plain reference" \
+      "llama3.2-3b 4 2048 gpu pallas_gpu" "llama3.2-3b 4 2048 plain reference" \
+      "llama3.2-3b 1 8192 gpu pallas_gpu"; do
+    set -- $args
+    run 100 train --model="$1" --dtypes=bfloat16 --batch="$2" --seq_len="$3" --backend="$4" \
+      --attention="$5" --iters=5
+  done
+  run 120 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64
+  exit 0
+fi
 run 60 peak
 for args in "bfloat16 4 reference" "bfloat16 8 reference" "bfloat16 8 chunked" \
     "float32 4 reference"; do

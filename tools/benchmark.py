@@ -40,9 +40,10 @@ flags.DEFINE_list("decode_batches", ["1", "8"], "decode: batch sizes.")
 flags.DEFINE_integer("decode_prompt", 64, "decode: prompt tokens per row (the model's max_seq_len "
                      "is raised to fit prompt + new).")
 flags.DEFINE_integer("decode_new", 128, "decode: new tokens per row.")
-flags.DEFINE_enum("backend", "auto", ["auto", "plain", "cpu"],
+flags.DEFINE_enum("backend", "auto", ["auto", "plain", "cpu", "tpu", "gpu"],
                   "forward/train: the backend (mesh.backend of a training config).")
-flags.DEFINE_enum("attention", "auto", ["auto", "full", "chunked", "reference"],
+flags.DEFINE_enum("attention", "auto", ["auto", "full", "chunked", "reference", "splash",
+                                        "pallas_gpu"],
                   "forward/train: the no-cache attention (mesh.attention of a training config).")
 flags.DEFINE_bool("causal_blocks", True, "forward/train, cpu backend: let the full attention "
                   "skip the score blocks above the diagonal (false: whole [T, T]).")

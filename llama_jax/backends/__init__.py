@@ -151,6 +151,25 @@ def get(name: str = "auto", attention: str = "auto") -> Backend:
     return backend.with_attention(attention)
 
 
+def for_target(platform: str, attention_name: str = "auto") -> Backend:
+    """The backend a run on `platform` (tpu, gpu, cpu) uses, for compiling its step ahead of
+    time on this machine (tools/plan.py): the plain math (never this host's cpu pieces) with
+    the attention `auto` picks there (splash on tpu, pallas_gpu on gpu, reference on cpu) or
+    `attention_name`. Kernels are compiled for a tpu target (libtpu topology devices) and run
+    interpreted for targets compiled on CPU devices (GPU nodes are simulated there)."""
+    name = {"tpu": "splash", "gpu": "pallas_gpu"}.get(platform, "reference")
+    name = name if attention_name == "auto" else attention_name
+    if name not in KERNELS:
+        return PLAIN.with_attention(name)
+    module, kernel_platform = KERNELS[name]
+    if platform not in (kernel_platform, "cpu"):
+        raise ValueError(f"mesh.attention={name!r} is a {kernel_platform.upper()} kernel; a "
+                         f"{platform} target takes auto, {', '.join(attention.IMPLS)} or "
+                         f"{'splash' if platform == 'tpu' else 'pallas_gpu'}.")
+    fn = importlib.import_module(module).make(platform != "tpu").attentions[0][1]
+    return dataclasses.replace(PLAIN, attentions=((name, fn),), default_attention=name)
+
+
 def prepare_host(name: str = "auto") -> None:
     """Process set-up of the backend `name` would choose, before JAX starts its threads: on a
     CPU host (no TPU/GPU device files) the cpu backend keeps freed host memory for reuse

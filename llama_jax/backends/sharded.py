@@ -23,9 +23,6 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import attention
 
-AXES = ("data", "context", "tensor")
-
-
 def check(n_heads: int, n_kv_heads: int, tensor: int) -> None:
     """One sentence when the kv heads cannot follow the query heads over `tensor`."""
     if n_kv_heads % tensor and tensor % n_kv_heads:
@@ -56,7 +53,9 @@ def sharded_attention(q, k, v, positions, segment_ids, *, mesh, local, context_i
     kvs = qs if kv_split else P("data", "context", None, None)
     body = functools.partial(_body, local=local, context_impl=context_impl, tensor=tensor,
                              kv_split=kv_split)
-    # check_vma off: Pallas kernels declare outputs without varying-axis types
+    # Manual over every mesh axis (Mosaic refuses any automatic one, even of size 1: pipeline
+    # stages are refused before this, sharding.execution). check_vma off: Pallas kernels
+    # declare outputs without varying-axis types.
     return jax.shard_map(body, mesh=attention.context_mesh(mesh),
                          in_specs=(qs, kvs, kvs, rows, rows), out_specs=qs,
-                         axis_names=set(AXES), check_vma=False)(q, k, v, positions, segment_ids)
+                         axis_names=set(mesh.axis_names), check_vma=False)(q, k, v, positions, segment_ids)

@@ -62,19 +62,19 @@ class _TokenOrderCausal(sa.CausalMask):
         self.q_sequence = np.asarray(order, np.int32)
 
 
-@functools.cache
 def _kernel(t: int, s: int, groups: int, context: int, interpret: bool):
     """The MQA splash kernel for `context` ranks of t queries each (all t*context query rows,
-    in the load-balanced order when context > 1) over s keys in token order, G heads."""
+    in the load-balanced order when context > 1) over s keys in token order, G heads.
+    Built at trace time (its mask tables become constants of the traced program; the block
+    analysis of the mask is cached by the kernel's own process_mask)."""
     order = attention.load_balance_order(t * context, context) if context > 1 else np.arange(t)
     mask = sa.MultiHeadMask([_TokenOrderCausal(order, s)] * groups)
     bq, bkv = block_size(t), block_size(s)
     blocks = sa.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
                            block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
                            block_q_dq=bq, block_kv_dq=bkv)
-    with jax.ensure_compile_time_eval():  # concrete mask tables, cached across traces
-        return sa.make_splash_mqa(mask, block_sizes=blocks, head_shards=1,
-                                  q_seq_shards=context, interpret=interpret)
+    return sa.make_splash_mqa(mask, block_sizes=blocks, head_shards=1, q_seq_shards=context,
+                              interpret=interpret)
 
 
 def _rank_slice(kernel, rank, context: int):

@@ -22,6 +22,7 @@ flight); total = arguments + outputs − donated aliases + temporaries (memory_a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -150,8 +151,13 @@ def compile_on(config, devices, target: hardware.Target, full_shape=None) -> dic
                optimizer=shard_bytes(state.opt_state, axes, full, mc.fsdp),
                compiled_state=shard_bytes((state.params, state.opt_state), axes, mesh, mc.fsdp))
     t0 = time.perf_counter()
+    # the precision a run compiles with: Mosaic rejects bf16 kernel matmuls asked for fp32
+    # contract precision, which a process-wide jax_default_matmul_precision="highest" (the
+    # tests') would ask of the splash kernel
+    precision = (jax.default_matmul_precision("default") if target.device.platform == "tpu"
+                 else contextlib.nullcontext())
     try:
-        with jax.set_mesh(mesh):
+        with jax.set_mesh(mesh), precision:
             compiled = step.lower(state, batch).compile()
     except Exception as e:  # XLA refuses programs that exceed a TPU's HBM
         if "RESOURCE_EXHAUSTED" not in str(e) and "memory" not in str(e).lower():

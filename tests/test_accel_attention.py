@@ -78,6 +78,22 @@ def test_kernel_bf16_close_to_f32_reference(name):
     assert _rel(jnp.where(live, out, 0), jnp.where(live, ref, 0)) < 1e-2
 
 
+@pytest.mark.parametrize("name,platform", [("splash", "tpu"), ("pallas_gpu", "gpu")])
+def test_compiled_kernel_on_its_accelerator(name, platform):
+    """The kernel compiled (Mosaic / Triton) rather than interpreted, where its device is."""
+    if jax.default_backend() != platform:
+        pytest.skip(f"needs a {platform.upper()} (JAX_PLATFORMS={platform} pytest ...): the "
+                    f"interpreted kernel is tested above on every machine")
+    for dtype, tol in ((jnp.float32, 2e-2), (jnp.bfloat16, 2e-2)):  # TPU/GPU f32 dots: bf16 passes
+        q, k, v, pos, seg = _inputs(1024, dtype)
+        out, grads = _value_and_grads(backends.kernel_attention(name), q, k, v, pos, seg)
+        f32 = [a.astype(jnp.float32) for a in (q, k, v)]
+        ref, ref_grads = _value_and_grads(attention.reference_attention, *f32, pos, seg)
+        assert _rel(out, ref) < tol
+        for g, r in zip(grads, ref_grads):
+            assert _rel(g, r) < tol
+
+
 def test_splash_under_context_parallelism_follows_true_positions():
     """4 context ranks, keys gathered in the load-balanced order: each rank's chunks i and
     7-i mask by their true offsets (value and gradients equal the unsharded reference)."""
@@ -115,6 +131,9 @@ def test_names_platforms_and_bad_shapes(monkeypatch):
                              jnp.zeros((1, 64), jnp.int32),
                              jnp.ones((1, 64), jnp.int32), jnp.zeros((1, 128), jnp.int32),
                              jnp.ones((1, 128), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="pallas_gpu needs a power-of-two head dim"):
+        backends.kernel_attention("pallas_gpu")(*(jnp.zeros((1, 128, 2, 96)),) * 3,
+                                                *(jnp.ones((1, 128), jnp.int32),) * 2)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     backends.get.cache_clear()
     try:

@@ -50,6 +50,12 @@ if [ "$model" = fused ]; then
       --attention="$5" --iters=5
   done
   run 120 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64
+  # the same with the whole decode loop captured as CUDA graphs (command buffers over while
+  # loops and conditionals too): per-kernel launch overhead is the suspect of the 36-52% of
+  # HBM bandwidth the H200 run read at batch 1 (unmeasured until this runs)
+  echo "# decode with XLA command buffers over WHILE,CONDITIONAL" | tee -a "$out/gpu_bench.jsonl"
+  XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
+    run 120 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64
   exit 0
 fi
 run 60 peak

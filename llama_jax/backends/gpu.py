@@ -45,6 +45,9 @@ def flash_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *, interpret:
     if k.shape[1] != q.shape[1]:  # context parallelism: keys of every rank (module docstring)
         return attention.chunked_attention(q, k, v, q_pos, q_seg, k_pos, k_seg)
     b, t, n, h = q.shape
+    if h & (h - 1):  # the kernel tiles the head dim to the next power of two
+        raise ValueError(f"mesh.attention=pallas_gpu needs a power-of-two head dim (64, 128, "
+                         f"...) but this model's is {h}; use mesh.attention=chunked.")
     tp = -(-t // LANES) * LANES
     pad = lambda a: jnp.pad(a, [(0, 0), (0, tp - t)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
     groups = n // k.shape[2]

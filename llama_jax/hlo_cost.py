@@ -131,13 +131,38 @@ def _dot_flops(shape, op, args, symbols) -> float:
         dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", args)
         k = math.prod(lhs[int(d)] for d in dims.group(1).split(",") if d) if dims else 1
         return 2.0 * out * k
+    return _conv_flops(shape, args, symbols, operands)
+
+
+def _taps(n: int, window: int, lo: int, hi: int, stride: int) -> int:
+    """(output position, window position) pairs of one spatial dim that read a real input
+    element, not padding."""
+    out = (n + lo + hi - window) // stride + 1
+    return sum(1 for o in range(out) for j in range(window) if 0 <= o * stride + j - lo < n)
+
+
+def _conv_flops(shape, args, symbols, operands) -> float:
+    """2 x batch x output features x input features x the window taps that read real input.
+    XLA:TPU writes some dots as convolutions over a padded window (a [T, D] x [D, N, H]
+    projection as size-32 windows padded 31 on each side, one real tap per output position),
+    so counting every window position would overcount by the window size."""
+    labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", args)
+    lhs = next(_arrays(symbols.get(operands[0], "")), (0, [], 0))[1]
     rhs = next(_arrays(symbols.get(operands[1], "")), (0, [], 0))[1]
-    labels = re.search(r"dim_labels=\w*_(\w+)->", args)
-    if not labels or len(labels.group(1)) != len(rhs):
+    out = next(_arrays(shape), (0, [], 0))[1]
+    if not labels or [len(x) for x in labels.groups()] != [len(lhs), len(rhs), len(out)]:
         return 0.0
-    k = math.prod(d for d, lab in zip(rhs, labels.group(1)) if lab != "o")
-    groups = re.search(r"feature_group_count=(\d+)", args)
-    return 2.0 * out * k / (int(groups.group(1)) if groups else 1)
+    lhs_l, rhs_l, out_l = labels.groups()
+    flops = 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")]
+    window = re.search(r"window=\{([^}]*)\}", args)
+    fields = dict(f.split("=") for f in window.group(1).split()) if window else {}
+    for d in sorted(c for c in lhs_l if c.isdigit()):
+        i = int(d)
+        size = int(fields["size"].split("x")[i]) if "size" in fields else rhs[rhs_l.index(d)]
+        lo, hi = map(int, fields["pad"].split("x")[i].split("_")) if "pad" in fields else (0, 0)
+        stride = int(fields["stride"].split("x")[i]) if "stride" in fields else 1
+        flops *= _taps(lhs[lhs_l.index(d)], size, lo, hi, stride)
+    return flops
 
 
 def _operands(args: str) -> list[str]:

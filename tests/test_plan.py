@@ -117,6 +117,23 @@ def test_hlo_flops_count_loop_trips_that_cost_analysis_counts_once():
     assert compiled.cost_analysis()["flops"] < cost.flops / 2
 
 
+def test_hlo_flops_of_a_padded_convolution_count_real_taps_only():
+    """A window-3 convolution padded 1 on each side of 8 positions reads 8 x 3 - 2 real
+    inputs; XLA:TPU writes projections as size-32 windows padded 31 on each side (one real
+    tap per output), where counting every window position overcounts 32 times."""
+    b, n, i, o, w = 2, 8, 4, 5, 3
+    conv = lambda x, k: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k, (1,), [(1, 1)], dimension_numbers=("NWC", "WIO", "NWC"))
+    compiled = jax.jit(conv).lower(jnp.ones((b, n, i)), jnp.ones((w, i, o))).compile()
+    assert hlo_cost.analyse(compiled.as_text()).flops == 2 * b * o * i * (n * w - 2)
+    tpu_line = ("  %x = bf16[1024,4096,1]{1,0,2} parameter(0)\n"
+                "  %k = bf16[1024,32,128]{0,2,1} parameter(1)\n"
+                "  ROOT %c = f32[4096,32,128]{2,0,1} convolution(%x, %k), window={size=32 "
+                "pad=31_31 rhs_reversal=1}, dim_labels=fb0_i0o->b0f\n")
+    text = "ENTRY %main (x: bf16[1024,4096,1], k: bf16[1024,32,128]) -> f32[4096,32,128] {\n"
+    assert hlo_cost.analyse(text + tpu_line + "}\n").flops == 2 * 4096 * 32 * 128 * 1024
+
+
 def test_analytic_flops_match_compiler_cost_analysis_on_tiny(tiny_plan):
     """The compiler's matmul FLOPs within 5% of flops.py, scanned and unrolled alike.
 

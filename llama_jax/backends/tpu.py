@@ -125,7 +125,6 @@ def splash_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *,
         tp = -(-t // LANES) * LANES
         q, k, v, q_seg, k_seg = (_pad(a, tp) for a in (q, k, v, q_seg, k_seg))
         kernel = _kernel(tp, tp, n // kh, 1, interpret)
-        s = tp
     # [B, K, G, T, H] queries, pre-scaled (the kernel applies no scale), and [B, K, S, H] keys
     qg = (q * jnp.asarray(h ** -0.5, q.dtype)).reshape(b, tp, kh, n // kh, h)
     qg = qg.transpose(0, 2, 3, 1, 4)

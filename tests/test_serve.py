@@ -106,6 +106,15 @@ def test_concurrent_greedy_equals_alone_and_decode_loop(served):
     assert len(set(together)) == 8  # eight different continuations, not one repeated
 
 
+def test_one_running_request_decodes_one_row(served):
+    engine, client = served["engine"], served["client"]
+    before = engine.rows_computed
+    out = complete(client, [1, 7, 8, 9], 10, extra_body=dict(stop_token_ids=[]))
+    assert out.usage.completion_tokens == 10
+    # the first token comes from the prefill; 9 decode steps of 1 row, not of SLOTS rows
+    assert engine.rows_computed - before == 9
+
+
 def test_streaming_equals_non_streaming_and_stop_strings(served):
     client = served["client"]
     kw = dict(temperature=0.9, seed=7)
@@ -205,7 +214,8 @@ def _one_load_request(client, i, rng):
 def test_200_requests_with_cancellations_and_overflow(served):
     engine, client = served["engine"], served["client"]
     idle, compiled = engine.stats(), steps.decode_step._cache_size()
-    assert compiled == len(engine.widths)  # warmup compiled every page-table width
+    # warmup compiled every row count x page-table width
+    assert compiled == len(engine.row_buckets) * len(engine.widths)
     rng = random.Random(0)
     seeds = [rng.random() for _ in range(200)]
     with concurrent.futures.ThreadPoolExecutor(24) as pool:

@@ -40,19 +40,24 @@ def free_port() -> int:
 
 def launch(args):
     """Both servers, waited for; {name: (url, process)}."""
-    ours, theirs = free_port(), free_port()
-    procs = {
-        "llama_jax": (ours, subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "experiments", "serve.py"),
-             f"--checkpoint={args.checkpoint}", f"--port={ours}", "--model_name=bench",
+    def ours(root, log):
+        port = free_port()
+        return port, subprocess.Popen(
+            [sys.executable, os.path.join(root, "experiments", "serve.py"),
+             f"--checkpoint={args.checkpoint}", f"--port={port}", "--model_name=bench",
              f"--max_len={args.max_len}", f"--slots={args.slots}", "--max_queue=1024",
-             f"--dtype={args.dtype}"], stderr=open("/tmp/bench_serve_ours.log", "w"))),
-        "llama.cpp": (theirs, subprocess.Popen(
+             f"--dtype={args.dtype}"], cwd=root, stderr=open(log, "w"))
+
+    theirs = free_port()
+    procs = {"llama_jax": ours(ROOT, "/tmp/bench_serve_ours.log")}
+    if args.baseline_root:  # another checkout of this repository: ours before a change
+        procs["llama_jax@baseline"] = ours(args.baseline_root, "/tmp/bench_serve_base.log")
+    if args.gguf:
+        procs["llama.cpp"] = (theirs, subprocess.Popen(
             [args.llama_python, "-m", "llama_cpp.server", "--model", args.gguf, "--port",
              str(theirs), "--model_alias", "bench", "--n_ctx", str(args.max_len),
              "--n_threads", str(args.llama_threads), "--interrupt_requests", "False"],
-            stderr=open("/tmp/bench_serve_llamacpp.log", "w"))),
-    }
+            stderr=open("/tmp/bench_serve_llamacpp.log", "w")))
     out = {}
     for name, (port, proc) in procs.items():
         url = f"http://127.0.0.1:{port}"
@@ -107,8 +112,9 @@ def run(url, work, concurrency):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True)
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--llama_python", required=True)
+    ap.add_argument("--gguf", help="llama.cpp's model; without it llama.cpp is not run")
+    ap.add_argument("--llama_python")
+    ap.add_argument("--baseline_root", help="also serve from this checkout (an A/B of ours)")
     ap.add_argument("--concurrency", default="1,8,32")
     ap.add_argument("--requests_per_client", type=int, default=2)
     ap.add_argument("--min_prompt", type=int, default=16)
@@ -121,6 +127,8 @@ def main():
                     help="llama.cpp's threads (1 on a machine shared with other work: its "
                     "threads meet at a spinning barrier every op)")
     args = ap.parse_args()
+    if args.gguf and not args.llama_python:
+        ap.error("--gguf needs --llama_python (a Python with llama_cpp.server).")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # still stop both servers
     servers = launch(args)
     try:
@@ -130,7 +138,7 @@ def main():
             work = [("".join(rng.choice(LETTERS) for _ in range(
                 rng.randint(args.min_prompt, args.max_prompt))), args.max_tokens)
                 for _ in range(n)]
-            names = list(servers) if i % 2 == 0 else list(reversed(servers))
+            names = list(servers) if i % 2 == 0 else list(reversed(servers))  # alternate
             for name in names:
                 run(servers[name][0], work[:1], 1)  # warm: the first request's buckets
                 print(json.dumps(dict(system=name, concurrency=c,

@@ -114,6 +114,10 @@ class Engine:
         # two from 4 pages, and the whole table.
         m = self.pages_per_slot
         self.widths = sorted({min(4 << i, m) for i in range(max(1, m.bit_length()))})
+        # Row counts likewise: the running requests are gathered into the smallest power of
+        # two that holds them, so one request computes one row, not `slots`.
+        self.row_buckets = sorted({min(1 << i, slots) for i in range(slots.bit_length() + 1)})
+        self.rows_computed = 0  # decode rows run, padding included (tests read it)
         self.pool_host = paged.PagePool(n_pages, page_size)
         self.pool = paged.init_pool(c, n_pages, page_size)
         self.table = np.full((slots, self.pages_per_slot), paged.TRASH_PAGE, np.int32)
@@ -169,9 +173,8 @@ class Engine:
         """Compiles the decode step for every page-table width and every prefill bucket (16 ..
         chunk tokens, by serving one short request each) now rather than on the first
         requests. Call it before submitting requests."""
-        for width in self.widths:  # the engine thread is idle: no request yet
-            b = self.n_slots
-            zeros = np.zeros((b,), np.int32)
+        for b, width in itertools.product(self.row_buckets, self.widths):
+            zeros = np.zeros((b,), np.int32)  # the engine thread is idle: no request yet
             self.pool, _ = steps.decode_step(
                 self.weights, self.pool, zeros, zeros,
                 np.full((b, width), paged.TRASH_PAGE, np.int32), self._sampling([None] * b))
@@ -296,23 +299,24 @@ class Engine:
                 self._accept(r, {k: v[0] for k, v in out.items()})
 
     def _decode(self):
-        rows = [r if r is not None and r is not self._prefilling else None for r in self.slots]
+        running = self._decoding()
+        n = next(b for b in self.row_buckets if b >= len(running))
+        rows = running + [None] * (n - len(running))  # padding rows write the trash page
         tokens = np.array([r.last if r else 0 for r in rows], np.int32)
         positions = np.array([len(r.prompt) + r.generated - 1 if r else 0 for r in rows],
                              np.int32)
         # Attention reads the first `width` pages of every row: the smallest bucket that
         # holds the longest request running, not the whole context.
-        width = next(w for w in self.widths if w >= max(len(r.pages) for r in rows if r))
-        table = self.table[:, :width].copy()
-        for i, r in enumerate(rows):
-            if r is None:
-                table[i] = paged.TRASH_PAGE
+        width = next(w for w in self.widths if w >= max(len(r.pages) for r in running))
+        table = np.full((n, width), paged.TRASH_PAGE, np.int32)
+        table[:len(running)] = self.table[[r.slot for r in running], :width]
         self.pool, out = steps.decode_step(self.weights, self.pool, tokens, positions, table,
                                            self._sampling(rows))
+        self.rows_computed += n
         out = jax.device_get(out)
         with self._cv:
-            for i, r in enumerate(rows):
-                if r is not None and self.slots[i] is r and r.id not in self._cancel:
+            for i, r in enumerate(running):
+                if self.slots[r.slot] is r and r.id not in self._cancel:
                     self._accept(r, {k: v[i] for k, v in out.items()})
 
     def _accept(self, r: _Request, out: dict):

@@ -214,6 +214,7 @@ def _one_load_request(client, i, rng):
 def test_200_requests_with_cancellations_and_overflow(served):
     engine, client = served["engine"], served["client"]
     idle, compiled = engine.stats(), steps.decode_step._cache_size()
+    prefills = steps.prefill_step._cache_size()
     # warmup compiled every row count x page-table width
     assert compiled == len(engine.row_buckets) * len(engine.widths)
     rng = random.Random(0)
@@ -231,6 +232,7 @@ def test_200_requests_with_cancellations_and_overflow(served):
         time.sleep(0.05)
     assert engine.stats() == idle  # every page and slot back, nothing waiting
     assert steps.decode_step._cache_size() == compiled  # no request mix recompiled it
+    assert steps.prefill_step._cache_size() == prefills  # nor any prompt length or offset
 
 
 BAD = [

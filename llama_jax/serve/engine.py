@@ -170,22 +170,25 @@ class Engine:
                         max_len=self.max_len, reused_tokens=self.reused_tokens)
 
     def warmup(self) -> None:
-        """Compiles the decode step for every page-table width and every prefill bucket (16 ..
-        chunk tokens, by serving one short request each) now rather than on the first
-        requests. Call it before submitting requests."""
+        """Compiles the decode step for every row count x page-table width and the prefill
+        step for every chunk bucket (16 .. chunk tokens) x width it can meet, now rather than
+        on the first requests. Call it before submitting requests."""
         for b, width in itertools.product(self.row_buckets, self.widths):
             zeros = np.zeros((b,), np.int32)  # the engine thread is idle: no request yet
             self.pool, _ = steps.decode_step(
                 self.weights, self.pool, zeros, zeros,
                 np.full((b, width), paged.TRASH_PAGE, np.int32), self._sampling([None] * b))
-        sizes = [n for n in (16 << i for i in range(self.chunk.bit_length()))
-                 if n <= min(self.chunk, self.max_len - 2)]
-        left = threading.Semaphore(0)
-        for i, n in enumerate(sizes):  # different tokens: no prefix sharing between them
-            self.submit([i] * n, Settings(max_tokens=2, stop_ids=()),
-                        lambda e: left.release() if e.finish else None)
-        for _ in sizes:
-            left.acquire()
+        z = self.pool_host.page_size
+        for c in (16 << i for i in range(self.chunk.bit_length())):
+            if c > min(self.chunk, bucket(self.max_len - 1)):
+                break
+            shortest = 1 if c == 16 else c // 2 + 1  # the fewest tokens padded to c
+            for width in self.widths:
+                if width == self.widths[-1] or width * z >= shortest:
+                    self.pool, _ = steps.prefill_step(
+                        self.weights, self.pool, np.zeros((1, c), np.int32), np.int32(0),
+                        np.int32(1), np.full((1, width), paged.TRASH_PAGE, np.int32),
+                        self._sampling([None]))
 
     def close(self, timeout: float = 30.0) -> None:
         """Takes no new requests, lets running and waiting ones finish for up to `timeout`
@@ -285,9 +288,12 @@ class Engine:
         n = min(self.chunk, len(r.prompt) - r.done_prompt)
         tokens = np.zeros((1, bucket(n)), np.int32)
         tokens[0, :n] = r.prompt[r.done_prompt:r.done_prompt + n]
+        # As in decode: attention over the pages written so far (a width bucket), not all.
+        pages = -(-(r.done_prompt + n) // self.pool_host.page_size)
+        width = next(w for w in self.widths if w >= pages)
         self.pool, out = steps.prefill_step(
             self.weights, self.pool, tokens, np.int32(r.done_prompt), np.int32(n),
-            self.table[r.slot:r.slot + 1], self._sampling([r]))
+            self.table[r.slot:r.slot + 1, :width], self._sampling([r]))
         r.done_prompt += n
         if r.done_prompt < len(r.prompt):
             return

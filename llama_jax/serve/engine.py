@@ -7,8 +7,8 @@
 
 One thread owns the device and loops: admit the oldest waiting request into a free slot (its
 pages reserved for prompt + max_tokens, shared prefix pages taken from the pool), run one
-prefill chunk of the request being prefilled, then one decode step for every slot that is
-generating. So a long prompt is prefilled a chunk at a time between decode steps and never
+prefill chunk of the request being prefilled, then one decode step over the slots that are
+generating (gathered into a power-of-two row count, so one request computes one row). So a long prompt is prefilled a chunk at a time between decode steps and never
 stalls the others for more than a chunk; a request leaves its slot (and its pages go back)
 the step it finishes or is cancelled. Requests are prefilled one at a time in arrival order,
 so the n samples of one prompt find its pages registered and prefill only their last page.

@@ -284,7 +284,8 @@ def test_launcher_serves_and_drains_on_sigterm(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
     port = free_port()
     proc = subprocess.Popen([sys.executable, script, f"--checkpoint={ckpt}", f"--port={port}",
-                             "--chunk=16", "--slots=2", "--shutdown_timeout=60"],
+                             "--chunk=16", "--slots=2", "--max_len=128",  # few shapes
+                             "--shutdown_timeout=60"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = f"http://127.0.0.1:{port}"

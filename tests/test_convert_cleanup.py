@@ -102,8 +102,7 @@ def test_next_conversion_removes_what_a_killed_one_left(hf_dir, tmp_path):
 
 
 def test_outputs_get_the_umask_permissions(hf_dir, tmp_path):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import convert_checkpoint
+    from tools import convert_checkpoint  # not tools/ on sys.path: tools/lm_eval.py would hide lm_eval
 
     umask = os.umask(0)
     os.umask(umask)
@@ -117,8 +116,7 @@ def test_outputs_get_the_umask_permissions(hf_dir, tmp_path):
 
 def test_orbax_output_left_by_a_killed_export_is_removed_with_a_warning(hf_dir, tmp_path,
                                                                         caplog):
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import convert_checkpoint
+    from tools import convert_checkpoint  # not tools/ on sys.path: tools/lm_eval.py would hide lm_eval
 
     os.makedirs(tmp_path / "out.tmp" / "params")  # what a SIGKILLed Orbax conversion leaves
     with caplog.at_level("WARNING"):

@@ -184,7 +184,7 @@ def test_failed_start_leaves_no_claim_on_the_workdir(tmp_path):
     ({"optim.accumulation_steps": 0}, "optim.accumulation_steps is 0 but must be >= 1"),
     ({"train.eval_batches": 0}, "set train.eval_every=0 to skip evaluation"),
     ({"mesh.backend": "tpu9"}, "unknown backend 'tpu9'; valid: auto, plain, cpu"),
-    ({"mesh.attention": "splash"}, "mesh.attention='splash' is not available on the cpu"),
+    ({"mesh.attention": "flash"}, "mesh.attention='flash' is not available on the cpu"),
 ])
 def test_counts_are_checked_before_compiling(tmp_path, monkeypatch, override, message):
     monkeypatch.setattr(train, "abstract", _must_not_run)

@@ -131,8 +131,7 @@ def test_byte_tokenizer_is_recorded_with_the_export(tmp_path):
     import llama_jax
     from llama_jax import checkpoint
 
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
-    import convert_checkpoint
+    from tools import convert_checkpoint  # not tools/ on sys.path: tools/lm_eval.py would hide lm_eval
 
     byte = tok.load_tokenizer(tok.BYTE)
     text = "déf f(x): → 🦙"

@@ -26,7 +26,6 @@ from absl import flags, logging  # noqa: E402
 
 import llama_jax  # noqa: E402
 from llama_jax import checkpoint, cli, decode, io, quantize  # noqa: E402
-from llama_jax import tokenizer as tokenizer_lib  # noqa: E402
 from llama_jax.sampling import SamplingParams  # noqa: E402
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Checkpoint directory.", required=True)
@@ -54,13 +53,7 @@ flags.mark_flags_as_mutual_exclusive(["prompt", "prompt_file", "prompt_ids"], re
 
 def load_tokenizer():
     """--tokenizer, else the checkpoint's own (None if it has none)."""
-    if _TOKENIZER.value:
-        if _TOKENIZER.value != tokenizer_lib.BYTE and not os.path.exists(_TOKENIZER.value):
-            raise FileNotFoundError(f"--tokenizer={_TOKENIZER.value} does not exist; pass a "
-                                    f"tokenizer.model file or --tokenizer=byte.")
-        return tokenizer_lib.load_tokenizer(_TOKENIZER.value)
-    spec = io.tokenizer_file(_CHECKPOINT.value) or checkpoint.tokenizer_spec(_CHECKPOINT.value)
-    return tokenizer_lib.load_tokenizer(spec) if spec else None
+    return checkpoint.load_tokenizer(_CHECKPOINT.value, _TOKENIZER.value)
 
 
 def load_model(directory: str):

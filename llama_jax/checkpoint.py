@@ -164,6 +164,21 @@ def tokenizer_path(directory: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def load_tokenizer(directory: str, override: str = ""):
+    """The tokenizer a launcher decodes `directory` with: `override` (a tokenizer.model path or
+    "byte") if given, else the checkpoint's own (beside the weights, above a Meta directory, or
+    recorded by a params export); None if it has none."""
+    from llama_jax import io, tokenizer
+
+    if override:
+        if override != BYTE and not os.path.exists(override):
+            raise FileNotFoundError(f"--tokenizer={override} does not exist; pass a "
+                                    f"tokenizer.model file or --tokenizer=byte.")
+        return tokenizer.load_tokenizer(override)
+    spec = io.tokenizer_file(directory) or tokenizer_spec(directory)
+    return tokenizer.load_tokenizer(spec) if spec else None
+
+
 def tokenizer_spec(directory: str) -> str | None:
     """What `tokenizer.load_tokenizer` needs for a checkpoint's tokenizer: its file, "byte"
     where a params export records the byte tokenizer, or None."""

@@ -50,6 +50,7 @@ setuptools.setup(
             "nbclient",  # tests/test_notebooks.py executes notebooks/*.ipynb top to bottom
             "nbformat",  # ... reads them and checks they are committed without outputs
             "ipykernel",  # ... in a kernel of the test's own interpreter
+            "peft",  # tests/test_lora.py: PEFT loads our adapter export onto the HF model
         ],
         # experiments/serve.py: the OpenAI-compatible HTTP API (llama_jax/serve/api.py) on a
         # well-kept ASGI stack rather than a hand-written HTTP server.

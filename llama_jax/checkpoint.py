@@ -62,10 +62,11 @@ def is_params_checkpoint(directory: str) -> bool:
 
 def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | None = None,
                 tokenizer_path: str | None = None, overwrite: bool = False,
-                files: dict[str, str] | None = None) -> str:
+                files: dict[str, str] | None = None, extra: dict | None = None) -> str:
     """Writes the model's parameters, config and tokenizer to `directory`; returns it.
 
-    `model` is a Llama, or a pure parameter dict (then `config` is required). `tokenizer_path`
+    `model` is a Llama, or a pure parameter dict (then `config` is required; `extra` adds keys
+    to config.json, e.g. a reward model's "kind"). `tokenizer_path`
     is a tokenizer file to copy in, or "byte" (recorded in config.json). `files` maps
     names of CARRIED_FILES to paths copied in beside config.json. The files are written to a
     sibling temporary directory and renamed into place, so a reader never sees a half-written
@@ -88,7 +89,7 @@ def save_params(directory: str, model: Llama | dict, *, config: ModelConfig | No
     if tokenizer_path and not byte:
         files = dict(files or {}, **{TOKENIZER_FILE: tokenizer_path})
     return write_export(directory, config, write, files=files, overwrite=overwrite,
-                        tokenizer=BYTE if byte else None)
+                        tokenizer=BYTE if byte else None, extra=extra)
 
 
 def write_export(directory: str, config: ModelConfig, write_params, *,

@@ -145,23 +145,12 @@ def save(directory: str, model: RewardModel | dict, *, config: ModelConfig | Non
     """Writes a reward model (or its pure parameter dict with `config`) as a params-only export
     whose config.json says `"kind": "reward"`; atomic like checkpoint.save_params."""
     if isinstance(model, RewardModel):
-        config, params = model.config, params_of(model)
+        config, model = model.config, params_of(model)
     elif config is None:
         raise ValueError("reward.save got a parameter dict without config=; pass the "
                          "ModelConfig.")
-    else:
-        params = model
-
-    def write(path):
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(path, params)
-            ckptr.wait_until_finished()
-
-    byte = tokenizer_path == checkpoint.BYTE
-    files = {checkpoint.TOKENIZER_FILE: tokenizer_path} if tokenizer_path and not byte else None
-    return checkpoint.write_export(directory, config, write, files=files, overwrite=overwrite,
-                                   tokenizer=checkpoint.BYTE if byte else None,
-                                   extra={"kind": KIND})
+    return checkpoint.save_params(directory, model, config=config, tokenizer_path=tokenizer_path,
+                                  overwrite=overwrite, extra={"kind": KIND})
 
 
 def is_reward_checkpoint(directory: str) -> bool:

@@ -87,22 +87,6 @@ def read_prompts(tok):
     return [tok.encode(t, bos=True, eos=False) for t in texts]
 
 
-class StreamPrinter:
-    """Prints row 0's text as it grows, holding back a partial UTF-8 character."""
-
-    def __init__(self, tok, stop_ids):
-        self.tok, self.stop_ids, self.ids, self.shown = tok, set(stop_ids), [], ""
-
-    def __call__(self, step, tokens, lengths):
-        if lengths[0] == step and int(tokens[0]) not in self.stop_ids:
-            self.ids.append(int(tokens[0]))
-            text = self.tok.decode(self.ids).rstrip("\ufffd")
-            if text.startswith(self.shown):
-                sys.stdout.write(text[len(self.shown):])
-                sys.stdout.flush()
-                self.shown = text
-
-
 def main(argv):
     del argv
     if not flags.FLAGS["verbosity"].present:  # Orbax logs every file it reads at INFO
@@ -118,7 +102,7 @@ def main(argv):
     stop_ids = list(tok.stop_ids) if tok is not None else [model.config.eos_id]
     stream = None
     if _FORMAT.value == "text" and len(prompts) == 1 and tok is not None:
-        stream = StreamPrinter(tok, stop_ids)
+        stream = decode.TextStream(tok, stop_ids)
     if _QUANTIZE.value == "int8":
         model = quantize.int8(decode.prepare(model, kernel=False))
     out = decode.generate(model, prompts, _MAX_NEW.value, sampling, seed=_SEED.value,

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -242,3 +243,21 @@ def generate(model: model_lib.Llama | Weights, prompts: Sequence[Sequence[int]],
         timings.update(ttft=t1 - t0, decode=time.perf_counter() - t1)
     return GenerateOutput(toks[:n_rows, :max_new_tokens], logprobs[:n_rows, :max_new_tokens],
                           lens[:n_rows])
+
+
+class TextStream:
+    """decode.generate's `stream` callback: prints row 0's text as it grows (a partial UTF-8
+    character is held back) and keeps the ids."""
+
+    def __init__(self, tok, stop_ids=(), out=None):
+        self.tok, self.stop_ids, self.ids, self.shown = tok, set(stop_ids), [], ""
+        self.out = out or sys.stdout
+
+    def __call__(self, step, tokens, lengths):
+        if lengths[0] == step and int(tokens[0]) not in self.stop_ids:
+            self.ids.append(int(tokens[0]))
+            text = self.tok.decode(self.ids).rstrip("\ufffd")
+            if text.startswith(self.shown):
+                self.out.write(text[len(self.shown):])
+                self.out.flush()
+                self.shown = text

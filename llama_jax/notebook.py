@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import jax
 import numpy as np
 
-from llama_jax import checkpoint, config as config_lib, flops, io, tokenizer
+from llama_jax import checkpoint, config as config_lib, decode, flops, io, tokenizer
 
 GiB = 2**30
 
@@ -163,22 +162,7 @@ def check_fits(cfg: config_lib.ModelConfig, purpose: str, dtype: str = "float32"
 # Text as it is generated.
 
 
-class TextStream:
-    """decode.generate's `stream` callback: prints row 0's text as it grows (a partial UTF-8
-    character is held back) and keeps the ids."""
-
-    def __init__(self, tok, stop_ids=(), out=None):
-        self.tok, self.stop_ids, self.ids, self.shown = tok, set(stop_ids), [], ""
-        self.out = out or sys.stdout
-
-    def __call__(self, step, tokens, lengths):
-        if lengths[0] == step and int(tokens[0]) not in self.stop_ids:
-            self.ids.append(int(tokens[0]))
-            text = self.tok.decode(self.ids).rstrip("\ufffd")
-            if text.startswith(self.shown):
-                self.out.write(text[len(self.shown):])
-                self.out.flush()
-                self.shown = text
+TextStream = decode.TextStream  # the notebooks' name for decode's stream printer
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,10 +6,14 @@ Why not `compiled.cost_analysis()` alone: XLA's cost analysis counts the body of
 once (checked on the CPU and TPU backends of jaxlib 0.10), and a scanned model, a pipeline
 schedule and gradient accumulation are all while loops, so it undercounts by about the layer
 count. Here every computation is weighted by how often it runs (while bodies by their trip
-count: XLA's `known_trip_count` on CPU/GPU, the loop bound constant on TPU), and:
+count, llama_jax.hlo_loops: XLA's `known_trip_count` on CPU/GPU, the counter's init, bound
+and step on TPU; a loop of unreadable count is counted once and listed in `unknown_loops`),
+and:
 
 - FLOPs: 2 x output elements x contracted elements of every `dot` and `convolution`
   (elementwise work is left out; in a transformer it is well under 1% of the FLOPs).
+  Custom calls (Pallas kernels on TPU) are opaque: they are listed in `custom_calls` with how
+  often they run, for whoever knows their FLOPs (backends.tpu.kernel_flops for splash).
 - HBM bytes: operands + results of every top-level instruction (fusions read their inputs and
   write their outputs once), as XLA's HloCostAnalysis models "bytes accessed".
 - Collective bytes sent per device, ring algorithms on a group of n devices:
@@ -25,6 +29,8 @@ import math
 import re
 
 import numpy as np
+
+from llama_jax import hlo_loops
 
 _DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
                 "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
@@ -49,6 +55,9 @@ class Cost:
     fast_bytes: float = 0.0  # collectives inside a slice / node
     slow_bytes: float = 0.0  # collectives across slices / nodes
     collectives: dict = dataclasses.field(default_factory=dict)  # op -> bytes sent
+    unknown_loops: list = dataclasses.field(default_factory=list)  # counted once: op names
+    # opaque kernels (custom calls): (instruction name, target, output shapes, runs per step)
+    custom_calls: list = dataclasses.field(default_factory=list)
 
 
 def _arrays(shape: str):
@@ -77,37 +86,43 @@ def _split_shape(rest: str) -> tuple[str, str, str]:
 
 
 def parse(text: str) -> tuple[dict, str]:
-    """{computation: [(name, shape, opcode, args)]} and the entry computation's name."""
-    comps, entry, current = {}, None, None
+    """{computation: [(name, shape, opcode, args)], its ROOT last} and the entry's name."""
+    comps, entry, current, root = {}, None, None, None
     for line in text.splitlines():
         m = _HEADER.match(line)
         if m:
-            current = comps.setdefault(m.group(2), [])
+            current, root = comps.setdefault(m.group(2), []), None
             entry = m.group(2) if m.group(1) else entry
+            continue
+        if line.startswith("}") and root is not None:  # a scheduled module may print the
+            current.append(root)                       # ROOT before other instructions
+            root = None
             continue
         m = _INSTR.match(line)
         if m and current is not None:
-            current.append((m.group(1), *_split_shape(m.group(2))))
+            instr = (m.group(1), *_split_shape(m.group(2)))
+            if line.lstrip().startswith("ROOT "):
+                root = instr
+            else:
+                current.append(instr)
     return comps, entry
 
 
-def _trip_count(args: str, comps: dict) -> int:
-    m = re.search(r'"known_trip_count":\{"n":"(\d+)"', args)
-    if m:
-        return int(m.group(1))
-    cond = re.search(r"condition=%([\w.\-]+)", args)
-    bounds = [int(c) for _, s, op, a in comps.get(cond.group(1) if cond else "", [])
-              if op == "constant" and s.startswith("s32[]")
-              for c in re.findall(r"^(\d+)\)", a)]
-    return max(bounds, default=1)
-
-
-def multiplicities(comps: dict, entry: str) -> tuple[dict, set]:
-    """How often each computation runs per step, and the set of fused (kernel-internal) ones."""
+def multiplicities(comps: dict, entry: str, unknown: list | None = None) -> tuple[dict, set]:
+    """How often each computation runs per step, and the set of fused (kernel-internal) ones.
+    While loops whose trip count is not readable from the HLO count once and are appended to
+    `unknown` (their op names)."""
     mult, fused, order = {entry: 1.0}, set(), [entry]
     for comp in order:  # callers precede callees in this walk
-        for _, _, op, args in comps[comp]:
-            times = _trip_count(args, comps) if op == "while" else 1
+        table = hlo_loops.table(comps[comp])
+        for name, _, op, args in comps[comp]:
+            times = 1
+            if op == "while":
+                times = hlo_loops.trip_count(args, table, comps)
+                if times is None:
+                    times = 1
+                    if unknown is not None:
+                        unknown.append(_op_name(args) or name)
             for kind, names in _CALLEES.findall(args):
                 for callee in re.findall(r"%?([\w.\-]+)", names):
                     if callee not in comps:
@@ -119,6 +134,11 @@ def multiplicities(comps: dict, entry: str) -> tuple[dict, set]:
                     if callee not in order:
                         order.append(callee)
     return mult, fused
+
+
+def _op_name(args: str) -> str:
+    m = re.search(r'op_name="([^"]*)"', args)
+    return m.group(1) if m else ""
 
 
 def _dot_flops(shape, op, args, symbols) -> float:
@@ -257,8 +277,8 @@ def _collective(op, shape, args, symbols, domain_of):
 def analyse(text: str, domain_of=()) -> Cost:
     """Per-device Cost of one execution of the module in `text` (compiled.as_text())."""
     comps, entry = parse(text)
-    mult, fused = multiplicities(comps, entry)
     cost, seen = Cost(), {}
+    mult, fused = multiplicities(comps, entry, cost.unknown_loops)
     for comp, instrs in comps.items():
         times = mult.get(comp, 0.0)
         symbols = {name: shape for name, shape, _, _ in instrs}
@@ -267,6 +287,10 @@ def analyse(text: str, domain_of=()) -> Cost:
                 cost.flops += times * _dot_flops(shape, op, args, symbols)
             if comp not in fused and op not in _FREE:
                 cost.hbm_bytes += times * _io_bytes(shape, op, args, symbols, comps)
+            if op == "custom-call" and comp not in fused and times:
+                target = re.search(r'custom_call_target="([^"]*)"', args)
+                cost.custom_calls.append((name, target.group(1) if target else "",
+                                          [tuple(d) for _, d, _ in _arrays(shape)], times))
             if op.removesuffix("-start") in COLLECTIVES:
                 channel = re.search(r"channel_id=(\d+)", args)
                 key = channel.group(1) if channel else f"{comp}/{name}"

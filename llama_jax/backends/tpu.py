@@ -35,6 +35,8 @@ On a CPU (the tests) the same kernel code runs in Pallas interpret mode.
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -137,6 +139,33 @@ def splash_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *,
     out = jax.vmap(one_row)(qg, kt, vt, q_seg.astype(jnp.int32), k_seg.astype(jnp.int32))
     out = out.transpose(0, 3, 1, 2, 4).reshape(b, tp, n, h)
     return out[:, :t].astype(q.dtype)
+
+
+# T x S x H matmuls per head that each splash kernel runs: forward scores and context; the dq
+# kernel's scores, dP and dq; the dk/dv kernel's scores, dP, dv and dk.
+PRODUCTS = {"fwd": 2, "dq": 3, "dkv": 4}
+
+
+def kernel_flops(name: str, shapes, seq_len: int, groups: int, context: int = 1) -> float | None:
+    """FLOPs of one run of the splash kernel that the compiled HLO calls `name` (a TPU custom
+    call, opaque to hlo_cost), from its output `shapes`; None when `name` is no splash kernel.
+
+    Each of its PRODUCTS costs 2·H FLOPs per (query, key) pair the kernel visits. Our masks
+    are causal, so it visits the blocks on and below the diagonal: T(T + b)/2 pairs per row
+    and head for T = seq_len (padded to LANES) in blocks of b, the causal half plus half a
+    block per query; under context parallelism a rank's t = T/C queries visit t(T + b)/2 (the
+    load-balanced chunks share the diagonal evenly). The largest output says how many rows and
+    heads the call covers: [..., t, H] queries (fwd, dq) or [..., T, H] keys of a kv head
+    (dkv; its G = `groups` query heads each visit t(T + b)/2 pairs)."""
+    kind = re.search(r"splash_mqa_(fwd|dq|dkv)", name)
+    if not kind or not shapes:
+        return None
+    s = -(-seq_len // LANES) * LANES
+    big = max(shapes, key=lambda d: (len(d), math.prod(d)))
+    rows, queries, h = math.prod(big[:-2]), big[-2], big[-1]
+    if kind.group(1) == "dkv":
+        rows, queries = rows * groups, s // context
+    return PRODUCTS[kind.group(1)] * 2.0 * h * rows * queries * (s + block_size(s)) / 2
 
 
 @functools.cache

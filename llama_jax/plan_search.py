@@ -115,8 +115,8 @@ def format_report(r: dict) -> str:
         lines.append(f"  reason: {r['reason']}")
     if "roofline" in r:
         f, rl = r["flops"], r["roofline"]
-        kernel = (f" + {f['kernel']:.3e} of the attention kernel, counted analytically"
-                  if f.get("kernel") else "")
+        kernel = (f" + {f['kernel']:.3e} of the attention kernel's calls" if f.get("kernel")
+                  else "")
         lines += [f"  FLOPs per device and step: compiler {f['compiler']:.3e} (HLO dots x loop "
                   f"trip counts{kernel}), analytic {f['analytic']:.3e} (llama_jax.flops), ratio "
                   f"{f['compiler'] / max(f['analytic'], 1):.3f}",
@@ -125,6 +125,7 @@ def format_report(r: dict) -> str:
                   f"({rl['bound']}-bound; no overlap: {rl['serial_s']:.3g} s)",
                   f"  predicted MFU {100 * rl['mfu']:.1f}%, {rl['tokens_per_s']:,.0f} tokens/s; "
                   f"compiled in {r['compile_s']} s"]
+        lines += [f"  not counted: {item}" for item in f.get("uncounted", [])]
     return "\n".join(lines)
 
 

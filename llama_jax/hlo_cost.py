@@ -15,7 +15,8 @@ and:
   Custom calls (Pallas kernels on TPU) are opaque: they are listed in `custom_calls` with how
   often they run, for whoever knows their FLOPs (backends.tpu.kernel_flops for splash).
 - HBM bytes: operands + results of every top-level instruction (fusions read their inputs and
-  write their outputs once), as XLA's HloCostAnalysis models "bytes accessed".
+  write their outputs once), as XLA's HloCostAnalysis models "bytes accessed"; a Pallas
+  kernel's too (once: the tiles it reads again are not in the HLO).
 - Collective bytes sent per device, ring algorithms on a group of n devices:
   all-gather (n-1)/n x result; reduce-scatter (n-1) x result; all-reduce 2(n-1)/n x size;
   all-to-all (n-1)/n x size; collective-permute the whole buffer. Each collective is "slow" when
@@ -94,7 +95,7 @@ def parse(text: str) -> tuple[dict, str]:
             current, root = comps.setdefault(m.group(2), []), None
             entry = m.group(2) if m.group(1) else entry
             continue
-        if line.startswith("}") and root is not None:  # a scheduled module may print the
+        if line.rstrip() == "}" and root is not None:  # a scheduled module may print the
             current.append(root)                       # ROOT before other instructions
             root = None
             continue
@@ -289,8 +290,12 @@ def analyse(text: str, domain_of=()) -> Cost:
                 cost.hbm_bytes += times * _io_bytes(shape, op, args, symbols, comps)
             if op == "custom-call" and comp not in fused and times:
                 target = re.search(r'custom_call_target="([^"]*)"', args)
-                cost.custom_calls.append((name, target.group(1) if target else "",
-                                          [tuple(d) for _, d, _ in _arrays(shape)], times))
+                target = target.group(1) if target else ""
+                cost.custom_calls.append((name, target, [tuple(d) for _, d, _ in _arrays(shape)],
+                                          times))
+                if target == "tpu_custom_call":  # a Pallas kernel reads its operands and writes
+                    # its outputs at least once (a lower bound: tiles it re-reads are not seen)
+                    cost.hbm_bytes += times * _io_bytes(shape, op, args, symbols, comps)
             if op.removesuffix("-start") in COLLECTIVES:
                 channel = re.search(r"channel_id=(\d+)", args)
                 key = channel.group(1) if channel else f"{comp}/{name}"

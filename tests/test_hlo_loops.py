@@ -138,3 +138,23 @@ def test_tpu_plan_flops_reconcile_with_flops_py(attention):
         assert f["kernel"] == 0
         assert 6 / 5 * matmuls + 2 * attn < f["compiler"] < 4 / 3 * matmuls + 3 * attn
     assert 0 < r["roofline"]["mfu"] <= f["analytic"] / f["compiler"] < 1
+
+
+def test_parse_puts_root_last_and_reads_kernel_calls():
+    """A scheduled module may print ROOT first; a Pallas call's metadata spans lines, the last
+    one starting with '}'. The kernel is listed and its operand and output bytes counted."""
+    text = """HloModule m
+ENTRY %main (a: f32[4,4]) -> f32[4,4] {
+  ROOT %d = f32[4,4]{1,0} dot(%e, %a), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %a = f32[4,4]{1,0} parameter(0)
+  %k = f32[4,4]{1,0} custom-call(%a), custom_call_target="tpu_custom_call", kernel_metadata={
+"block_q": 512
+}}, metadata={op_name="splash"}
+  %e = f32[4,4]{1,0} add(%k, %k)
+}
+"""
+    comps, entry = hlo_cost.parse(text)
+    assert [name for name, *_ in comps[entry]] == ["a", "k", "e", "d"]
+    cost = hlo_cost.analyse(text)
+    assert cost.custom_calls == [("k", "tpu_custom_call", [(4, 4)], 1.0)]
+    assert cost.flops == 2 * 4 * 4 * 4 and cost.hbm_bytes == 2 * 64 + 3 * 64 + 3 * 64  # k, e, d

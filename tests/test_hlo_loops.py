@@ -158,3 +158,13 @@ ENTRY %main (a: f32[4,4]) -> f32[4,4] {
     cost = hlo_cost.analyse(text)
     assert cost.custom_calls == [("k", "tpu_custom_call", [(4, 4)], 1.0)]
     assert cost.flops == 2 * 4 * 4 * 4 and cost.hbm_bytes == 2 * 64 + 3 * 64 + 3 * 64  # k, e, d
+
+
+def test_a_target_backend_runs_the_attention_it_names():
+    """plan.build compiles the target backend's default (`auto`): for_target(tpu, chunked)
+    compiled the reference attention before its default followed the name."""
+    from llama_jax import attention, backends
+    for name in ("chunked", "reference"):
+        backend = backends.for_target("tpu", name)
+        assert backend.default_attention == name
+        assert backend.with_attention("auto").attention is attention.IMPLS[name]

@@ -173,7 +173,8 @@ def self_attention(p: Params, x, positions, segment_ids, rope, ops: Backend,
         keys, values, new_kv = cache.write(k, v)
         out = attention.dot_product_attention(q, keys.astype(x.dtype), values.astype(x.dtype),
                                               cache.mask)
-    return project("btnh,nhd->btd", out, p["wo"], ops, lora=p.get("wo_lora")), new_kv
+    out = project("btnh,nhd->btd", out, p["wo"], ops, lora=p.get("wo_lora"))
+    return ops.row_parallel(out), new_kv
 
 
 def mlp(p: Params, x, ops: Backend):
@@ -183,7 +184,8 @@ def mlp(p: Params, x, ops: Backend):
     else:
         h = (jax.nn.silu(project("btd,df->btf", x, p["w_gate"], ops, lora=p.get("w_gate_lora")))
              * project("btd,df->btf", x, p["w_up"], ops, lora=p.get("w_up_lora")))
-    return project("btf,fd->btd", h, p["w_down"], ops, lora=p.get("w_down_lora"))
+    return ops.row_parallel(project("btf,fd->btd", h, p["w_down"], ops,
+                                    lora=p.get("w_down_lora")))
 
 
 def block(p: Params, x, positions, segment_ids, rope, ops: Backend, eps: float,

@@ -120,6 +120,9 @@ def test_splash_under_context_parallelism_follows_true_positions():
 def test_names_platforms_and_bad_shapes(monkeypatch):
     assert backends.get("cpu", "splash").attention.func is tpu.splash_attention
     assert backends.get("plain", "pallas_gpu").name == "plain"
+    # a plan (plan.build compiles with `auto`) of a non-kernel attention keeps it
+    assert (backends.for_target("gpu", "chunked").with_attention("auto").attention
+            is attention.chunked_attention)
     with pytest.raises(ValueError, match="The tpu backend needs JAX's TPU platform but this "
                                          "process runs on cpu.*mesh.attention=splash"):
         backends.get("tpu")

@@ -166,8 +166,8 @@ def for_target(platform: str, attention_name: str = "auto") -> Backend:
     interpreted for targets compiled on CPU devices (GPU nodes are simulated there)."""
     name = {"tpu": "splash", "gpu": "pallas_gpu"}.get(platform, "reference")
     name = name if attention_name == "auto" else attention_name
-    if name not in KERNELS:  # the default too: plan.build compiles with mesh.attention=auto
-        return dataclasses.replace(PLAIN, default_attention=name).with_attention(name)
+    if name not in KERNELS:  # its default too: plan.build compiles the default (`auto`)
+        return dataclasses.replace(PLAIN.with_attention(name), default_attention=name)
     module, kernel_platform = KERNELS[name]
     if platform not in (kernel_platform, "cpu"):
         raise ValueError(f"mesh.attention={name!r} is a {kernel_platform.upper()} kernel; a "

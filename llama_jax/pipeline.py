@@ -179,11 +179,13 @@ def _park(a, lead=0):
     return jax.lax.with_sharding_constraint(a, P(*(None,) * lead, "data", "tensor"))
 
 
-def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis, park=_park):
+def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis, store=None):
     """The per-stage loop (inside shard_map). xs [M, B/M, T, D]; params leaves [R, 1, L', ...].
     Returns [M, B/M, T, D]: the last stage's outputs, zeros on the other stages. `constrain`
-    places rows at block boundaries, `park` what is kept between stages (identities where
-    every axis is manual, pipeline_manual.py).
+    places rows at block boundaries; `store` = (park, enter, leave) is how activations are
+    kept between stages: park(a) holds what is carried in its kept layout, enter(a) makes a
+    kept activation the stage's input, leave(a) the stage's output a kept one. Default:
+    sharding constraints (T over tensor, gathered on entry); pipeline_manual.py slices T.
 
     Only what the next step needs is carried: the activation from the previous stage, the
     output buffer (written in place, one microbatch per step on the last stage) and, for
@@ -191,6 +193,7 @@ def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis, park
     the backward pass keeps only the stage's input per step (not every layer's) and recomputes
     the stage, inside which the model's own per-layer remat applies again.
     """
+    park, enter, leave = store or (_park, constrain, _park)
     m_count, s = xs.shape[0], jax.lax.axis_index(axis)
     items = repeats * m_count
     params = jax.tree.map(lambda a: a[:, 0], params)  # [R, L/(R·S), ...]
@@ -200,9 +203,9 @@ def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis, park
 
     def stage(x_in, pos, seg, r, params):  # params whole: a slice by r would be saved per step
         layers = jax.tree.map(lambda a: a[r], params)
-        x = constrain(x_in)  # gathers T over tensor
-        return park(model_lib.forward_layers(c, ops, layers, x, pos, seg,
-                                             constrain=constrain)[0])
+        x = enter(x_in)  # gathers T over tensor
+        return leave(model_lib.forward_layers(c, ops, layers, x, pos, seg,
+                                              constrain=constrain)[0])
     if c.remat != "none":
         stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
 

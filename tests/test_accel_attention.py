@@ -137,7 +137,10 @@ def test_names_platforms_and_bad_shapes(monkeypatch):
                              jnp.ones((1, 128), jnp.int32), interpret=True)
     with pytest.raises(ValueError, match="batch of 6 rows does not split into 2 pipeline "
                                          "microbatches x data = 2 with a kernel attention"):
-        pipeline_manual.check(6, 2, 2)
+        pipeline_manual.check(6, 2, 2, 128, 2)
+    with pytest.raises(ValueError, match="100 tokens per context rank do not split over "
+                                         "tensor = 8 with a kernel attention in pipeline"):
+        pipeline_manual.check(8, 2, 2, 100, 8)
     with pytest.raises(ValueError, match="pallas_gpu needs a power-of-two head dim"):
         backends.kernel_attention("pallas_gpu")(*(jnp.zeros((1, 128, 2, 96)),) * 3,
                                                 *(jnp.ones((1, 128), jnp.int32),) * 2)
@@ -218,6 +221,7 @@ def test_kernel_in_pipeline_stages_equals_reference(reference_run, name, mesh_si
     assert mesh_setup.rel(params, reference_run[1]) <= 1e-5
 
 
+@pytest.mark.slow
 def test_lora_adapters_in_kernel_pipeline_stages():
     """LoRA A/B follow their weight's split inside the manual stages (wo's and w_down's
     low-rank terms are partial sums too): the pipelined layers' value and gradients (weights,

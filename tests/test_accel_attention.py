@@ -222,6 +222,18 @@ def test_kernel_in_pipeline_stages_equals_reference(reference_run, name, mesh_si
 
 
 @pytest.mark.slow
+def test_kernel_in_circular_pipeline_with_kv_heads_split():
+    """The circular schedule (R 2, M 4) with splash on data 2 x pipeline 2 x tensor 2, on the
+    mesh tests' model (K 2 kv heads split over tensor, 16-token rows padded to 128 inside):
+    equal to one device."""
+    mc = sharding.MeshConfig(2, 2, 1, 2, repeats=2, pipeline_microbatches=4, attention="splash")
+    losses, params, _ = mesh_setup.run_sharded(mc, steps=2)
+    ref_losses, ref_params = mesh_setup.reference()
+    np.testing.assert_allclose(losses, ref_losses[:2], rtol=1e-5)
+    assert mesh_setup.rel(params[1], ref_params[1]) <= 1e-5
+
+
+@pytest.mark.slow
 def test_lora_adapters_in_kernel_pipeline_stages():
     """LoRA A/B follow their weight's split inside the manual stages (wo's and w_down's
     low-rank terms are partial sums too): the pipelined layers' value and gradients (weights,

@@ -21,11 +21,14 @@ local shards, Megatron-style (Shoeybi et al. 2019), and the kernel is called per
 The schedule is pipeline.py's, with its memory: what is kept between stages (stage inputs,
 sends, outputs) holds only this tensor rank's part of T (Megatron's sequence parallelism for
 what is stored; here a slice of the stage's output and an all-gather on entry, where
-pipeline.py asks XLA for the same with sharding constraints). check_vma is off (Pallas
-kernels declare outputs without varying-axis types). Without it collectives transpose as sums of per-device contributions:
-shard_map divides an output's cotangent over the axes it is replicated on and sums an
-input's over them, and a psum transposes to a psum, which together give the true gradients
-(tests/test_accel_attention.py checks them against one device).
+pipeline.py asks XLA for the same with sharding constraints). The psums add the partials in
+the compute dtype (bf16 in training, as Megatron's all-reduce does).
+
+check_vma is off (Pallas kernels declare outputs without varying-axis types). Without it,
+collectives transpose as sums of per-device contributions: shard_map divides an output's
+cotangent over the axes it is replicated on and sums an input's over them, and a psum
+transposes to a psum, which together give the true gradients (tests/test_accel_attention.py
+checks them against one device).
 """
 
 from __future__ import annotations

@@ -173,8 +173,7 @@ def self_attention(p: Params, x, positions, segment_ids, rope, ops: Backend,
         keys, values, new_kv = cache.write(k, v)
         out = attention.dot_product_attention(q, keys.astype(x.dtype), values.astype(x.dtype),
                                               cache.mask)
-    out = project("btnh,nhd->btd", out, p["wo"], ops, lora=p.get("wo_lora"))
-    return ops.row_parallel(out), new_kv
+    return project("btnh,nhd->btd", out, p["wo"], ops, lora=p.get("wo_lora")), new_kv
 
 
 def mlp(p: Params, x, ops: Backend):
@@ -184,8 +183,7 @@ def mlp(p: Params, x, ops: Backend):
     else:
         h = (jax.nn.silu(project("btd,df->btf", x, p["w_gate"], ops, lora=p.get("w_gate_lora")))
              * project("btd,df->btf", x, p["w_up"], ops, lora=p.get("w_up_lora")))
-    return ops.row_parallel(project("btf,fd->btd", h, p["w_down"], ops,
-                                    lora=p.get("w_down_lora")))
+    return project("btf,fd->btd", h, p["w_down"], ops, lora=p.get("w_down_lora"))
 
 
 def block(p: Params, x, positions, segment_ids, rope, ops: Backend, eps: float,
@@ -196,9 +194,9 @@ def block(p: Params, x, positions, segment_ids, rope, ops: Backend, eps: float,
     with jax.named_scope("attention"):
         y = rms_norm(x, p["attn_norm"]["scale"], eps, ops)
         h, new_kv = self_attention(p["attn"], y, positions, segment_ids, rope, ops, cache)
-    x = x + h
+    x = x + ops.row_parallel(h)  # wo's and w_down's partial sums, where the layer runs on shards
     with jax.named_scope("mlp"):
-        x = x + mlp(p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], eps, ops), ops)
+        x = x + ops.row_parallel(mlp(p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], eps, ops), ops))
     return x, new_kv
 
 

@@ -194,9 +194,9 @@ def block(p: Params, x, positions, segment_ids, rope, ops: Backend, eps: float,
     with jax.named_scope("attention"):
         y = rms_norm(x, p["attn_norm"]["scale"], eps, ops)
         h, new_kv = self_attention(p["attn"], y, positions, segment_ids, rope, ops, cache)
-    x = x + h
+    x = x + ops.row_parallel(h)  # wo's and w_down's partial sums, where the layer runs on shards
     with jax.named_scope("mlp"):
-        x = x + mlp(p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], eps, ops), ops)
+        x = x + ops.row_parallel(mlp(p["mlp"], rms_norm(x, p["mlp_norm"]["scale"], eps, ops), ops))
     return x, new_kv
 
 

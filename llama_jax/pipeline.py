@@ -92,10 +92,7 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
     check(c.n_layers, stages, repeats, m_count, x.shape[0])
     logging.info("pipeline: %d stages x %d repeats, %d microbatches, bubble %.3f", stages,
                  repeats, m_count, bubble_fraction(stages, repeats, m_count))
-    params = nnx.state(model.layers)  # leaves [L, ...]
-    per_piece = c.n_layers // (stages * repeats)
-    # layer (r·S + s)·L/(R·S) + j  ->  [R, S, L/(R·S), ...]; stage s keeps [:, s]
-    params = jax.tree.map(lambda a: a.reshape(repeats, stages, per_piece, *a.shape[1:]), params)
+    params, axes = stage_params(model, stages, repeats)
     blocks = mesh.shape["data"] if x.shape[0] % (mesh.shape["data"] * m_count) == 0 else 1
     micro = functools.partial(_micro, blocks=blocks, m_count=m_count)
     scatter = m_count % stages == 0
@@ -113,9 +110,6 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
     attn = (functools.partial(attention.CONTEXT_IMPLS[context_impl], axis=cp, local=local)
             if cp else local)
     ops = dataclasses.replace(model.backend, attention=attn)  # in the stage: no shard_map
-
-    axes = [v.axes for v in jax.tree.leaves(  # in the order of jax.tree.leaves(params)
-        nnx.state(model.layers), is_leaf=lambda v: isinstance(v, nnx.Variable))]
 
     def gather(a, ax):  # a [R, 1, L', ...]: the spec of the [...] part
         return jax.lax.with_sharding_constraint(
@@ -136,6 +130,18 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, microbatches: int
         params, micro(x), micro(positions), micro(segment_ids))
     out = _unmicro(out, blocks)
     return jax.lax.with_sharding_constraint(out, NamedSharding(mesh, P(rows_out, cp, None)))
+
+
+def stage_params(model, stages: int, repeats: int):
+    """(model.layers' state with leaves [R, S, L/(R·S), ...], the logical axes of each leaf in
+    the order of jax.tree.leaves): layer (r·S + s)·L/(R·S) + j is [r, s, j]; stage s keeps
+    [:, s]."""
+    per_piece = model.config.n_layers // (stages * repeats)
+    params = jax.tree.map(lambda a: a.reshape(repeats, stages, per_piece, *a.shape[1:]),
+                          nnx.state(model.layers))  # leaves [L, ...]
+    axes = [v.axes for v in jax.tree.leaves(
+        nnx.state(model.layers), is_leaf=lambda v: isinstance(v, nnx.Variable))]
+    return params, axes
 
 
 def _micro(a, *, blocks, m_count):
@@ -173,9 +179,13 @@ def _park(a, lead=0):
     return jax.lax.with_sharding_constraint(a, P(*(None,) * lead, "data", "tensor"))
 
 
-def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis):
+def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis, store=None):
     """The per-stage loop (inside shard_map). xs [M, B/M, T, D]; params leaves [R, 1, L', ...].
-    Returns [M, B/M, T, D]: the last stage's outputs, zeros on the other stages.
+    Returns [M, B/M, T, D]: the last stage's outputs, zeros on the other stages. `constrain`
+    places rows at block boundaries; `store` = (park, enter, leave) is how activations are
+    kept between stages: park(a) holds what is carried in its kept layout, enter(a) makes a
+    kept activation the stage's input, leave(a) the stage's output a kept one. Default:
+    sharding constraints (T over tensor, gathered on entry); pipeline_manual.py slices T.
 
     Only what the next step needs is carried: the activation from the previous stage, the
     output buffer (written in place, one microbatch per step on the last stage) and, for
@@ -183,17 +193,18 @@ def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis):
     the backward pass keeps only the stage's input per step (not every layer's) and recomputes
     the stage, inside which the model's own per-layer remat applies again.
     """
+    park, enter, leave = store or (_park, constrain, _park)
     m_count, s = xs.shape[0], jax.lax.axis_index(axis)
     items = repeats * m_count
     params = jax.tree.map(lambda a: a[:, 0], params)  # [R, L/(R·S), ...]
     ring = [(i, (i + 1) % stages) for i in range(stages)]
-    xs = _park(xs, lead=1)
+    xs = park(xs, lead=1)
     zeros = _varying(jnp.zeros_like(xs), axis)
 
     def stage(x_in, pos, seg, r, params):  # params whole: a slice by r would be saved per step
         layers = jax.tree.map(lambda a: a[r], params)
-        x = jax.lax.with_sharding_constraint(x_in, P("data"))  # gathers T over tensor
-        return _park(model_lib.forward_layers(c, ops, layers, x, pos, seg,
+        x = enter(x_in)  # gathers T over tensor
+        return leave(model_lib.forward_layers(c, ops, layers, x, pos, seg,
                                               constrain=constrain)[0])
     if c.remat != "none":
         stage = jax.checkpoint(stage, policy=jax.checkpoint_policies.nothing_saveable)
@@ -203,7 +214,7 @@ def _schedule(c, ops, constrain, params, xs, ps, ss, stages, repeats, axis):
         w = jnp.clip(t - s, 0, items - 1)  # work item; out of range = idle (result unused)
         r, m = w // m_count, w % m_count
         first = xs[m] if loop is None else jnp.where(r == 0, xs[m], loop[m])
-        x_in = _park(jnp.where(s == 0, first, held))  # the only activation kept per step
+        x_in = park(jnp.where(s == 0, first, held))  # the only activation kept per step
         y = stage(x_in, ps[m], ss[m], r, params)
         sent = jax.lax.ppermute(y, axis, ring)
         # the last stage finishes microbatch m of the last repeat at step (R − 1)·M + m + S − 1

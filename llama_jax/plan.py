@@ -109,11 +109,7 @@ def build(config, mesh, mc: sharding.MeshConfig, platform: str = "cpu"):
     rows, t = config.data.global_batch, config.data.seq_len
     batch = {k: jax.ShapeDtypeStruct((rows, t), jnp.int32, sharding=sharding.batch_sharding(mesh))
              for k in BATCH_KEYS}
-    # the attention planned (sharding.execution runs pipeline stages with chunked instead)
-    attention = backend.default_attention
-    if attention in backends.KERNELS and mesh.shape["pipeline"] > 1:
-        attention = "chunked"
-    return step, state, batch, axes, attention
+    return step, state, batch, axes, backend.default_attention  # the attention planned
 
 
 def shard_bytes(tree, axes, mesh, fsdp: bool) -> int:

@@ -40,7 +40,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from llama_jax import attention, backends, model, optim, pipeline
+from llama_jax import attention, backends, model, optim, pipeline, pipeline_manual
 from llama_jax.backends import Backend, sharded
 
 AXES = ("data", "pipeline", "context", "tensor")
@@ -319,14 +319,6 @@ def execution(mesh: Mesh, mc: MeshConfig, backend: Backend | None = None):
     local = backend.attention or attention.IMPLS[backend.default_attention]
     cp = mc.context_impl if mesh.shape["context"] > 1 else None
     name = backend.default_attention if mc.attention == "auto" else mc.attention
-    if name in backends.KERNELS and mesh.shape["pipeline"] > 1:
-        # Shardy does not nest the kernel's shard_map inside the pipeline's (pipeline.py)
-        if mc.attention != "auto":
-            raise ValueError(f"mesh.attention={name} does not run inside pipeline stages yet; "
-                             f"use mesh.attention=chunked with mesh.pipeline > 1.")
-        logging.info("mesh.attention auto: chunked (%s does not run in pipeline stages).", name)
-        backend, name = backend.with_attention("chunked"), "chunked"
-        local = backend.attention
     if name in backends.KERNELS:  # a Pallas kernel: per-device rows and heads (backends/sharded.py)
         backend = dataclasses.replace(backend, attention=functools.partial(
             sharded.sharded_attention, mesh=mesh, local=local, context_impl=cp))
@@ -335,7 +327,9 @@ def execution(mesh: Mesh, mc: MeshConfig, backend: Backend | None = None):
             attention.context_parallel_attention, mesh=mesh, impl=cp, local=local))
     layers = None
     if mesh.shape["pipeline"] > 1:
-        layers = functools.partial(pipeline.pipeline_layers, mesh=mesh, context_impl=cp,
+        # a kernel's stages run on local shards (Shardy does not nest its shard_map in ours)
+        run = (pipeline_manual if name in backends.KERNELS else pipeline).pipeline_layers
+        layers = functools.partial(run, mesh=mesh, context_impl=cp,
                                    microbatches=mc.pipeline_microbatches, repeats=mc.repeats,
                                    local_attention=local, weight_spec=functools.partial(
                                        spec, mesh=mesh, fsdp=False))

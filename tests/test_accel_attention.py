@@ -5,6 +5,7 @@ the tiny model's training losses on one device and on a data 2 x context 2 x ten
 
 import contextlib
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ import pytest
 from flax import nnx
 
 import llama_jax as lj
-from llama_jax import attention, backends, sharding, train
+from llama_jax import attention, backends, lora, model, pipeline_manual, sharding, train
 from llama_jax.backends import sharded, tpu
 
 import mesh_setup
@@ -119,6 +120,9 @@ def test_splash_under_context_parallelism_follows_true_positions():
 def test_names_platforms_and_bad_shapes(monkeypatch):
     assert backends.get("cpu", "splash").attention.func is tpu.splash_attention
     assert backends.get("plain", "pallas_gpu").name == "plain"
+    # a plan (plan.build compiles with `auto`) of a non-kernel attention keeps it
+    assert (backends.for_target("gpu", "chunked").with_attention("auto").attention
+            is attention.chunked_attention)
     with pytest.raises(ValueError, match="The tpu backend needs JAX's TPU platform but this "
                                          "process runs on cpu.*mesh.attention=splash"):
         backends.get("tpu")
@@ -131,6 +135,12 @@ def test_names_platforms_and_bad_shapes(monkeypatch):
                              jnp.zeros((1, 64), jnp.int32),
                              jnp.ones((1, 64), jnp.int32), jnp.zeros((1, 128), jnp.int32),
                              jnp.ones((1, 128), jnp.int32), interpret=True)
+    with pytest.raises(ValueError, match="batch of 6 rows does not split into 2 pipeline "
+                                         "microbatches x data = 2 with a kernel attention"):
+        pipeline_manual.check(6, 2, 2, 128, 2)
+    with pytest.raises(ValueError, match="100 tokens per context rank do not split over "
+                                         "tensor = 8 with a kernel attention in pipeline"):
+        pipeline_manual.check(8, 2, 2, 100, 8)
     with pytest.raises(ValueError, match="pallas_gpu needs a power-of-two head dim"):
         backends.kernel_attention("pallas_gpu")(*(jnp.zeros((1, 128, 2, 96)),) * 3,
                                                 *(jnp.ones((1, 128), jnp.int32),) * 2)
@@ -155,7 +165,8 @@ CFG = lj.get_config("tiny", vocab_size=259, dim=256, n_layers=2, n_heads=2, n_kv
                     ffn_dim=704, max_seq_len=256, dtype="float32")
 
 
-def _losses(mesh_sizes=None, attention_name="reference"):
+def _losses(mesh_sizes=None, attention_name="reference", **mesh_options):
+    """(losses of two training steps, host parameters after them)."""
     s, state, params = mesh_setup.make_step(CFG)
     data = mesh_setup.batches(2, b=4, t=256)
     if mesh_sizes is None:  # one device, no mesh: the kernel in the plain model
@@ -166,7 +177,8 @@ def _losses(mesh_sizes=None, attention_name="reference"):
         put, ctx = (lambda b: jax.tree.map(jnp.asarray, b)), contextlib.nullcontext()
         state = jax.tree.map(jnp.asarray, state)
     else:
-        mc = sharding.MeshConfig(*mesh_sizes, backend="plain", attention=attention_name)
+        mc = sharding.MeshConfig(*mesh_sizes, backend="plain", attention=attention_name,
+                                 **mesh_options)
         mesh = sharding.make_mesh(mc)
         state = jax.device_put(state, sharding.state_shardings(state, params, mesh, mc.fsdp))
         step = sharding.jit_step(mesh_setup.step_fn(s, mesh, mc, backends.PLAIN, CFG),
@@ -177,17 +189,80 @@ def _losses(mesh_sizes=None, attention_name="reference"):
         for b in data:
             state, metrics = step(state, put(b))
             losses.append(float(metrics["loss"]))
-    return losses
+    return losses, jax.tree.map(np.asarray, state.params)
 
 
 @pytest.fixture(scope="module")
-def reference_losses():
+def reference_run():
     return _losses()
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_sizes", [None, (2, 1, 2, 2)], ids=["one-device", "d2-c2-t2"])
-def test_tiny_training_with_splash_equals_reference(reference_losses, mesh_sizes):
-    losses = _losses(mesh_sizes, "splash")
+def test_tiny_training_with_splash_equals_reference(reference_run, mesh_sizes):
+    losses, _ = _losses(mesh_sizes, "splash")
+    reference_losses = reference_run[0]
     assert reference_losses[1] != reference_losses[0]  # the second step saw the first update
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+
+
+# Pipeline stages with a kernel (llama_jax/pipeline_manual.py: one shard_map manual over every
+# axis, Megatron's psum after wo and w_down, the kv head chosen per tensor rank since K = 1).
+
+@pytest.mark.parametrize("name,mesh_sizes", [
+    ("splash", (2, 2, 1, 2)), ("splash", (2, 2, 2, 1)), ("pallas_gpu", (1, 2, 2, 2))],
+    ids=["splash-d2-p2-t2", "splash-d2-p2-c2", "pallas_gpu-p2-c2-t2"])
+def test_kernel_in_pipeline_stages_equals_reference(reference_run, name, mesh_sizes):
+    """Two training steps: losses and the parameters after them (so the gradients: the
+    gathered weights' summed over data, the replicated ones' over tensor) equal one device's
+    reference attention."""
+    losses, params = _losses(mesh_sizes, name)
+    np.testing.assert_allclose(losses, reference_run[0], rtol=1e-5)
+    assert mesh_setup.rel(params, reference_run[1]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_kernel_in_circular_pipeline_with_kv_heads_split():
+    """The circular schedule (R 2, M 4) with splash on data 2 x pipeline 2 x tensor 2, on the
+    mesh tests' model (K 2 kv heads split over tensor, 16-token rows padded to 128 inside):
+    equal to one device."""
+    mc = sharding.MeshConfig(2, 2, 1, 2, repeats=2, pipeline_microbatches=4, attention="splash")
+    losses, params, _ = mesh_setup.run_sharded(mc, steps=2)
+    ref_losses, ref_params = mesh_setup.reference()
+    np.testing.assert_allclose(losses, ref_losses[:2], rtol=1e-5)
+    assert mesh_setup.rel(params[1], ref_params[1]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_lora_adapters_in_kernel_pipeline_stages():
+    """LoRA A/B follow their weight's split inside the manual stages (wo's and w_down's
+    low-rank terms are partial sums too): the pipelined layers' value and gradients (weights,
+    adapters, input) equal the plain layer loop with the reference attention."""
+    llama = lora.attach(lj.create(CFG), lora.LoraConfig(rank=4))
+    for i, adapter in enumerate(lora.adapters_of(llama).values()):  # B = 0 would hide A
+        adapter.b[...] = 0.02 * jax.random.normal(jax.random.key(i), adapter.b.shape)
+    b = mesh_setup.batches(1, b=4, t=256)[0]
+    pos, seg = jnp.asarray(b["positions"]), jnp.asarray(b["segment_ids"])
+    x = llama.embed_tokens(jnp.asarray(b["inputs"]))
+    graphdef, state = nnx.split(llama)
+    mc = sharding.MeshConfig(2, 2, 1, 2)
+    mesh = sharding.make_mesh(mc)
+
+    def plain(state, x):
+        m = nnx.merge(graphdef, state)
+        return model.forward_layers(m.config, m.backend, nnx.state(m.layers), x, pos, seg)[0]
+
+    def piped(state, x):
+        return pipeline_manual.pipeline_layers(
+            nnx.merge(graphdef, state), x, pos, seg, mesh=mesh,
+            local_attention=backends.kernel_attention("splash"),
+            weight_spec=functools.partial(sharding.spec, mesh=mesh, fsdp=False))
+
+    live = (seg != 0)[:, :, None]  # padding queries' outputs differ (tpu.py) and go unread
+    w = jnp.cos(jnp.arange(x.size, dtype=jnp.float32)).reshape(x.shape) * live
+    value_grad = lambda f: jax.value_and_grad(lambda s, x: jnp.sum(f(s, x) * w), (0, 1))  # noqa
+    ref = jax.jit(value_grad(plain))(state, x)
+    with jax.set_mesh(mesh):
+        got = jax.jit(value_grad(piped))(state, x)
+    np.testing.assert_allclose(float(got[0]), float(ref[0]), rtol=1e-5)
+    assert mesh_setup.rel(got[1], ref[1]) <= 1e-5

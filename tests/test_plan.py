@@ -173,6 +173,16 @@ def test_tiny_plans_on_a_tpu_topology():
     assert r["flops"]["compiler"] >= r["flops"]["analytic"] > 0 and r["roofline"]["step_s"] > 0
 
 
+@needs_libtpu
+def test_pipelined_plan_compiles_splash_in_the_stages():
+    """Mosaic compiles the splash kernel inside pipeline stages (llama_jax/pipeline_manual.py:
+    every mesh axis manual there), and the plan says it planned splash."""
+    r = plan.plan(_tiny("--config.mesh.data=2", "--config.mesh.pipeline=2",
+                        "--config.mesh.tensor=2", "--config.data.global_batch=16"), "v5e:2x4")
+    assert r["attention"] == "splash" and r["mesh"]["pipeline"] == 2 and not r["estimate"]
+    assert r["fits"] and r["roofline"]["step_s"] > 0
+
+
 def _cli():
     spec = importlib.util.spec_from_file_location("plan_cli", os.path.join(ROOT, "tools/plan.py"))
     module = importlib.util.module_from_spec(spec)

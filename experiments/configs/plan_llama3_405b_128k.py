@@ -20,6 +20,7 @@ def get_config(arg: str = ""):
     c.model.n_layers = 128  # 126 + 2: equal pipeline stages
     c.model.max_seq_len = 131072
     c.data.seq_len, c.data.global_batch = 131072, 128
-    c.mesh.update(data=8, pipeline=16, context=16, tensor=8, pipeline_microbatches=16,
-                  attention="chunked")  # local queries vs gathered keys, blockwise
+    # attention `auto`: the target's kernel on local queries vs gathered keys (splash on
+    # TPU; on GPU pallas_gpu, which runs chunked under context parallelism)
+    c.mesh.update(data=8, pipeline=16, context=16, tensor=8, pipeline_microbatches=16)
     return c

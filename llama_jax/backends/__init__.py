@@ -13,6 +13,8 @@ that are faster on one device kind, each tested equal to the plain form:
 - `attention(q, k, v, positions, segment_ids)`: training self-attention (mesh.attention picks
   one of `attentions`)
 - `swiglu(x, w_gate, w_up)`: the MLP's gated product
+- `row_sum(y)`: the sum over tensor ranks of wo's and w_down's partial products, where the
+  layers run on local shards (pipeline_manual.py); None where XLA partitions them
 - `fused_update(cfg, params)`: an optimizer update equal to optim.make_optimizer's, applied in
   one pass per parameter, or None
 - `decode_pack(w)` / `decode_block(...)`: weights packed once for decoding, and a whole block
@@ -84,6 +86,7 @@ class Backend:
     attentions: tuple[tuple[str, Callable], ...] = ()
     default_attention: str = "reference"
     swiglu: Callable | None = None
+    row_sum: Callable | None = None
     fused_update: Callable | None = None
     decode_pack: Callable | None = None
     decode_block: Callable | None = None
@@ -105,6 +108,10 @@ class Backend:
         """Training self-attention of q [B, T, N, H], k, v [B, T, K, H]."""
         fn = self.attention or attention.IMPLS[self.default_attention]
         return fn(q, k, v, positions, segment_ids)
+
+    def row_parallel(self, y):
+        """A row-parallel product's output (wo, w_down): row_sum(y), or y as it is."""
+        return y if self.row_sum is None else self.row_sum(y)
 
 
 PLAIN = Backend()

@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from llama_jax import attention
 
+
 def check(n_heads: int, n_kv_heads: int, tensor: int) -> None:
     """One sentence when the kv heads cannot follow the query heads over `tensor`."""
     if n_kv_heads % tensor and tensor % n_kv_heads:
@@ -31,7 +32,10 @@ def check(n_heads: int, n_kv_heads: int, tensor: int) -> None:
                          f"tensor size or mesh.attention=chunked.")
 
 
-def _body(q, k, v, pos, seg, *, local, context_impl, tensor, kv_split):
+def device_attention(q, k, v, pos, seg, *, local, context_impl, tensor, kv_split):
+    """`local` on one device's rows, heads and chunks (inside a shard_map manual over every
+    axis: here, and in pipeline_manual.py's stages). kv_split: K/V hold this rank's kv heads;
+    else all K, and the rank takes the one its query heads share."""
     if not kv_split and tensor > 1:  # this rank's query heads share kv head r // (tp / K)
         per = tensor // k.shape[2]
         head = jax.lax.axis_index("tensor") // per
@@ -51,10 +55,11 @@ def sharded_attention(q, k, v, positions, segment_ids, *, mesh, local, context_i
     kv_split = k.shape[2] % tensor == 0
     qs, rows = P("data", "context", "tensor", None), P("data", "context")
     kvs = qs if kv_split else P("data", "context", None, None)
-    body = functools.partial(_body, local=local, context_impl=context_impl, tensor=tensor,
-                             kv_split=kv_split)
+    body = functools.partial(device_attention, local=local, context_impl=context_impl,
+                             tensor=tensor, kv_split=kv_split)
     # Manual over every mesh axis (Mosaic refuses any automatic one, even of size 1: pipeline
-    # stages are refused before this, sharding.execution). check_vma off: Pallas kernels
+    # stages call device_attention in their own such shard_map, pipeline_manual.py; Shardy
+    # does not nest this one inside the pipeline's). check_vma off: Pallas kernels
     # declare outputs without varying-axis types.
     return jax.shard_map(body, mesh=attention.context_mesh(mesh),
                          in_specs=(qs, kvs, kvs, rows, rows), out_specs=qs,

@@ -1,0 +1,138 @@
+"""Decode attention kernels (backends/decode_attention.py: ragged_tpu, ragged_gpu) equal the
+plain attention over the cache with cache.mask, here in Pallas interpret mode (the same kernel
+code); the seam (backends.get(..., decode_attention=...), model.self_attention) decodes the
+same tokens; decode_plan.py's step analysis, and the TPU kernel compiled by Mosaic (libtpu)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import llama_jax as lj
+from llama_jax import attention, backends, decode, decode_plan
+from llama_jax import model as model_lib
+from llama_jax.backends import decode_attention as da
+
+L, B, S, K, H, N, T = 2, 3, 256, 2, 16, 4, 2
+BLOCKS = {"ragged_tpu": 128, "ragged_gpu": 64}  # two blocks of 128, four of 64 over S = 256
+
+
+def _case(dtype):
+    """Three rows, two queries each, over layer 1 of a 256-slot cache:
+    row 0: three tokens, queries at 1 and 2 (one block of 128 read of two);
+    row 1: document 1 at 0..99, document 2 at 100..139, queries of document 2 at 138, 139
+      (slots of document 1 are visible by position but not by segment);
+    row 2: slots 0..201 with a never-written gap at 50..59 (the length is not a multiple of
+      the block), a query at 200 and a padding query (segment 0) at 201.
+    V of row 0 past slot 128 (past its last block for both kernels' blocks) is NaN: a kernel
+    that reads it returns NaN there."""
+    rng = np.random.default_rng(0)
+    k, v = (rng.standard_normal((L, B, S, K, H)).astype(np.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
+    pos, seg = np.full((B, S), -1, np.int32), np.zeros((B, S), np.int32)
+    qpos, qseg = np.array([[1, 2], [138, 139], [200, 201]], np.int32), np.ones((B, T), np.int32)
+    for row, n in enumerate((3, 140, 202)):
+        pos[row, :n], seg[row, :n] = np.arange(n), 1
+    seg[1, 100:140], qseg[1] = 2, 2
+    pos[2, 50:60], seg[2, 50:60], qseg[2, 1] = -1, 0, 0
+    v[:, 0, 128:] = np.nan
+    k, v = jnp.asarray(k, dtype), jnp.asarray(v, dtype)
+    pos, seg, qpos, qseg = map(jnp.asarray, (pos, seg, qpos, qseg))
+    mask = attention.attention_mask(qpos, qseg, pos, seg)
+    cache = model_lib.LayerCache(k, v, 1, None, mask, pos, seg)
+    return q, (k, v), cache, qpos, qseg
+
+
+@pytest.mark.parametrize("name", list(da.KERNELS))
+def test_kernel_equals_plain_attention_over_the_cache(name):
+    """f32 within 1e-5, bf16 within bf16 rounding, on the real queries; padding queries get
+    zeros; no NaN: the blocks past each row's length were never read."""
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
+        q, kv, cache, qpos, qseg = _case(dtype)
+        out = jax.jit(lambda q, kv, c: da.make(name, True, BLOCKS[name])(q, kv, c, qpos, qseg))(
+            q, kv, cache)
+        real = np.asarray(qseg != 0)[:, :, None, None]
+        clean = jnp.where(jnp.isnan(kv[1]), 0, kv[1])  # the plain form reads every slot
+        ref = attention.dot_product_attention(q, kv[0][1], clean[1], cache.mask)
+        out, ref = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+        assert not np.isnan(out).any()
+        np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=tol)
+        assert not np.where(real, 0, out).any()
+
+
+def test_cases_the_kernel_leaves_to_the_plain_form():
+    """None (the plain form runs) for a prefill, a cache length off the block, the paged cache
+    type, and (GPU) a head dim that is not a power of two."""
+    q, kv, cache, qpos, qseg = _case(jnp.float32)
+    tpu, gpu = da.make("ragged_tpu", True), da.make("ragged_gpu", True)
+    long_q = jnp.zeros((B, da.MAX_QUERIES + 1, N, H))
+    wide = (jnp.zeros((L, B, S, K, 24)),) * 2
+    assert tpu(long_q, kv, cache, *(jnp.zeros((B, da.MAX_QUERIES + 1), jnp.int32),) * 2) is None
+    assert tpu(q, tuple(a[:, :, :192] for a in kv), cache, qpos, qseg) is None
+    assert gpu(jnp.zeros((B, T, N, 24)), wide, cache, qpos, qseg) is None
+    assert tpu(q, kv, tuple(cache), qpos, qseg) is None
+    assert tpu(q, kv, cache, qpos, qseg) is not None
+
+
+def test_selection_by_name():
+    """auto is the plain form on a CPU; a kernel named on a CPU runs interpreted; a bad name
+    says what is valid."""
+    assert backends.get("plain").decode_attention is None
+    assert backends.get("plain", decode_attention="ragged_gpu").decode_attention.keywords == dict(
+        platform="gpu", interpret=True, block=None)
+    with pytest.raises(ValueError, match="decode attention 'flash' cannot run on cpu; valid "
+                                         "here: auto, plain, ragged_tpu, ragged_gpu"):
+        backends.get("plain", decode_attention="flash")
+
+
+@pytest.fixture(scope="module")
+def tiny_f32():
+    return lj.create(lj.get_config("tiny", dtype="float32", param_dtype="float32"), seed=3)
+
+
+@pytest.mark.slow
+def test_generate_with_the_kernel_equals_plain(tiny_f32):
+    """Greedy decode of two prompts of different lengths over a 128-slot cache (buckets of 64
+    prompt + 64 new tokens) gives the plain backend's tokens with the TPU kernel interpreted."""
+    prompts = [[1, 5, 9, 2, 7], list(range(3, 43))]
+    runs = []
+    for name in ("plain", "ragged_tpu"):
+        model = lj.with_backend(tiny_f32, backends.get("plain", decode_attention=name))
+        runs.append(decode.generate(model, prompts, max_new_tokens=40, stop_ids=[]))
+    np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
+    np.testing.assert_allclose(runs[0].logprobs, runs[1].logprobs, atol=1e-4)
+
+
+def test_step_analysis_finds_cache_copies_and_roofline():
+    """roofline_bytes counts every weight once (the model's parameter count; an untied
+    embedding only its B rows) and the cache once; step_kernels
+    counts kernels and finds a cache-sized copy but not an HBM->VMEM prefetch."""
+    c = lj.get_config("tiny", dtype="bfloat16")
+    n = model_lib.param_count(model_lib.abstract(c))
+    cache = 2 * c.n_layers * 2 * 100 * c.n_kv_heads * c.head_dim
+    table = 0 if c.tie_embeddings else c.vocab_size * c.dim  # the embedding is not read whole
+    assert decode_plan.roofline_bytes(c, 2, 100) == 2 * (n - table + 2 * c.dim) + 2 * cache
+    hlo = "\n".join([
+        "ENTRY %main (p: bf16[2,1,256,2,16]) -> bf16[2,1,256,2,16] {",
+        "  %p = bf16[2,1,256,2,16]{4,3,2,1,0} parameter(0)",
+        "  %copy.1 = bf16[2,1,256,2,16]{2,4,3,1,0} copy(%p)",
+        "  %copy-start.1 = (bf16[2,1,256,2,16]{2,4,3,1,0:S(1)}, bf16[2,1,256,2,16]{2,4,3,1,0}, "
+        "u32[]) copy-start(%copy.1)",
+        "  %copy-done.1 = bf16[2,1,256,2,16]{2,4,3,1,0:S(1)} copy-done(%copy-start.1)",
+        "  %small = bf16[2,16]{1,0} copy(%p)",
+        "  ROOT %fusion.1 = bf16[2,1,256,2,16]{4,3,2,1,0} fusion(%copy-done.1), kind=kLoop",
+        "}"])
+    got = decode_plan.step_kernels(hlo, 256 * 2 * 16 * 2)
+    assert (got["kernels"], got["cache_copies"], got["cache_prefetches"]) == (4, 1, 1)
+    assert got["cache_copy_bytes"] == 2 * 256 * 2 * 16 * 2
+
+
+def test_tpu_kernel_compiles_with_mosaic():
+    """The decode step of the tiny bf16 model compiled for a TPU v5e by libtpu (Mosaic compiles
+    the kernel): one kernel call per layer, and bytes/step read back."""
+    pytest.importorskip("libtpu", reason="TPU targets compile with libtpu (the plan extra); "
+                                         "CI does not install it")
+    c = lj.get_config("tiny", dtype="bfloat16", param_dtype="bfloat16")
+    row = decode_plan.plan_decode(c, "v5e:2x2", 1, 512, "ragged_tpu")
+    assert row["by_opcode"]["custom-call"] >= c.n_layers
+    assert row["bytes_per_step"] > 0 and row["predicted_tokens_s"] > 0

@@ -21,7 +21,12 @@ the plain form (tests/test_decode_attention.py, in Pallas interpret mode):
 - the kernel takes the stacked cache [L, B, S, K, H] and the layer index as an argument: no
   per-layer slice of the cache is copied out for it.
 
-TPU: grid (B, S/block) with the online softmax's running max, sum and accumulator in VMEM;
+TPU: the kernel reads K and V as [L, B, K, H, S], slots minor. That is the layout TPU's XLA
+gives a [L, B, S, K, H] cache whose K x H tiles would be half empty (llama3.2-1b: K = 8,
+H = 64), so the transpose is a bitcast; read as [L, B, S, K, H] the cache was copied into
+and back out of that layout every step (tools/plan_decode.py found 4 cache copies, 537 MB a
+step at 8,192 slots, and none with this layout).
+Grid (B, S/block) with the online softmax's running max, sum and accumulator in VMEM;
 block indices past a row's length map to its last block, so the pipeline issues no new DMA,
 and the compute is skipped. One TensorCore walks a row's blocks in order (v5e and v6e have one
 per chip, so splitting the length would buy nothing there); rows are `parallel` (megacore).
@@ -53,22 +58,23 @@ GPU_PROGRAMS = 256   # B x K x splits to aim for
 NEG = float(jnp.finfo(jnp.float32).min)
 
 
-def _block_step(q, k, v, visible, scale, m, l, acc):
-    """One block of the online softmax (Milakov & Gimelshein 2018): q [R, H], k, v [blk, H],
-    visible [R, blk]; m, l [R, 1] and acc [R, H] f32 -> their updates. Invisible keys get
-    weight exactly 0 (not exp(NEG - m), which is 1 while a row has seen nothing)."""
+def _block_step(q, k, v, visible, scale, m, l, acc, *, slots_minor: bool = False):
+    """One block of the online softmax (Milakov & Gimelshein 2018): q [R, H], k, v [blk, H]
+    ([H, blk] if slots_minor), visible [R, blk]; m, l [R, 1] and acc [R, H] f32 -> their
+    updates. Invisible keys get weight exactly 0 (not exp(NEG - m), which is 1 while a row has
+    seen nothing)."""
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     # the precision of the inputs, whatever jax_default_matmul_precision says (Mosaic takes
     # fp32 contraction of f32 inputs only)
     dot = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32,
                             precision=jax.lax.Precision.HIGHEST if q.dtype == jnp.float32
                             else jax.lax.Precision.DEFAULT)
-    s = dot(q, k, (((1,), (1,)), ((), ())))
+    s = dot(q, k, (((1,), (0 if slots_minor else 1,)), ((), ())))
     s = jnp.where(visible, s * scale, NEG)
     m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
     p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
     corr = jnp.exp(m - m_new)
-    pv = dot(p.astype(v.dtype), v, (((1,), (0,)), ((), ())))
+    pv = dot(p.astype(v.dtype), v, (((1,), (1 if slots_minor else 0,)), ((), ())))
     return m_new, corr * l + p.sum(axis=1, keepdims=True), corr * acc + pv
 
 
@@ -95,9 +101,9 @@ def _tpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_r
     @pl.when(j < nblk_ref[b])
     def _block():
         visible = _visible(qpos_ref[...], qseg_ref[...], kpos_ref[...], kseg_ref[...])
-        for h in range(k_ref.shape[1]):  # kv heads, each with its G x T query rows
-            m, l, acc = _block_step(q_ref[h], k_ref[:, h, :], v_ref[:, h, :], visible, scale,
-                                    m_ref[h], l_ref[h], acc_ref[h])
+        for h in range(k_ref.shape[0]):  # kv heads, each with its G x T query rows
+            m, l, acc = _block_step(q_ref[h], k_ref[h], v_ref[h], visible, scale, m_ref[h],
+                                    l_ref[h], acc_ref[h], slots_minor=True)
             m_ref[h], l_ref[h], acc_ref[h] = m, l, acc
 
     @pl.when(j == pl.num_programs(1) - 1)
@@ -107,13 +113,14 @@ def _tpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_r
 
 
 def _tpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret):
-    """q [B, K, R, H]; qpos, qseg [B, R, 1]; kpos, kseg [B, 1, S]; k, v [L, B, S, K, H]."""
+    """q [B, K, R, H]; qpos, qseg [B, R, 1]; kpos, kseg [B, 1, S]; k, v [L, B, K, H, S]
+    (slots minor: the layout TPU's XLA gives the cache, module docstring)."""
     from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
     b, kh, r, h = q.shape
-    s = k.shape[2]
+    s = k.shape[4]
 
     def kv_block(i, j, nblk, layer):  # past the row's length: its last block again (no DMA)
-        return (layer[0], i, jnp.minimum(j, nblk[i] - 1), 0, 0)
+        return (layer[0], i, 0, 0, jnp.minimum(j, nblk[i] - 1))
 
     def slot_block(i, j, nblk, layer):
         return (i, 0, jnp.minimum(j, nblk[i] - 1))
@@ -125,8 +132,8 @@ def _tpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret):
                   pl.BlockSpec((None, r, 1), row), pl.BlockSpec((None, r, 1), row),
                   pl.BlockSpec((None, 1, blk), slot_block),
                   pl.BlockSpec((None, 1, blk), slot_block),
-                  pl.BlockSpec((None, None, blk, kh, h), kv_block),
-                  pl.BlockSpec((None, None, blk, kh, h), kv_block)],
+                  pl.BlockSpec((None, None, kh, h, blk), kv_block),
+                  pl.BlockSpec((None, None, kh, h, blk), kv_block)],
         out_specs=pl.BlockSpec((None, kh, r, h), lambda i, j, nblk, layer: (i, 0, 0, 0)),
         scratch_shapes=[pltpu.VMEM((kh, r, 1), jnp.float32), pltpu.VMEM((kh, r, 1), jnp.float32),
                         pltpu.VMEM((kh, r, h), jnp.float32)])
@@ -231,8 +238,9 @@ def decode_attention(q, kv, cache, positions, segment_ids, *, platform: str,
     nblk = jnp.clip(-(-(jnp.minimum(last + 1, s)) // blk), 1, s // blk).astype(jnp.int32)
     layer = jnp.asarray(cache.layer, jnp.int32).reshape(1)
     if platform == "tpu":
+        kt, vt = (a.transpose(0, 1, 3, 4, 2) for a in (k, v))  # a bitcast on TPU (docstring)
         out = _tpu_call(qr, qpos[..., None], qseg[..., None], cache.pos[:, None],
-                        cache.seg[:, None], k, v, nblk, layer, blk, interpret)
+                        cache.seg[:, None], kt, vt, nblk, layer, blk, interpret)
     else:
         rp = max(16, 1 << (g * t - 1).bit_length())  # Triton's dot takes >= 16 rows
         pad = ((0, 0), (0, rp - g * t))

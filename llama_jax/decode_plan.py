@@ -11,7 +11,8 @@ host) and read back:
 - roofline bytes: what a step must read at least, the weights once (the head included, the
   embedding only its B rows) and the K/V cache once up to the cache length;
 - kernels/step: the instructions of the compiled step that run as their own kernel (fusions,
-  custom calls, copies, in-place updates, ...), by opcode;
+  custom calls, copies, in-place updates, unfused scalar ops, ...), by opcode; a TPU's
+  asynchronous HBM <-> VMEM moves apart;
 - cache copies: copies (or copy-starts) of at least one layer's K cache [B, S, K, H]: the cache
   must be updated in place, so there should be none.
 Predicted tokens/s = batch x HBM bandwidth / max(bytes/step, roofline bytes).
@@ -27,7 +28,6 @@ import re
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import SingleDeviceSharding
 
@@ -36,9 +36,12 @@ from llama_jax import model as model_lib
 from llama_jax.decode_forward import Weights, _relayout
 from llama_jax.sampling import SamplingParams
 
-# Instructions that are not kernels of their own: bookkeeping, or the second half of an async op.
+# Instructions that are not kernels of their own: bookkeeping, and the TPU's asynchronous
+# moves between HBM and VMEM (memory-space assignment's prefetches of weight slices and their
+# ConcatBitcast reassembly), counted apart as `async_moves`.
 NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
-               "opt-barrier", "copy-done", "partition-id", "replica-id", "iota"}
+               "opt-barrier", "partition-id", "replica-id", "iota"}
+ASYNC_MOVES = {"copy-start", "copy-done", "slice-start", "slice-done"}
 _DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
                 "s64": 8, "u64": 8, "f64": 8}
 _ARRAY = re.compile(r"\b(bf16|f16|f32|f64|s8|u8|s32|u32|s64|u64|pred)\[([\d,]*)\]")
@@ -91,16 +94,18 @@ def step_kernels(hlo_text: str, cache_bytes: int) -> dict:
     """Kernels by opcode of the compiled step's entry computation (the decode step has no
     loop), and the copies of >= `cache_bytes` (one layer's K cache) anywhere in it."""
     comps, entry = hlo_cost.parse(hlo_text)
-    ops = collections.Counter(op for _, _, op, _ in comps[entry] if op not in NOT_KERNELS)
+    ops = collections.Counter(op for _, _, op, args in comps[entry] if op not in NOT_KERNELS
+                              and 'custom_call_target="ConcatBitcast"' not in args)
+    moves = sum(ops.pop(op, 0) for op in ASYNC_MOVES)
     def big(*ops):
         return [_bytes(shape) for comp in comps.values() for _, shape, op, _ in comp
                 if op in ops and _bytes(shape) >= cache_bytes]
     # copy-start/-done pairs on a TPU move a buffer between HBM and VMEM (memory-space
     # assignment's prefetches, the S(1) layouts): counted apart from real copies.
-    copies, moves = big("copy"), big("copy-start")
-    return dict(kernels=sum(ops.values()), by_opcode=dict(ops.most_common()),
+    copies, prefetches = big("copy"), big("copy-start")
+    return dict(kernels=sum(ops.values()), by_opcode=dict(ops.most_common()), async_moves=moves,
                 cache_copies=len(copies), cache_copy_bytes=sum(copies),
-                cache_prefetches=len(moves))
+                cache_prefetches=len(prefetches))
 
 
 def _cost_bytes(compiled) -> float:
@@ -142,4 +147,3 @@ def plan_decode(config, target_name: str, batch: int, cache_len: int,
     return row
 
 
-__all__ = ["plan_decode", "compile_step", "roofline_bytes", "step_kernels", "np"]

@@ -123,7 +123,8 @@ def test_step_analysis_finds_cache_copies_and_roofline():
         "  ROOT %fusion.1 = bf16[2,1,256,2,16]{4,3,2,1,0} fusion(%copy-done.1), kind=kLoop",
         "}"])
     got = decode_plan.step_kernels(hlo, 256 * 2 * 16 * 2)
-    assert (got["kernels"], got["cache_copies"], got["cache_prefetches"]) == (4, 1, 1)
+    assert (got["kernels"], got["async_moves"], got["cache_copies"], got["cache_prefetches"]) \
+        == (3, 2, 1, 1)
     assert got["cache_copy_bytes"] == 2 * 256 * 2 * 16 * 2
 
 
@@ -136,3 +137,15 @@ def test_tpu_kernel_compiles_with_mosaic():
     row = decode_plan.plan_decode(c, "v5e:2x2", 1, 512, "ragged_tpu")
     assert row["by_opcode"]["custom-call"] >= c.n_layers
     assert row["bytes_per_step"] > 0 and row["predicted_tokens_s"] > 0
+
+
+def test_gpu_kernel_lowers_to_triton():
+    """ragged_gpu lowered for CUDA on this machine (no GPU needed): Pallas emits the Triton
+    kernel call, so what the GPU compiles is the kernel tested interpreted above."""
+    from jax import export
+    q, kv, cache, qpos, qseg = _case(jnp.bfloat16)
+    fn = jax.jit(lambda q, kv, c, p, s: da.make("ragged_gpu")(q, kv, c, p, s))
+    triton = "__gpu$xla.gpu.triton"
+    lowered = export.export(fn, platforms=("cuda",), disabled_checks=[
+        export.DisabledSafetyCheck.custom_call(triton)])(q, kv, cache, qpos, qseg)
+    assert lowered.mlir_module().count(triton) == 1

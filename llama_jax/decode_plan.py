@@ -13,8 +13,9 @@ host) and read back:
 - kernels/step: the instructions of the compiled step that run as their own kernel (fusions,
   custom calls, copies, in-place updates, unfused scalar ops, ...), by opcode; a TPU's
   asynchronous HBM <-> VMEM moves apart;
-- cache copies: copies (or copy-starts) of at least one layer's K cache [B, S, K, H]: the cache
-  must be updated in place, so there should be none.
+- cache copies: copies of at least one layer's K cache [B, S, K, H] in size (the cache, or
+  anything as large): the cache must be updated in place and read where it lies, so there
+  should be none; copy-starts as large (a TPU's moves into VMEM) are `cache_prefetches`.
 Predicted tokens/s = batch x HBM bandwidth / max(bytes/step, roofline bytes).
 
 Axis letters: B batch, S cache slots, K kv heads, H head dim, L layers.

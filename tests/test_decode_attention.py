@@ -17,7 +17,7 @@ L, B, S, K, H, N, T = 2, 3, 256, 2, 16, 4, 2
 BLOCKS = {"ragged_tpu": 128, "ragged_gpu": 64}  # two blocks of 128, four of 64 over S = 256
 
 
-def _case(dtype):
+def _case(dtype, h=H):
     """Three rows, two queries each, over layer 1 of a 256-slot cache:
     row 0: three tokens, queries at 1 and 2 (one block of 128 read of two);
     row 1: document 1 at 0..99, document 2 at 100..139, queries of document 2 at 138, 139
@@ -27,8 +27,8 @@ def _case(dtype):
     V of row 0 past slot 128 (past its last block for both kernels' blocks) is NaN: a kernel
     that reads it returns NaN there."""
     rng = np.random.default_rng(0)
-    k, v = (rng.standard_normal((L, B, S, K, H)).astype(np.float32) for _ in range(2))
-    q = jnp.asarray(rng.standard_normal((B, T, N, H)), dtype)
+    k, v = (rng.standard_normal((L, B, S, K, h)).astype(np.float32) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((B, T, N, h)), dtype)
     pos, seg = np.full((B, S), -1, np.int32), np.zeros((B, S), np.int32)
     qpos, qseg = np.array([[1, 2], [138, 139], [200, 201]], np.int32), np.ones((B, T), np.int32)
     for row, n in enumerate((3, 140, 202)):
@@ -43,12 +43,14 @@ def _case(dtype):
     return q, (k, v), cache, qpos, qseg
 
 
-@pytest.mark.parametrize("name", list(da.KERNELS))
-def test_kernel_equals_plain_attention_over_the_cache(name):
+@pytest.mark.parametrize("name,h", [("ragged_tpu", H), ("ragged_tpu", 128), ("ragged_gpu", H)],
+                         ids=["tpu-slots-minor", "tpu-row-major", "gpu"])
+def test_kernel_equals_plain_attention_over_the_cache(name, h):
     """f32 within 1e-5, bf16 within bf16 rounding, on the real queries; padding queries get
-    zeros; no NaN: the blocks past each row's length were never read."""
+    zeros; no NaN: the blocks past each row's length were never read. The TPU kernel reads a
+    cache with H < 128 slots minor and one with H = 128 as it is (both layouts)."""
     for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2)):
-        q, kv, cache, qpos, qseg = _case(dtype)
+        q, kv, cache, qpos, qseg = _case(dtype, h)
         out = jax.jit(lambda q, kv, c: da.make(name, True, BLOCKS[name])(q, kv, c, qpos, qseg))(
             q, kv, cache)
         real = np.asarray(qseg != 0)[:, :, None, None]
@@ -128,15 +130,21 @@ def test_step_analysis_finds_cache_copies_and_roofline():
     assert got["cache_copy_bytes"] == 2 * 256 * 2 * 16 * 2
 
 
-def test_tpu_kernel_compiles_with_mosaic():
-    """The decode step of the tiny bf16 model compiled for a TPU v5e by libtpu (Mosaic compiles
-    the kernel): one kernel call per layer, and bytes/step read back."""
+@pytest.mark.slow
+def test_tpu_kernel_compiles_with_mosaic_and_the_cache_is_not_copied():
+    """The decode step of a tiny bf16 model compiled for a TPU v5e by libtpu (Mosaic compiles
+    the kernel) in each of decode_attention.tpu_view's three cases (head dim 16; head dim 128
+    with one kv head, and with two): a kernel call per layer, and no copy of cache size: the
+    cache is written in place and read in the layout XLA gave it."""
     pytest.importorskip("libtpu", reason="TPU targets compile with libtpu (the plan extra); "
                                          "CI does not install it")
-    c = lj.get_config("tiny", dtype="bfloat16", param_dtype="bfloat16")
-    row = decode_plan.plan_decode(c, "v5e:2x2", 1, 512, "ragged_tpu")
-    assert row["by_opcode"]["custom-call"] >= c.n_layers
-    assert row["bytes_per_step"] > 0 and row["predicted_tokens_s"] > 0
+    for dims in (dict(), dict(dim=256, n_heads=2, n_kv_heads=1),
+                 dict(dim=512, n_heads=4, n_kv_heads=2)):
+        c = lj.get_config("tiny", dtype="bfloat16", param_dtype="bfloat16", **dims)
+        row = decode_plan.plan_decode(c, "v5e:2x2", 1, 512, "ragged_tpu")
+        assert row["by_opcode"]["custom-call"] >= c.n_layers
+        assert row["cache_copies"] == 0, row
+        assert row["bytes_per_step"] > 0 and row["predicted_tokens_s"] > 0
 
 
 def test_gpu_kernel_lowers_to_triton():

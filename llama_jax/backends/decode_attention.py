@@ -21,11 +21,13 @@ the plain form (tests/test_decode_attention.py, in Pallas interpret mode):
 - the kernel takes the stacked cache [L, B, S, K, H] and the layer index as an argument: no
   per-layer slice of the cache is copied out for it.
 
-TPU: the kernel reads K and V as [L, B, K, H, S], slots minor. That is the layout TPU's XLA
-gives a [L, B, S, K, H] cache whose K x H tiles would be half empty (llama3.2-1b: K = 8,
-H = 64), so the transpose is a bitcast; read as [L, B, S, K, H] the cache was copied into
-and back out of that layout every step (tools/plan_decode.py found 4 cache copies, 537 MB a
-step at 8,192 slots, and none with this layout).
+TPU: the kernel reads the cache in the layout TPU's XLA gives it, so no step copies it
+(`tpu_view`): [L, B, S, K, H] row-major where H is a multiple of 128 and K > 1 (llama3.1-8b);
+slots minor, [L, B, K, H, S], where H < 128 (its K x H tiles would be half empty; llama3.2-1b,
+H = 64); [L, B, K, S, H] where K = 1. The kernel reads that transpose, a bitcast there. (Checked on v5e and v5p with libtpu: the default layouts
+of bf16 and f32 caches, H 64 / 128, K 1 / 2 / 8.) Read the other way the cache was copied
+into and back out of row-major every step (tools/plan_decode.py, 8,192 slots: 4 copies of
+the whole cache, 537 MB for llama3.2-1b, 2.1 GB for llama3.1-8b; none after).
 Grid (B, S/block) with the online softmax's running max, sum and accumulator in VMEM;
 block indices past a row's length map to its last block, so the pipeline issues no new DMA,
 and the compute is skipped. One TensorCore walks a row's blocks in order (v5e and v6e have one
@@ -88,7 +90,7 @@ def _visible(q_pos, q_seg, k_pos, k_seg):
 
 
 def _tpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, k_ref,
-                v_ref, o_ref, m_ref, l_ref, acc_ref, *, scale):
+                v_ref, o_ref, m_ref, l_ref, acc_ref, *, scale, head_axis, slots_minor):
     del layer_ref  # used by the index maps only
     b, j = pl.program_id(0), pl.program_id(1)
 
@@ -101,9 +103,10 @@ def _tpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_r
     @pl.when(j < nblk_ref[b])
     def _block():
         visible = _visible(qpos_ref[...], qseg_ref[...], kpos_ref[...], kseg_ref[...])
-        for h in range(k_ref.shape[0]):  # kv heads, each with its G x T query rows
-            m, l, acc = _block_step(q_ref[h], k_ref[h], v_ref[h], visible, scale, m_ref[h],
-                                    l_ref[h], acc_ref[h], slots_minor=True)
+        at = (slice(None),) * head_axis
+        for h in range(q_ref.shape[0]):  # kv heads, each with its G x T query rows
+            m, l, acc = _block_step(q_ref[h], k_ref[(*at, h)], v_ref[(*at, h)], visible, scale,
+                                    m_ref[h], l_ref[h], acc_ref[h], slots_minor=slots_minor)
             m_ref[h], l_ref[h], acc_ref[h] = m, l, acc
 
     @pl.when(j == pl.num_programs(1) - 1)
@@ -112,28 +115,38 @@ def _tpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_r
         o_ref[...] = (acc_ref[...] / jnp.where(l == 0, 1.0, l)).astype(o_ref.dtype)
 
 
-def _tpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret):
-    """q [B, K, R, H]; qpos, qseg [B, R, 1]; kpos, kseg [B, 1, S]; k, v [L, B, K, H, S]
-    (slots minor: the layout TPU's XLA gives the cache, module docstring)."""
+def tpu_view(h: int, kh: int) -> tuple[int, ...]:
+    """The order of the cache's [L, B, S, K, H] dims that TPU's XLA lays out row-major
+    (module docstring): the transpose the kernel reads, a bitcast there."""
+    if h % 128:
+        return (0, 1, 3, 4, 2)  # [L, B, K, H, S]: K x H tiles would be half empty
+    return (0, 1, 3, 2, 4) if kh == 1 else (0, 1, 2, 3, 4)  # [L, B, 1, S, H] / as it is
+
+
+def _tpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret, view):
+    """q [B, K, R, H]; qpos, qseg [B, R, 1]; kpos, kseg [B, 1, S]; k, v the cache
+    [L, B, S, K, H] transposed to `view` (tpu_view)."""
     from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
     b, kh, r, h = q.shape
-    s = k.shape[4]
+    s = k.shape[view.index(2)]
+    minor = [d for d in view if d >= 2]  # the block's dims: S, K, H in the view's order
 
     def kv_block(i, j, nblk, layer):  # past the row's length: its last block again (no DMA)
-        return (layer[0], i, 0, 0, jnp.minimum(j, nblk[i] - 1))
+        at = (layer[0], i, jnp.minimum(j, nblk[i] - 1), 0, 0)  # indexed by [L, B, S, K, H]
+        return tuple(at[d] for d in view)
 
     def slot_block(i, j, nblk, layer):
         return (i, 0, jnp.minimum(j, nblk[i] - 1))
 
     row = lambda i, j, nblk, layer: (i, 0, 0)  # noqa: E731
+    kv_shape = tuple((None, None, blk, kh, h)[d] for d in view)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(b, s // blk),
         in_specs=[pl.BlockSpec((None, kh, r, h), lambda i, j, nblk, layer: (i, 0, 0, 0)),
                   pl.BlockSpec((None, r, 1), row), pl.BlockSpec((None, r, 1), row),
                   pl.BlockSpec((None, 1, blk), slot_block),
                   pl.BlockSpec((None, 1, blk), slot_block),
-                  pl.BlockSpec((None, None, kh, h, blk), kv_block),
-                  pl.BlockSpec((None, None, kh, h, blk), kv_block)],
+                  pl.BlockSpec(kv_shape, kv_block), pl.BlockSpec(kv_shape, kv_block)],
         out_specs=pl.BlockSpec((None, kh, r, h), lambda i, j, nblk, layer: (i, 0, 0, 0)),
         scratch_shapes=[pltpu.VMEM((kh, r, 1), jnp.float32), pltpu.VMEM((kh, r, 1), jnp.float32),
                         pltpu.VMEM((kh, r, h), jnp.float32)])
@@ -144,7 +157,9 @@ def _tpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret):
                            bytes_accessed=2 * b * s * kh * h * item + 2 * q.size * q.dtype.itemsize
                            + 2 * b * s * 4)
     return pl.pallas_call(
-        functools.partial(_tpu_kernel, scale=h ** -0.5), grid_spec=spec, cost_estimate=cost,
+        functools.partial(_tpu_kernel, scale=h ** -0.5, head_axis=minor.index(3),
+                          slots_minor=minor.index(2) > minor.index(4)),
+        grid_spec=spec, cost_estimate=cost,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
     )(nblk, layer, q, qpos, qseg, kpos, kseg, k, v)
@@ -238,9 +253,10 @@ def decode_attention(q, kv, cache, positions, segment_ids, *, platform: str,
     nblk = jnp.clip(-(-(jnp.minimum(last + 1, s)) // blk), 1, s // blk).astype(jnp.int32)
     layer = jnp.asarray(cache.layer, jnp.int32).reshape(1)
     if platform == "tpu":
-        kt, vt = (a.transpose(0, 1, 3, 4, 2) for a in (k, v))  # a bitcast on TPU (docstring)
+        view = tpu_view(h, kh)
+        k, v = (a.transpose(view) for a in (k, v))
         out = _tpu_call(qr, qpos[..., None], qseg[..., None], cache.pos[:, None],
-                        cache.seg[:, None], kt, vt, nblk, layer, blk, interpret)
+                        cache.seg[:, None], k, v, nblk, layer, blk, interpret, view)
     else:
         rp = max(16, 1 << (g * t - 1).bit_length())  # Triton's dot takes >= 16 rows
         pad = ((0, 0), (0, rp - g * t))

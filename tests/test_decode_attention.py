@@ -103,6 +103,9 @@ def test_generate_with_the_kernel_equals_plain(tiny_f32):
         runs.append(decode.generate(model, prompts, max_new_tokens=40, stop_ids=[]))
     np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
     np.testing.assert_allclose(runs[0].logprobs, runs[1].logprobs, atol=1e-4)
+    sharded = decode.shard(model, decode.make_mesh(2, 1))  # XLA cannot partition the kernel
+    assert decode.prepare(model).backend.decode_attention is not None
+    assert decode.prepare(sharded).backend.decode_attention is None
 
 
 def test_step_analysis_finds_cache_copies_and_roofline():

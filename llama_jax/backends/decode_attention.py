@@ -24,10 +24,11 @@ the plain form (tests/test_decode_attention.py, in Pallas interpret mode):
 TPU: the kernel reads the cache in the layout TPU's XLA gives it, so no step copies it
 (`tpu_view`): [L, B, S, K, H] row-major where H is a multiple of 128 and K > 1 (llama3.1-8b);
 slots minor, [L, B, K, H, S], where H < 128 (its K x H tiles would be half empty; llama3.2-1b,
-H = 64); [L, B, K, S, H] where K = 1. The kernel reads that transpose, a bitcast there. (Checked on v5e and v5p with libtpu: the default layouts
-of bf16 and f32 caches, H 64 / 128, K 1 / 2 / 8.) Read the other way the cache was copied
-into and back out of row-major every step (tools/plan_decode.py, 8,192 slots: 4 copies of
-the whole cache, 537 MB for llama3.2-1b, 2.1 GB for llama3.1-8b; none after).
+H = 64); [L, B, K, S, H] where K = 1. The kernel reads that transpose, a bitcast there.
+(Checked on v5e and v5p with libtpu: the default layouts of bf16 and f32 caches, H 64 / 128,
+K 1 / 2 / 8.) Read as [L, B, S, K, H] the llama3.2-1b cache was copied into and back out of
+row-major every step (tools/plan_decode.py, 8,192 slots: 4 copies of the whole cache, 537 MB;
+none since, nor for llama3.1-8b).
 Grid (B, S/block) with the online softmax's running max, sum and accumulator in VMEM;
 block indices past a row's length map to its last block, so the pipeline issues no new DMA,
 and the compute is skipped. One TensorCore walks a row's blocks in order (v5e and v6e have one
@@ -38,8 +39,9 @@ B x K x splits fills ~256 programs (an H200 has 132 SMs), the batch-1 case flash
 
 The plain form runs instead for T > MAX_QUERIES (a prefill), a cache type other than
 LayerCache (the paged serving cache, llama_jax/serve/paged.py), S not a multiple of the block
-(TPU: 128, the lanes of the slot-position tiles; GPU: 64), and on GPU a head dim that is not a
-power of two (Triton tiles).
+(TPU: 128, the lanes of the slot-position tiles; GPU: 64), on GPU a head dim that is not a
+power of two (Triton tiles), and a model sharded over several devices (decode.prepare drops
+the kernel: XLA cannot partition a kernel call).
 
 Axis letters: B batch, T queries, S cache slots, N query heads, K kv heads, G = N / K,
 R = G x T query rows per kv head, H head dim, L layers.
@@ -213,7 +215,8 @@ def _gpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret):
                    pl.BlockSpec((None, None, None, r), lambda i, j, s: (i, j, s, 0)),
                    pl.BlockSpec((None, None, None, r), lambda i, j, s: (i, j, s, 0))],
         out_shape=[jax.ShapeDtypeStruct((*part, h), jnp.float32),
-                   jax.ShapeDtypeStruct(part, jnp.float32), jax.ShapeDtypeStruct(part, jnp.float32)],
+                   jax.ShapeDtypeStruct(part, jnp.float32),
+                   jax.ShapeDtypeStruct(part, jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
     )(nblk, layer, q, qpos, qseg, kpos, kseg, k, v)
     # merge the splits by their log-sum-exp: weights exp(m_i - max m), empty splits add 0

@@ -120,17 +120,24 @@ def plan_decode(config, target_name: str, batch: int, cache_len: int,
     """One JSON row: the compiled decode step of `config` for one device of `target_name`
     (a TPU topology such as v5e:2x2, or cpu) at `batch` rows over a `cache_len`-slot cache,
     with the decode attention `decode_attention` (plain, ragged_tpu, ragged_gpu)."""
+    from llama_jax.backends import decode_attention as da  # noqa: PLC0415
+    if decode_attention != "plain" and decode_attention not in da.KERNELS:
+        raise ValueError(f"unknown decode attention {decode_attention!r}; valid: plain, "
+                         f"{', '.join(da.KERNELS)}.")
     if target_name == "cpu":
         device, dev = jax.devices("cpu")[0], None
     else:
         target = hardware.parse_target(target_name)
+        if target.device.platform != "tpu":
+            raise ValueError(f"--target={target_name}: decode steps compile for a TPU topology "
+                             f"(e.g. v5e:2x2) or cpu; GPU targets are measured on a GPU "
+                             f"(tools/bench_gpu.sh fused).")
+        if da.KERNELS.get(decode_attention, "tpu") != "tpu":
+            raise ValueError(f"{decode_attention} is a GPU kernel; a TPU target takes plain or "
+                             f"ragged_tpu.")
         device, dev = hardware.tpu_devices(target.topology)[0], target.device
     backend = backends.PLAIN
-    if decode_attention != "plain":
-        from llama_jax.backends import decode_attention as da  # noqa: PLC0415
-        if decode_attention not in da.KERNELS:
-            raise ValueError(f"unknown decode attention {decode_attention!r}; valid: plain, "
-                             f"{', '.join(da.KERNELS)}.")
+    if decode_attention != "plain":  # interpreted for a cpu target
         backend = backends.Backend(decode_attention=da.make(decode_attention,
                                                             device.platform == "cpu"))
     compiled = compile_step(config, backend, batch, cache_len, device)

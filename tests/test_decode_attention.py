@@ -112,6 +112,15 @@ def test_generate_with_the_kernel_equals_plain(tiny_f32):
     assert decode.prepare(sharded).backend.decode_attention is None
 
 
+def test_plan_decode_rejects_what_it_cannot_compile():
+    """One sentence, before any compile, for an unknown decode attention and a GPU target."""
+    c = lj.get_config("tiny")
+    with pytest.raises(ValueError, match="unknown decode attention 'flash'; valid: plain, "):
+        decode_plan.plan_decode(c, "cpu", 1, 256, "flash")
+    with pytest.raises(ValueError, match="h200:1: decode steps compile for a TPU topology"):
+        decode_plan.plan_decode(c, "h200:1", 1, 256, "plain")
+
+
 def test_step_analysis_finds_cache_copies_and_roofline():
     """roofline_bytes counts every weight once (the model's parameter count; an untied
     embedding only its B rows) and the cache once; step_kernels

@@ -112,6 +112,24 @@ def test_generate_with_the_kernel_equals_plain(tiny_f32):
     assert decode.prepare(sharded).backend.decode_attention is None
 
 
+def test_scanned_layers_with_a_traced_layer_index(tiny_f32):
+    """Llama.__call__ over a cache with the layers under lax.scan (the layer index traced):
+    both kernels give the plain form's logits for a decode step after a padded prefill."""
+    model = lj.with_backend(tiny_f32, backends.get("plain"))
+    assert model.config.scan_layers
+    toks, seg = jnp.asarray([[1, 5, 9, 2], [3, 4, 0, 0]]), jnp.asarray([[1, 1, 1, 1], [1, 1, 0, 0]])
+    pos = jnp.broadcast_to(jnp.arange(4), (2, 4))
+    logits = []
+    for name in ("plain", *da.KERNELS):
+        m = lj.with_backend(model, backends.get("plain", decode_attention=name))
+        _, cache = m(toks, pos, seg, cache=model_lib.init_cache(m.config, 2, 128))
+        step = m(jnp.asarray([[7], [8]]), jnp.asarray([[4], [2]]), jnp.ones((2, 1), jnp.int32),
+                 cache=cache)
+        logits.append(np.asarray(step[0]))
+    for other in logits[1:]:
+        np.testing.assert_allclose(other, logits[0], atol=1e-5)
+
+
 def test_plan_decode_rejects_what_it_cannot_compile():
     """One sentence, before any compile, for an unknown decode attention and a GPU target."""
     c = lj.get_config("tiny")

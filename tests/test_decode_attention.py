@@ -66,6 +66,25 @@ def test_kernel_equals_plain_attention_over_the_cache(name, h, dtypes):
         assert not np.where(real, 0, out).any()
 
 
+@pytest.mark.parametrize("name", list(da.KERNELS))
+def test_compiled_kernel_on_its_accelerator(name):
+    """The kernel compiled (Mosaic / Triton) rather than interpreted, where its device is."""
+    if jax.default_backend() != da.KERNELS[name]:
+        pytest.skip(f"needs a {da.KERNELS[name].upper()} (JAX_PLATFORMS={da.KERNELS[name]} "
+                    f"pytest ...): the interpreted kernel is tested above on every machine")
+    for dtype in (jnp.float32, jnp.bfloat16):  # f32 dots on TPU/GPU may pass through bf16
+        q, kv, cache, qpos, qseg = _case(dtype, 64)
+        fn = da.make(name, False, BLOCKS[name])
+        out = jax.jit(lambda q, kv, c: fn(q, kv, c, qpos, qseg))(q, kv, cache)
+        clean = jnp.where(jnp.isnan(kv[1]), 0, kv[1])
+        ref = attention.dot_product_attention(*(a.astype(jnp.float32) for a in (
+            q, kv[0][1], clean[1])), cache.mask)
+        real = np.asarray(qseg != 0)[:, :, None, None]
+        out = np.asarray(out, np.float32)
+        assert not np.isnan(out).any()
+        np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=3e-2)
+
+
 def test_cases_the_kernel_leaves_to_the_plain_form():
     """None (the plain form runs) for a prefill, a cache length off the block, the paged cache
     type, and (GPU) a head dim that is not a power of two."""

@@ -46,6 +46,9 @@ _FORMAT = flags.DEFINE_enum("format", "text", ["text", "json"], "Output format."
 _BACKEND = flags.DEFINE_enum("backend", "auto", ["auto", "plain", "cpu"],
                              "llama_jax.backends: auto = the cpu backend's decode kernels on a "
                              "CPU, the plain math elsewhere.")
+_DECODE_ATTENTION = flags.DEFINE_enum(
+    "decode_attention", "auto", ["auto", "plain", "ragged_tpu", "ragged_gpu"],
+    "Attention over the KV cache: auto is the Pallas kernel on a TPU/GPU, plain elsewhere.")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],
                               "int8: per-channel int8 weights (llama_jax/quantize.py).")
 flags.mark_flags_as_mutual_exclusive(["prompt", "prompt_file", "prompt_ids"], required=True)
@@ -61,7 +64,8 @@ def load_model(directory: str):
         model = checkpoint.load_params(directory, dtype=_DTYPE.value)
     else:
         model = llama_jax.load(directory, dtype=_DTYPE.value, param_dtype=_DTYPE.value)
-    return llama_jax.with_backend(model, llama_jax.backends.get(_BACKEND.value))
+    return llama_jax.with_backend(model, llama_jax.backends.get(
+        _BACKEND.value, decode_attention=_DECODE_ATTENTION.value))
 
 
 def read_prompts(tok):

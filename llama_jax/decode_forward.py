@@ -85,6 +85,8 @@ def prepare(model: model_lib.Llama, kernel: bool | None = None) -> Weights:
     embed, norm, head, layers = _relayout(graphdef, state, pack)
     if not kernel:  # the fused decode block runs on packed weights only
         ops = dataclasses.replace(ops, decode_block=None)
+    if sharded:  # XLA cannot partition a Pallas call: it would gather the cache to each device
+        ops = dataclasses.replace(ops, decode_attention=None)
     return Weights(model.config, ops, embed, norm, head, layers)
 
 

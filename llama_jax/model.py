@@ -140,13 +140,16 @@ def apply_rope(x: jax.Array, rope: tuple[jax.Array, jax.Array]) -> jax.Array:
 class LayerCache(NamedTuple):
     """Where a layer reads and writes the KV cache: the stacked k, v [L, B, S, K, H], this
     layer's index, each token's slot [B, T] (S: dropped, e.g. padding) and the mask [B, T, S]
-    of these tokens over the slots after the write."""
+    of these tokens over the slots after the write; pos, seg [B, S] are the slots' positions
+    and segments after it (what a decode attention kernel masks with)."""
 
     k: jax.Array
     v: jax.Array
     layer: Any  # int, or a traced index under lax.scan
     slots: jax.Array
     mask: jax.Array
+    pos: jax.Array | None = None
+    seg: jax.Array | None = None
 
     def write(self, k, v):
         """Writes this call's k, v [B, T, K, H] at their slots: (this layer's keys and values
@@ -171,8 +174,11 @@ def self_attention(p: Params, x, positions, segment_ids, rope, ops: Backend,
         out, new_kv = ops.attend(q, k, v, positions, segment_ids), None
     else:
         keys, values, new_kv = cache.write(k, v)
-        out = attention.dot_product_attention(q, keys.astype(x.dtype), values.astype(x.dtype),
-                                              cache.mask)
+        out = None if ops.decode_attention is None else ops.decode_attention(
+            q, new_kv, cache, positions, segment_ids)  # None: a case the kernel leaves to us
+        if out is None:
+            out = attention.dot_product_attention(q, keys.astype(x.dtype),
+                                                  values.astype(x.dtype), cache.mask)
     return project("btnh,nhd->btd", out, p["wo"], ops, lora=p.get("wo_lora")), new_kv
 
 
@@ -318,7 +324,8 @@ def forward_layers(c: ModelConfig, ops: Backend, layers, x, positions, segment_i
     if cache is not None:
         kv_pos, kv_seg = _update_slots(cache, positions, segment_ids)
         slots = jnp.where(segment_ids != 0, positions, cache["pos"].shape[1])  # S: dropped
-        at = (slots, attention.attention_mask(positions, segment_ids, kv_pos, kv_seg))
+        at = (slots, attention.attention_mask(positions, segment_ids, kv_pos, kv_seg), kv_pos,
+              kv_seg)
 
     def layer(x, p, i, kv):
         lc = None if at is None else LayerCache(kv[0], kv[1], i, *at)

@@ -39,7 +39,8 @@ if [ "$model" = fused ]; then
   # backend's fused attention (Pallas GPU flash, mesh.attention=pallas_gpu) against the plain
   # backend's `reference` (whole [B, N, T, S] scores), MFU against the bf16 matmul peak each
   # process measures first; then bf16 decode of llama3.2-1b at batch 1 / 8 / 64 against the
-  # measured HBM bandwidth. Rows per step: 8 x 2,048 or 2 x 8,192 (16k tokens) for 1b, half
+  # measured HBM bandwidth (decode attention: kernel vs plain, and at 8,192 slots). Rows per
+  # step: 8 x 2,048 or 2 x 8,192 (16k tokens) for 1b, half
   # that for 3b; `reference` at 8,192 tokens for 3b is left out (its scores alone exceed HBM).
   for args in "llama3.2-1b 8 2048 gpu pallas_gpu" "llama3.2-1b 8 2048 plain reference" \
       "llama3.2-1b 2 8192 gpu pallas_gpu" "llama3.2-1b 2 8192 plain reference" \
@@ -49,7 +50,18 @@ if [ "$model" = fused ]; then
     run 100 train --model="$1" --dtypes=bfloat16 --batch="$2" --seq_len="$3" --backend="$4" \
       --attention="$5" --iters=5
   done
-  run 120 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64
+  run 120 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64 \
+    --decode_attention=plain
+  # decode attention over a long cache (8,064-token prompts: 8,320 slots): the Pallas kernel
+  # (ragged_gpu, split-K, reads each row's cache up to its length) against the plain einsum
+  # over all slots with the [B, T, S] mask (batch 1 and 4: the prefill is the plain form either
+  # way, and its f32 scores at batch 8 would be 70 GB); then the kernel at the short prompts
+  for attn in ragged_gpu plain; do
+    run 150 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,4 \
+      --decode_prompt=8064 --decode_new=128 --decode_attention=$attn
+  done
+  run 100 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64 \
+    --decode_attention=ragged_gpu
   # the same with the whole decode loop captured as CUDA graphs (command buffers over while
   # loops and conditionals too): per-kernel launch overhead is the suspect of the 36-52% of
   # HBM bandwidth the H200 run read at batch 1 (unmeasured until this runs)

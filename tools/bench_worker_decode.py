@@ -77,13 +77,15 @@ def timed_generate(weights, prompts, new_tokens):
 
 def benchmark_decode(config, batch: int, prompt_len: int, new_tokens: int, dtype: str,
                      *, repeats: int = 5, bandwidth_gbs: float | None = None,
-                     model=None) -> dict:
-    """Greedy decode of `batch` random prompts of `prompt_len` tokens, `new_tokens` each.
+                     model=None, decode_attention: str = "auto") -> dict:
+    """Greedy decode of `batch` random prompts of `prompt_len` tokens, `new_tokens` each,
+    with the decode attention `decode_attention` (Backend.with_decode_attention).
 
     Returns medians of ttft_ms, decode_tok_s (tokens after the first), e2e_tok_s, and the
     roofline at the measured (or given) memory bandwidth with context prompt + new / 2.
     """
     model = on_backend(llama_jax.create(config) if model is None else model)
+    model = llama_jax.with_backend(model, model.backend.with_decode_attention(decode_attention))
     weights = decode.prepare(decode.with_dtype(model, dtype))
     rng = np.random.default_rng(0)
     prompts = rng.integers(3, config.vocab_size, size=(batch, prompt_len)).tolist()
@@ -94,7 +96,8 @@ def benchmark_decode(config, batch: int, prompt_len: int, new_tokens: int, dtype
     roof = roofline(config, batch, prompt_len + new_tokens // 2, jnp.dtype(dtype).itemsize, bw)
     dec_tok_s = batch * (new_tokens - 1) / dec
     return {"bench": "decode", "batch": batch, "prompt": prompt_len, "new": new_tokens,
-            "dtype": dtype, "backend": weights.backend.name, "ttft_ms": 1000 * ttft,
+            "dtype": dtype, "backend": weights.backend.name, "decode_attention": decode_attention,
+            "ttft_ms": 1000 * ttft,
             "decode_tok_s": dec_tok_s,
             "e2e_tok_s": batch * new_tokens / (ttft + dec), "bandwidth_gbs": bw,
             "roofline_tok_s": roof["roofline_tok_s"],

@@ -45,6 +45,8 @@ flags.DEFINE_enum("backend", "auto", ["auto", "plain", "cpu", "tpu", "gpu"],
 flags.DEFINE_enum("attention", "auto", ["auto", "full", "chunked", "reference", "splash",
                                         "pallas_gpu"],
                   "forward/train: the no-cache attention (mesh.attention of a training config).")
+flags.DEFINE_enum("decode_attention", "auto", ["auto", "plain", "ragged_tpu", "ragged_gpu"],
+                  "decode: attention over the KV cache (auto: the Pallas kernel on TPU/GPU).")
 flags.DEFINE_bool("causal_blocks", True, "forward/train, cpu backend: let the full attention "
                   "skip the score blocks above the diagonal (false: whole [T, T]).")
 flags.DEFINE_bool("attention_kernel", True, "forward/train, cpu backend: let bf16 self-attention "
@@ -172,7 +174,8 @@ def main(argv):
         for dtype in (d for d in bwd.CASES if d in FLAGS.dtypes):
             for batch in map(int, FLAGS.decode_batches):
                 _print(bwd.benchmark_decode(config, batch, FLAGS.decode_prompt, FLAGS.decode_new,
-                                            dtype, model=model, bandwidth_gbs=bandwidth))
+                                            dtype, model=model, bandwidth_gbs=bandwidth,
+                                            decode_attention=FLAGS.decode_attention))
         return
     if mode == "convert":
         from tools import convert_checkpoint

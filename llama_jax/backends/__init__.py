@@ -19,6 +19,10 @@ that are faster on one device kind, each tested equal to the plain form:
   one pass per parameter, or None
 - `decode_pack(w)` / `decode_block(...)`: weights packed once for decoding, and a whole block
   of a one-token decode step in one call
+- `decode_attention(q, kv, cache, positions, segment_ids)`: attention of a decode step over the
+  KV cache (a Pallas kernel, decode_attention.py; None where it leaves a case to the plain
+  form); `with_decode_attention(name)` picks it: `auto` is ragged_tpu on a TPU, ragged_gpu on
+  a GPU, the plain form elsewhere; a kernel named on a CPU runs interpreted
 
 Process set-up that must come before JAX starts (the cpu backend's host memory policy) is
 `prepare_host(name)`, called by the launchers with the configured name.
@@ -90,6 +94,22 @@ class Backend:
     fused_update: Callable | None = None
     decode_pack: Callable | None = None
     decode_block: Callable | None = None
+    decode_attention: Callable | None = None  # None: attention.dot_product_attention + mask
+
+    def with_decode_attention(self, name: str = "auto") -> Backend:
+        """This backend with decode attention `name`: auto, plain or a decode_attention.KERNELS
+        name (compiled on its platform, interpreted on a CPU)."""
+        from llama_jax.backends import decode_attention as da  # noqa: PLC0415
+        here = _platform()
+        if name == "auto":
+            name = {"tpu": "ragged_tpu", "gpu": "ragged_gpu"}.get(here, "plain")
+        if name == "plain":
+            return dataclasses.replace(self, decode_attention=None)
+        if name not in da.KERNELS or here not in (da.KERNELS[name], "cpu"):
+            valid = ("auto", "plain", *(k for k, p in da.KERNELS.items() if here in (p, "cpu")))
+            raise ValueError(f"decode attention {name!r} cannot run on {here}; valid here: "
+                             f"{', '.join(valid)}.")
+        return dataclasses.replace(self, decode_attention=da.make(name, here == "cpu"))
 
     def with_attention(self, name: str = "auto") -> Backend:
         """This backend with training attention `name`: auto (default_attention), a key of
@@ -134,8 +154,9 @@ def _why_not(name: str) -> str | None:
 
 
 @functools.cache
-def get(name: str = "auto", attention: str = "auto") -> Backend:
-    """The backend `name` (one of NAMES) with training attention `attention`.
+def get(name: str = "auto", attention: str = "auto", decode_attention: str = "auto") -> Backend:
+    """The backend `name` (one of NAMES) with training attention `attention` and decode
+    attention `decode_attention` (Backend.with_decode_attention).
 
     `auto` picks the backend named after JAX's default platform (cpu, tpu, gpu; `plain`
     on any other), with one log line saying what it chose.
@@ -155,7 +176,7 @@ def get(name: str = "auto", attention: str = "auto") -> Backend:
         backend = importlib.import_module(f"llama_jax.backends.{name}").make()
     else:
         backend = _cpu() if name == "cpu" else PLAIN
-    return backend.with_attention(attention)
+    return backend.with_attention(attention).with_decode_attention(decode_attention)
 
 
 def for_target(platform: str, attention_name: str = "auto") -> Backend:

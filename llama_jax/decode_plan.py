@@ -1,0 +1,157 @@
+"""What one decode step costs on a target, from its compiled program (no accelerator needed).
+
+    row = decode_plan.plan_decode(config, "v5e:2x2", batch=1, cache_len=8192,
+                                  decode_attention="ragged_tpu")
+
+`decode.decode_step` (the body of `decode.loop`) is compiled ahead of time for one device of
+the target (a TPU: libtpu's topology devices, compiled by the TPU compiler itself; `cpu`: this
+host) and read back:
+- bytes/step: XLA's cost analysis of the compiled step (a Pallas kernel counts what its
+  CostEstimate says: the cache up to the full length, an upper bound);
+- roofline bytes: what a step must read at least, the weights once (the head included, the
+  embedding only its B rows) and the K/V cache once up to the cache length;
+- kernels/step: the instructions of the compiled step that run as their own kernel (fusions,
+  custom calls, copies, in-place updates, unfused scalar ops, ...), by opcode; a TPU's
+  asynchronous HBM <-> VMEM moves apart;
+- cache copies: copies of at least one layer's K cache [B, S, K, H] in size (the cache, or
+  anything as large): the cache must be updated in place and read where it lies, so there
+  should be none; copy-starts as large (a TPU's moves into VMEM) are `cache_prefetches`.
+Predicted tokens/s = batch x HBM bandwidth / max(bytes/step, roofline bytes).
+
+Axis letters: B batch, S cache slots, K kv heads, H head dim, L layers.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import SingleDeviceSharding
+
+from llama_jax import backends, decode, hardware, hlo_cost
+from llama_jax import model as model_lib
+from llama_jax.decode_forward import Weights, _relayout
+from llama_jax.sampling import SamplingParams
+
+# Instructions that are not kernels of their own: bookkeeping, and the TPU's asynchronous
+# moves between HBM and VMEM (memory-space assignment's prefetches of weight slices and their
+# ConcatBitcast reassembly), counted apart as `async_moves`.
+NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+               "opt-barrier", "partition-id", "replica-id", "iota"}
+ASYNC_MOVES = {"copy-start", "copy-done", "slice-start", "slice-done"}
+_DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
+                "s64": 8, "u64": 8, "f64": 8}
+_ARRAY = re.compile(r"\b(bf16|f16|f32|f64|s8|u8|s32|u32|s64|u64|pred)\[([\d,]*)\]")
+
+
+def _bytes(shape: str) -> int:
+    return sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
+               for d, dims in _ARRAY.findall(shape))
+
+
+def abstract_step_inputs(config, backend, batch: int, cache_len: int, device):
+    """ShapeDtypeStructs on `device` of decode_step's (weights, state, sampling, stop_ids,
+    max_new) for `batch` rows and a cache of `cache_len` slots."""
+    graphdef, state = nnx.split(model_lib.abstract(config, backend))
+    weights = Weights(config, backend, *jax.eval_shape(_relayout, graphdef, state, None))
+
+    def state_of():
+        b = batch
+        return decode.DecodeState(
+            cache=model_lib.init_cache(config, b, cache_len), last=jnp.zeros((b,), jnp.int32),
+            position=jnp.zeros((b,), jnp.int32), step=jnp.int32(0), done=jnp.zeros((b,), bool),
+            lengths=jnp.zeros((b,), jnp.int32), tokens=jnp.zeros((b, 16), jnp.int32),
+            logprobs=jnp.zeros((b, 16), jnp.float32), key=jax.random.PRNGKey(0))
+
+    others = (SamplingParams().arrays(), jnp.zeros((decode.MAX_STOP_IDS,), jnp.int32),
+              jnp.int32(1))
+    on = SingleDeviceSharding(device)
+    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on)  # noqa: E731
+    return jax.tree.map(place, (weights, jax.eval_shape(state_of), *jax.eval_shape(lambda: others)))
+
+
+def compile_step(config, backend, batch: int, cache_len: int, device):
+    """decode.decode_step (state donated) compiled for `device`."""
+    return decode.decode_step.lower(*abstract_step_inputs(config, backend, batch, cache_len,
+                                                          device)).compile()
+
+
+def roofline_bytes(config, batch: int, length: int) -> int:
+    """Bytes a step reads at least: every weight once (the embedding only its B rows; a tied
+    head reads the table once) and each row's K/V cache up to `length` slots once."""
+    c, item = config, jnp.dtype(config.dtype).itemsize
+    per_layer = (2 * c.dim * c.n_heads * c.head_dim + 2 * c.dim * c.n_kv_heads * c.head_dim
+                 + 3 * c.dim * c.ffn_dim + 2 * c.dim)
+    weights = c.n_layers * per_layer + c.dim + c.dim * c.vocab_size + batch * c.dim
+    cache = 2 * c.n_layers * batch * length * c.n_kv_heads * c.head_dim
+    return (weights + cache) * item
+
+
+def step_kernels(hlo_text: str, cache_bytes: int) -> dict:
+    """Kernels by opcode of the compiled step's entry computation (the decode step has no
+    loop), and the copies of >= `cache_bytes` (one layer's K cache) anywhere in it."""
+    comps, entry = hlo_cost.parse(hlo_text)
+    ops = collections.Counter(op for _, _, op, args in comps[entry] if op not in NOT_KERNELS
+                              and 'custom_call_target="ConcatBitcast"' not in args)
+    moves = sum(ops.pop(op, 0) for op in ASYNC_MOVES)
+    def big(*ops):
+        return [_bytes(shape) for comp in comps.values() for _, shape, op, _ in comp
+                if op in ops and _bytes(shape) >= cache_bytes]
+    # copy-start/-done pairs on a TPU move a buffer between HBM and VMEM (memory-space
+    # assignment's prefetches, the S(1) layouts): counted apart from real copies.
+    copies, prefetches = big("copy"), big("copy-start")
+    return dict(kernels=sum(ops.values()), by_opcode=dict(ops.most_common()), async_moves=moves,
+                cache_copies=len(copies), cache_copy_bytes=sum(copies),
+                cache_prefetches=len(prefetches))
+
+
+def _cost_bytes(compiled) -> float:
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    return float(cost.get("bytes accessed", float("nan")))
+
+
+def plan_decode(config, target_name: str, batch: int, cache_len: int,
+                decode_attention: str = "plain") -> dict:
+    """One JSON row: the compiled decode step of `config` for one device of `target_name`
+    (a TPU topology such as v5e:2x2, or cpu) at `batch` rows over a `cache_len`-slot cache,
+    with the decode attention `decode_attention` (plain, ragged_tpu, ragged_gpu)."""
+    from llama_jax.backends import decode_attention as da  # noqa: PLC0415
+    if decode_attention != "plain" and decode_attention not in da.KERNELS:
+        raise ValueError(f"unknown decode attention {decode_attention!r}; valid: plain, "
+                         f"{', '.join(da.KERNELS)}.")
+    if target_name == "cpu":
+        device, dev = jax.devices("cpu")[0], None
+    else:
+        target = hardware.parse_target(target_name)
+        if target.device.platform != "tpu":
+            raise ValueError(f"--target={target_name}: decode steps compile for a TPU topology "
+                             f"(e.g. v5e:2x2) or cpu; GPU targets are measured on a GPU "
+                             f"(tools/bench_gpu.sh fused).")
+        if da.KERNELS.get(decode_attention, "tpu") != "tpu":
+            raise ValueError(f"{decode_attention} is a GPU kernel; a TPU target takes plain or "
+                             f"ragged_tpu.")
+        device, dev = hardware.tpu_devices(target.topology)[0], target.device
+    backend = backends.PLAIN
+    if decode_attention != "plain":  # interpreted for a cpu target
+        backend = backends.Backend(decode_attention=da.make(decode_attention,
+                                                            device.platform == "cpu"))
+    compiled = compile_step(config, backend, batch, cache_len, device)
+    layer_cache = batch * cache_len * config.n_kv_heads * config.head_dim * jnp.dtype(
+        config.dtype).itemsize
+    step = _cost_bytes(compiled)
+    roof = roofline_bytes(config, batch, cache_len)
+    row = dict(target=target_name, model=config.name, dtype=config.dtype, batch=batch,
+               cache_len=cache_len, decode_attention=decode_attention,
+               bytes_per_step=step, roofline_bytes=roof, ratio=round(step / roof, 3),
+               **step_kernels(compiled.as_text(), layer_cache))
+    if dev is not None:
+        row["hbm_gbs"] = dev.hbm_bw / 1e9
+        row["predicted_tokens_s"] = round(batch * dev.hbm_bw / max(step, roof), 1)
+    return row
+
+

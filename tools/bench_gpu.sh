@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # GPU benchmarks in one pass, for a machine whose image already has JAX with CUDA, Flax, Optax
-# and Orbax (the rest travels as wheels in .whl/, and pure-Python packages without a wheel as
-# copied package folders in .whl/py/). Use the image's Flax: flax 0.12.8 imports
-# jax.experimental.hijax.HiPrimitive, which JAX 0.11.2 lacks (seen on the H200 image).
+# and Orbax (the rest travels as wheels in .whl/, made here by `bash tools/gpu_wheels.sh`, and
+# pure-Python packages without a wheel as copied package folders in .whl/py/). Use the image's
+# Flax: flax 0.12.8 imports jax.experimental.hijax.HiPrimitive, which JAX 0.11.2 lacks (seen on
+# the H200 image).
 # Writes every line to $OUT/gpu_bench.jsonl (or ./ without OUT) and the console; each
 # benchmark has its own time limit, so one stuck case leaves the rest.
 #
 #   bash tools/bench_gpu.sh [MODEL]        # MODEL: a preset, default llama3.2-1b
-#   bash tools/bench_gpu.sh fused          # fused vs full attention (issue: accelerator
-#                                          # attention), about 10 minutes; see below
+#   bash tools/bench_gpu.sh fused          # fused vs full attention, decode kernel vs plain
+#                                          # (accelerator attention): at most BUDGET s (540)
 #
 # What runs: the measured matmul peak (bf16 and f32, 8192^3); AdamW train steps of MODEL
 # against that peak on the plain backend (the model's own math; sequences of 2,048 tokens; bf16
@@ -35,39 +36,53 @@ run() {  # run LIMIT_S ARGS...: one benchmark.py mode, its JSON lines kept
   echo "# benchmark.py $* exited $?" | tee -a "$out/gpu_bench.jsonl"
 }
 if [ "$model" = fused ]; then
-  # bf16 AdamW training of llama3.2-1b and -3b at 2,048 and 8,192 tokens per row: the gpu
-  # backend's fused attention (Pallas GPU flash, mesh.attention=pallas_gpu) against the plain
-  # backend's `reference` (whole [B, N, T, S] scores), MFU against the bf16 matmul peak each
-  # process measures first; then bf16 decode of llama3.2-1b at batch 1 / 8 / 64 against the
-  # measured HBM bandwidth (decode attention: kernel vs plain, and at 8,192 slots). Rows per
-  # step: 8 x 2,048 or 2 x 8,192 (16k tokens) for 1b, half
-  # that for 3b; `reference` at 8,192 tokens for 3b is left out (its scores alone exceed HBM).
-  for args in "llama3.2-1b 8 2048 gpu pallas_gpu" "llama3.2-1b 8 2048 plain reference" \
-      "llama3.2-1b 2 8192 gpu pallas_gpu" "llama3.2-1b 2 8192 plain reference" \
-      "llama3.2-3b 4 2048 gpu pallas_gpu" "llama3.2-3b 4 2048 plain reference" \
-      "llama3.2-3b 1 8192 gpu pallas_gpu"; do
-    set -- $args
-    run 100 train --model="$1" --dtypes=bfloat16 --batch="$2" --seq_len="$3" --backend="$4" \
-      --attention="$5" --iters=5
-  done
-  run 120 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64 \
-    --decode_attention=plain
-  # decode attention over a long cache (8,064-token prompts: 8,320 slots): the Pallas kernel
-  # (ragged_gpu, split-K, reads each row's cache up to its length) against the plain einsum
-  # over all slots with the [B, T, S] mask (batch 1 and 4: the prefill is the plain form either
-  # way, and its f32 scores at batch 8 would be 70 GB); then the kernel at the short prompts
-  for attn in ragged_gpu plain; do
-    run 150 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,4 \
-      --decode_prompt=8064 --decode_new=128 --decode_attention=$attn
-  done
-  run 100 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64 \
+  # Every check of the accelerator-attention issue in one device call: BUDGET seconds in all
+  # (default 540, inside the device tool's 600 s per command), the runs in order of what
+  # matters most, each cut to what is left of the budget and skipped under 40 s, so the call
+  # always returns the lines it has. 1. the kernels compiled by Triton against the reference
+  # (pytest, the compiled-kernel tests). 2. bf16 AdamW training of llama3.2-1b at 2 x 8,192
+  # tokens, fused (gpu backend, mesh.attention=pallas_gpu) then `reference` (whole
+  # [B, N, T, S] scores), MFU against the bf16 matmul peak each process measures first.
+  # 3. bf16 decode of llama3.2-1b at batch 1 / 8 / 64 against the measured HBM bandwidth,
+  # decode attention kernel (ragged_gpu) then plain. 4. the same at 2,048 tokens per row and
+  # for llama3.2-3b (reference at 3b x 8,192 is left out: its scores alone exceed HBM).
+  # 5. decode over a long cache (8,064-token prompts, 8,320 slots, batch 1 and 4: the prefill
+  # is the plain form either way), kernel vs plain. 6. decode with the loop captured as CUDA
+  # graphs (command buffers over WHILE and CONDITIONAL): launch overhead is the suspect of the
+  # 36-52% of HBM bandwidth the first H200 run read at batch 1.
+  end=$((SECONDS + ${BUDGET:-540}))
+  left() { echo $((end - SECONDS)); }
+  budgeted() {  # budgeted LIMIT_S ARGS...: run(), cut to the budget left, or skipped
+    local limit=$1; shift
+    local l; l=$(left)
+    [ "$l" -lt "$limit" ] && limit=$l
+    if [ "$limit" -lt 40 ]; then
+      echo "# skipped (budget spent): benchmark.py $*" | tee -a "$out/gpu_bench.jsonl"; return
+    fi
+    run "$limit" "$@"
+  }
+  JAX_PLATFORMS=cuda timeout 90 python3 -m pytest -q -p no:cacheprovider \
+    tests/test_accel_attention.py tests/test_decode_attention.py \
+    -k compiled_kernel_on_its_accelerator 2>&1 | tail -5 | tee -a "$out/gpu_bench.jsonl"
+  train() { budgeted "$1" train --model="$2" --dtypes=bfloat16 --batch="$3" --seq_len="$4" \
+    --backend="$5" --attention="$6" --iters=4; }
+  decode() { budgeted "$1" decode --model=llama3.2-1b --dtypes=bfloat16 "${@:2}"; }
+  train 75 llama3.2-1b 2 8192 gpu pallas_gpu
+  train 60 llama3.2-1b 2 8192 plain reference
+  decode 60 --decode_batches=1,8,64 --decode_attention=ragged_gpu
+  decode 50 --decode_batches=1,8,64 --decode_attention=plain
+  train 55 llama3.2-1b 8 2048 gpu pallas_gpu
+  train 50 llama3.2-1b 8 2048 plain reference
+  train 70 llama3.2-3b 1 8192 gpu pallas_gpu
+  train 60 llama3.2-3b 4 2048 gpu pallas_gpu
+  train 55 llama3.2-3b 4 2048 plain reference
+  decode 60 --decode_batches=1,4 --decode_prompt=8064 --decode_new=128 \
     --decode_attention=ragged_gpu
-  # the same with the whole decode loop captured as CUDA graphs (command buffers over while
-  # loops and conditionals too): per-kernel launch overhead is the suspect of the 36-52% of
-  # HBM bandwidth the H200 run read at batch 1 (unmeasured until this runs)
+  decode 60 --decode_batches=1,4 --decode_prompt=8064 --decode_new=128 --decode_attention=plain
   echo "# decode with XLA command buffers over WHILE,CONDITIONAL" | tee -a "$out/gpu_bench.jsonl"
   XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL" \
-    run 120 decode --model=llama3.2-1b --dtypes=bfloat16 --decode_batches=1,8,64
+    decode 50 --decode_batches=1,8,64 --decode_attention=ragged_gpu
+  echo "# fused: $SECONDS s in all" | tee -a "$out/gpu_bench.jsonl"
   exit 0
 fi
 run 60 peak

@@ -42,7 +42,8 @@ if [ "$model" = fused ]; then
   # always returns the lines it has. 1. the kernels compiled by Triton against the reference
   # (pytest, the compiled-kernel tests). 2. bf16 AdamW training of llama3.2-1b at 2 x 8,192
   # tokens, fused (gpu backend, mesh.attention=pallas_gpu) then `reference` (whole
-  # [B, N, T, S] scores), MFU against the bf16 matmul peak each process measures first.
+  # [B, N, T, S] scores, remat=full so that one layer's are live at a time), MFU against the
+  # bf16 matmul peak each process measures first.
   # 3. bf16 decode of llama3.2-1b at batch 1 / 8 / 64 against the measured HBM bandwidth,
   # decode attention kernel (ragged_gpu) then plain. 4. the same at 2,048 tokens per row and
   # for llama3.2-3b (reference at 3b x 8,192 is left out: its scores alone exceed HBM).
@@ -65,10 +66,10 @@ if [ "$model" = fused ]; then
     tests/test_accel_attention.py tests/test_decode_attention.py \
     -k compiled_kernel_on_its_accelerator 2>&1 | tail -5 | tee -a "$out/gpu_bench.jsonl"
   train() { budgeted "$1" train --model="$2" --dtypes=bfloat16 --batch="$3" --seq_len="$4" \
-    --backend="$5" --attention="$6" --iters=4; }
+    --backend="$5" --attention="$6" --remat="${7:-none}" --iters=4; }
   decode() { budgeted "$1" decode --model=llama3.2-1b --dtypes=bfloat16 "${@:2}"; }
   train 75 llama3.2-1b 2 8192 gpu pallas_gpu
-  train 60 llama3.2-1b 2 8192 plain reference
+  train 60 llama3.2-1b 2 8192 plain reference full  # scores of 16 layers kept: > HBM
   decode 60 --decode_batches=1,8,64 --decode_attention=ragged_gpu
   decode 50 --decode_batches=1,8,64 --decode_attention=plain
   train 55 llama3.2-1b 8 2048 gpu pallas_gpu

@@ -35,6 +35,9 @@ flags.DEFINE_integer("batch", 4, "Batch size (forward/train).")
 flags.DEFINE_integer("seq_len", 512, "Sequence length (forward/train).")
 flags.DEFINE_integer("iters", 10, "Timed iterations after warm-up.")
 flags.DEFINE_string("model", "bench", "Model preset.")
+flags.DEFINE_enum("remat", "none", ["none", "full", "dots", "dots_no_batch"], "train: the model's remat policy "
+                  "(full lets the reference attention's scores fit at 8,192 tokens on a GPU; "
+                  "MFU counts useful FLOPs only, so recomputation lowers it).")
 flags.DEFINE_bool("mesh", False, "train: compare mesh layouts on 8 simulated CPU devices.")
 flags.DEFINE_list("decode_batches", ["1", "8"], "decode: batch sizes.")
 flags.DEFINE_integer("decode_prompt", 64, "decode: prompt tokens per row (the model's max_seq_len "
@@ -125,7 +128,7 @@ def bench_train(dtype: str, peak_gflops: float, backend) -> dict:
     import llama_jax as lj
     from llama_jax import flops, train
     from tools import bench_setup
-    c = lj.get_config(FLAGS.model, dtype=dtype)
+    c = lj.get_config(FLAGS.model, dtype=dtype, remat=FLAGS.remat)
     b, t = FLAGS.batch, FLAGS.seq_len
     step_fn, state, batch = bench_setup.train_setup(c, backend, b, t)
     state = {"s": state}
@@ -139,7 +142,7 @@ def bench_train(dtype: str, peak_gflops: float, backend) -> dict:
     tok_s = b * t / sec
     gflops = tok_s * flops.train_flops_per_token(c, t) / 1e9
     return dict(bench="train", model=FLAGS.model, dtype=dtype, batch=b, seq_len=t,
-                step_s=round(sec, 4), tokens_per_s=round(tok_s, 1), gflops=round(gflops, 1),
+                remat=c.remat, step_s=round(sec, 4), tokens_per_s=round(tok_s, 1), gflops=round(gflops, 1),
                 peak_gflops=round(peak_gflops, 1), fraction_of_peak=round(gflops / peak_gflops, 3),
                 jax=jax.__version__, device=jax.devices()[0].device_kind)
 

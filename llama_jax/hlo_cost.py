@@ -12,11 +12,12 @@ and:
 
 - FLOPs: 2 x output elements x contracted elements of every `dot` and `convolution`
   (elementwise work is left out; in a transformer it is well under 1% of the FLOPs).
-  Custom calls (Pallas kernels on TPU) are opaque: they are listed in `custom_calls` with how
-  often they run, for whoever knows their FLOPs (backends.tpu.kernel_flops for splash).
+  Custom calls (Pallas kernels on TPU, the planner's stand-in for the GPU kernel: a Python
+  callback on CPU) are opaque: they are listed in `custom_calls` with how often they run, for
+  whoever knows their FLOPs (backends.tpu.kernel_flops for splash, backends.gpu.kernel_flops).
 - HBM bytes: operands + results of every top-level instruction (fusions read their inputs and
-  write their outputs once), as XLA's HloCostAnalysis models "bytes accessed"; a Pallas
-  kernel's too (once: the tiles it reads again are not in the HLO).
+  write their outputs once), as XLA's HloCostAnalysis models "bytes accessed"; a kernel's
+  (KERNEL_TARGETS) too (once: the tiles it reads again are not in the HLO).
 - Collective bytes sent per device, ring algorithms on a group of n devices:
   all-gather (n-1)/n x result; reduce-scatter (n-1) x result; all-reduce 2(n-1)/n x size;
   all-to-all (n-1)/n x size; collective-permute the whole buffer. Each collective is "slow" when
@@ -47,6 +48,9 @@ _FREE = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "whil
          "copy-done", "all-gather-done", "all-reduce-done", "collective-permute-done",
          "async-done", "async-update"}
 COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+# Custom calls that are kernels reading their operands and writing their outputs in HBM: Pallas
+# on TPU, and the Python callbacks that stand in for the Pallas GPU kernel in GPU plans.
+KERNEL_TARGETS = ("tpu_custom_call", "xla_ffi_python_cpu_callback", "xla_python_cpu_callback")
 
 
 @dataclasses.dataclass
@@ -291,10 +295,13 @@ def analyse(text: str, domain_of=()) -> Cost:
             if op == "custom-call" and comp not in fused and times:
                 target = re.search(r'custom_call_target="([^"]*)"', args)
                 target = target.group(1) if target else ""
-                cost.custom_calls.append((name, target, [tuple(d) for _, d, _ in _arrays(shape)],
-                                          times))
-                if target == "tpu_custom_call":  # a Pallas kernel reads its operands and writes
-                    # its outputs at least once (a lower bound: tiles it re-reads are not seen)
+                # a callback's instruction name is generic; its op_name ends in the scope its
+                # caller named it by
+                label = _op_name(args) if "callback" in target else name
+                cost.custom_calls.append((label or name, target,
+                                          [tuple(d) for _, d, _ in _arrays(shape)], times))
+                if target in KERNEL_TARGETS:  # a kernel reads its operands and writes its
+                    # outputs at least once (a lower bound: tiles it re-reads are not seen)
                     cost.hbm_bytes += times * _io_bytes(shape, op, args, symbols, comps)
             if op.removesuffix("-start") in COLLECTIVES:
                 channel = re.search(r"channel_id=(\d+)", args)

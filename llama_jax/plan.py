@@ -177,18 +177,20 @@ def compile_on(config, devices, target: hardware.Target, full_shape=None) -> dic
 
 
 def _kernel_flops(cost: hlo_cost.Cost, config, mesh) -> tuple[float, list[str]]:
-    """FLOPs per device of the opaque kernels the compiled step runs (each splash call as often
-    as the HLO runs it: twice forward per layer under remat=full), and what the HLO count
-    misses: loops of unreadable trip count (counted once), custom calls of unknown cost."""
-    from llama_jax.backends import tpu  # noqa: PLC0415 (Pallas's TPU ops: only when needed)
+    """FLOPs per device of the opaque kernels the compiled step runs (each splash call, or the
+    GPU kernel's stand-in, as often as the HLO runs it: twice forward per layer under
+    remat=full), and what the HLO count misses: loops of unreadable trip count (counted once),
+    kernel calls of unknown cost."""
+    from llama_jax.backends import gpu, tpu  # noqa: PLC0415 (Pallas's ops: only when needed)
     c = ModelConfig.from_dict(config.model.to_dict())
     total, missed = 0.0, [f"while loop counted once: {n}" for n in cost.unknown_loops]
     for name, target, shapes, times in cost.custom_calls:
         f = tpu.kernel_flops(name, shapes, config.data.seq_len, c.n_heads // c.n_kv_heads,
                              mesh.shape["context"])
+        f = gpu.kernel_flops(name, shapes) if f is None else f
         if f is not None:
             total += times * f
-        elif target == "tpu_custom_call":
+        elif target in hlo_cost.KERNEL_TARGETS:
             missed.append(f"custom call without a FLOP count: {name}")
     return total, missed
 

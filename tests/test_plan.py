@@ -7,6 +7,7 @@ metrics and batch: the runtime's own buffers, read from the arrays) plus the tem
 the executable that ran, which XLA allocates whole for each execution.
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -181,6 +182,55 @@ def test_pipelined_plan_compiles_splash_in_the_stages():
                         "--config.mesh.tensor=2", "--config.data.global_batch=16"), "v5e:2x4")
     assert r["attention"] == "splash" and r["mesh"]["pipeline"] == 2 and not r["estimate"]
     assert r["fits"] and r["roofline"]["step_s"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU targets: the Pallas GPU kernel as one opaque call each way (backends/gpu.py planned_mha).
+
+
+def test_gpu_kernel_stand_in_is_one_call_each_way_with_the_kernels_io():
+    """hlo_cost sees the stand-in as the compiled kernel: one forward and one backward call,
+    their inputs and outputs counted once (q, k, v, segment ids -> out, lse; then q, k, v,
+    segment ids, dout, lse, delta -> dq, dk, dv), plus the preprocess pass (out, dout ->
+    delta); the interpreted kernel moves over 100x that at T = 1,024."""
+    from llama_jax.backends import gpu
+    b, t, n, h = 1, 1024, 2, 64
+    x, seg = (jax.ShapeDtypeStruct((b, t, n, h), jnp.bfloat16),
+              jax.ShapeDtypeStruct((b, t), jnp.int32))
+    vjp = lambda q, k, v, s, do: jax.vjp(gpu.planned_mha, q, k, v, s)[1](do)[:3]  # noqa: E731
+    cost = hlo_cost.analyse(jax.jit(vjp).lower(x, x, x, seg, x).compile().as_text())
+    names = [name.rsplit("/", 2)[-2] for name, *_ in cost.custom_calls]
+    assert sorted(names) == ["jvp(pallas_gpu_fwd)", "transpose(jvp(pallas_gpu_bwd))"]
+    a, lse, s = b * t * n * h * 2, b * n * t * 4, b * t * 4  # bytes of a bf16 [B,T,N,H] etc.
+    fwd, pre, bwd = (3 * a + s) + (a + lse), 2 * a + lse, (4 * a + s + 2 * lse) + 3 * a
+    assert cost.hbm_bytes == pytest.approx(fwd + pre + bwd, rel=0.01)  # XLA:CPU: delta's
+    # transpose to [B, N, T] is a fusion of its own (0.5% here)
+
+    def loss(q, k, v, s, planned):
+        pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+        return gpu.flash_attention(q, k, v, pos, s, planned=planned,
+                                   interpret=True).astype(jnp.float32).sum()
+    costs = [hlo_cost.analyse(jax.jit(jax.grad(functools.partial(loss, planned=p), (0, 1, 2)))
+                              .lower(x, x, x, seg).compile().as_text()) for p in (True, False)]
+    assert costs[1].hbm_bytes > 100 * costs[0].hbm_bytes
+    assert costs[0].flops == 0 and costs[1].unknown_loops  # the kernel's work: kernel_flops
+
+
+def test_gpu_plan_costs_the_kernel_calls():
+    """A GPU target plans pallas_gpu: each forward (twice per layer under remat=full) and
+    backward call adds the FLOPs of the tiles its causal mask visits, per row and head
+    2H x T(T + b)/2 per product: 2 products forward at b = 128, 4 + 3 backward at b = 64."""
+    t, layers = 1024, 2
+    r = plan.plan(_tiny("--config.mesh.data=8", f"--config.data.seq_len={t}",
+                        "--config.data.global_batch=8", "--config.model.remat=full"), "h100:8")
+    mcfg = ModelConfig.from_dict(_tiny().model.to_dict())
+    rows_heads, h = 1 * mcfg.n_heads, mcfg.head_dim  # 1 row of 2 heads per device
+    fwd = 2 * 2 * h * rows_heads * t * (t + 128) / 2
+    bwd = 7 * 2 * h * rows_heads * t * (t + 64) / 2
+    f = r["flops"]
+    assert r["attention"] == "pallas_gpu" and r["estimate"] and not f["uncounted"]
+    assert f["kernel"] == pytest.approx(layers * (2 * fwd + bwd), rel=1e-9)
+    assert r["roofline"]["mfu"] < f["analytic"] / f["compiler"] < 1
 
 
 def _cli():

@@ -183,8 +183,9 @@ def for_target(platform: str, attention_name: str = "auto") -> Backend:
     """The backend a run on `platform` (tpu, gpu, cpu) uses, for compiling its step ahead of
     time on this machine (tools/plan.py): the plain math (never this host's cpu pieces) with
     the attention `auto` picks there (splash on tpu, pallas_gpu on gpu, reference on cpu) or
-    `attention_name`. Kernels are compiled for a tpu target (libtpu topology devices) and run
-    interpreted for targets compiled on CPU devices (GPU nodes are simulated there)."""
+    `attention_name`. Kernels are compiled for a tpu target (libtpu topology devices); a gpu
+    target's kernel is an opaque stand-in with its inputs and outputs (gpu.planned_mha: the
+    planner costs it), a cpu target's runs interpreted."""
     name = {"tpu": "splash", "gpu": "pallas_gpu"}.get(platform, "reference")
     name = name if attention_name == "auto" else attention_name
     if name not in KERNELS:  # its default too: plan.build compiles the default (`auto`)
@@ -194,7 +195,9 @@ def for_target(platform: str, attention_name: str = "auto") -> Backend:
         raise ValueError(f"mesh.attention={name!r} is a {kernel_platform.upper()} kernel; a "
                          f"{platform} target takes auto, {', '.join(attention.IMPLS)} or "
                          f"{'splash' if platform == 'tpu' else 'pallas_gpu'}.")
-    fn = importlib.import_module(module).make(platform != "tpu").attentions[0][1]
+    kernel = importlib.import_module(module)
+    made = kernel.make(planned=True) if platform == "gpu" else kernel.make(platform != "tpu")
+    fn = made.attentions[0][1]
     return dataclasses.replace(PLAIN, attentions=((name, fn),), default_attention=name)
 
 

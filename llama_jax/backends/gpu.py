@@ -19,11 +19,18 @@ Two limits of this kernel, both handled here:
   (keys gathered from all ranks, S != T) the rank's attention is attention.chunked_attention,
   the plain-JAX flash form that masks from positions.
 Lengths are padded to a multiple of 128 with segment-0 tokens and sliced back (as on TPU).
+
+Planning a GPU target (tools/plan.py compiles it for simulated CPU devices) the kernel is
+`planned_mha`, an opaque stand-in: one call forward and one backward with exactly the kernel's
+inputs, outputs and saved residuals (out, lse), whose FLOPs `kernel_flops` gives. Interpreted
+there, the kernel would be XLA:CPU loops whose every grid step moves whole buffers, an HBM
+count that is the interpreter's, not a GPU's.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -39,9 +46,11 @@ BLOCKS = pallas_attention.BlockSizes(block_q=128, block_k=128, block_q_dkv=64, b
                                      block_q_dq=64, block_kv_dq=64)
 
 
-def flash_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *, interpret: bool = False):
+def flash_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *, interpret: bool = False,
+                    planned: bool = False):
     """attention.reference_attention's signature and result (module docstring) through the
-    Pallas GPU kernel. q [B, T, N, H]; k, v [B, S, K, H]."""
+    Pallas GPU kernel. q [B, T, N, H]; k, v [B, S, K, H]. planned: the planner's stand-in
+    (`planned_mha`) in place of the kernel."""
     if k.shape[1] != q.shape[1]:  # context parallelism: keys of every rank (module docstring)
         return attention.chunked_attention(q, k, v, q_pos, q_seg, k_pos, k_seg)
     b, t, n, h = q.shape
@@ -52,15 +61,90 @@ def flash_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *, interpret:
     pad = lambda a: jnp.pad(a, [(0, 0), (0, tp - t)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
     groups = n // k.shape[2]
     k, v = (jnp.repeat(a, groups, axis=2) for a in (k, v))
-    out = pallas_attention.mha(pad(q), pad(k), pad(v), pad(q_seg).astype(jnp.int32),
-                               sm_scale=h ** -0.5, causal=True, block_sizes=BLOCKS,
-                               interpret=interpret)
+    seg = pad(q_seg).astype(jnp.int32)
+    if planned:
+        return planned_mha(pad(q), pad(k), pad(v), seg)[:, :t]
+    out = pallas_attention.mha(pad(q), pad(k), pad(v), seg, sm_scale=h ** -0.5, causal=True,
+                               block_sizes=BLOCKS, interpret=interpret)
     return out[:, :t]
 
 
+# ----------------------------------------------------------------------------------------------
+# The planner's stand-in: the kernel as XLA sees a compiled GPU kernel, one opaque call.
+
+
+def _opaque(name: str, shapes, *args):
+    """One call XLA cannot see into (on CPU a custom call of a Python callback, named by the
+    `name` scope in its op_name), taking `args` and returning arrays of `shapes`. It is
+    compiled ahead of time, never run."""
+    def never(*_):
+        raise RuntimeError(f"{name} is the planner's stand-in for the Pallas GPU kernel; it "
+                           f"is compiled to be costed, never run.")
+    with jax.named_scope(name):
+        return jax.pure_callback(never, shapes, *args)
+
+
+@jax.custom_vjp
+def planned_mha(q, k, v, seg):
+    """pallas_attention.mha(q, k, v, seg, causal=True) as one opaque call each way: q, k, v
+    [B, T, N, H] (T a multiple of LANES), seg [B, T] int32 -> [B, T, N, H]."""
+    return _planned_forward(q, k, v, seg)[0]
+
+
+def _planned_forward(q, k, v, seg):
+    b, t, n, _ = q.shape
+    # the kernel's outputs: out, and the log-sum-exp of each query row [B, N, T] in f32
+    shapes = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, n, t), jnp.float32))
+    out, lse = _opaque("pallas_gpu_fwd", shapes, q, k, v, seg)
+    return out, (q, k, v, seg, out, lse)  # what the kernel's own VJP saves
+
+
+def _planned_backward(res, do):
+    q, k, v, seg, out, lse = res
+    # the kernel's preprocess pass (an elementwise product and sum, no matmul): delta [B, N, T]
+    delta = jnp.sum(out.astype(jnp.float32) * do.astype(jnp.float32), axis=-1).transpose(0, 2, 1)
+    shapes = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (q, k, v))
+    dq, dk, dv = _opaque("pallas_gpu_bwd", shapes, q, k, v, seg, do, lse, delta)
+    return dq, dk, dv, None
+
+
+planned_mha.defvjp(_planned_forward, _planned_backward)
+
+
+def _pairs(t: int, bq: int, bk: int, by_keys: bool = False) -> int:
+    """(query, key) pairs one causal pass of the kernel visits for one row and head over T = t:
+    whole bq x bk tiles, query block i reading key blocks 0 .. ceil(bq(i+1)/bk) - 1 (forward,
+    dq), or key block j reading query blocks floor(j bk / bq) .. T/bq - 1 (dk/dv)."""
+    if by_keys:
+        return bq * bk * sum(t // bq - j * bk // bq for j in range(t // bk))
+    return bq * bk * sum(-(-bq * (i + 1) // bk) for i in range(t // bq))
+
+
+def kernel_flops(name: str, shapes) -> float | None:
+    """FLOPs of one call of `planned_mha`'s forward or backward that the compiled HLO calls
+    `name` (hlo_cost: a callback's op_name), from its output `shapes` ([B, T, N, H] first);
+    None for any other call. Per row and head, each T x S x H product costs 2·H FLOPs per
+    visited (query, key) pair (`_pairs` at BLOCKS; with square b x b tiles T(T + b)/2, the
+    causal half plus half a block per query):
+        forward:  2 products (scores, context)         x 2H x pairs(128 x 128 tiles)
+        backward: 4 in the dk/dv pass (scores, dv, dP, dk) x 2H x pairs(64 x 64, by keys)
+                + 3 in the dq pass (scores, dP, dq)          x 2H x pairs(64 x 64)
+    A run with remat=full calls the forward twice per layer (the HLO's trip counts say so)."""
+    kind = re.search(r"pallas_gpu_(fwd|bwd)", name)
+    if not kind or not shapes or len(shapes[0]) != 4:
+        return None
+    b, t, n, h = shapes[0]
+    per_pair = 2.0 * h * b * n
+    if kind.group(1) == "fwd":
+        return 2 * per_pair * _pairs(t, BLOCKS.block_q, BLOCKS.block_k)
+    return per_pair * (4 * _pairs(t, BLOCKS.block_q_dkv, BLOCKS.block_kv_dkv, by_keys=True)
+                       + 3 * _pairs(t, BLOCKS.block_q_dq, BLOCKS.block_kv_dq))
+
+
 @functools.cache
-def make(interpret: bool = False) -> Backend:
-    """The gpu backend: the plain math with the Pallas GPU flash kernel (interpreted on a CPU)."""
-    fn = functools.partial(flash_attention, interpret=interpret)
+def make(interpret: bool = False, planned: bool = False) -> Backend:
+    """The gpu backend: the plain math with the Pallas GPU flash kernel (interpreted on a CPU;
+    planned: the planner's opaque stand-in, compiled but never run)."""
+    fn = functools.partial(flash_attention, interpret=interpret, planned=planned)
     return Backend(name="gpu", attentions=(("pallas_gpu", fn),),
                    default_attention="pallas_gpu")

@@ -10,9 +10,11 @@ SPMD partitioner and buffer assignment for the target:
 - TPU: devices of a libtpu topology description, compiled by the TPU compiler itself.
 - GPU (nodes of 8 H100 / H200): simulated devices of the CPU backend in a subprocess, so an
   estimate: the shapes, shardings and collectives are the real program's, XLA:GPU's fusions and
-  buffer reuse are not. Over MAX_SIMULATED devices a smaller stand-in mesh is compiled with the
-  same rows and model shards per device (_simulated_mesh); parameter and optimizer bytes are
-  still computed for the full mesh.
+  buffer reuse are not. The Pallas GPU kernel is an opaque stand-in there with the kernel's
+  inputs, outputs and residuals (backends/gpu.py planned_mha; FLOPs from gpu.kernel_flops).
+  Over MAX_SIMULATED devices a smaller stand-in mesh is compiled with the same rows and model
+  shards per device (_simulated_mesh); parameter and optimizer bytes are still computed for
+  the full mesh.
 - cpu:N: simulated CPU devices, in this process when it has exactly N.
 
 Per-device bytes: parameters and optimizer state from their shard shapes; "temporaries" are
@@ -333,9 +335,9 @@ def load_config_copy(config):
 # The compiler's count (HLO dots + kernel calls, as often as they run) against flops.py's.
 FLOPS_GAP = ("compiler FLOPs are what the step runs, analytic the useful 6ND + causal "
              "attention MFU counts: remat=full reruns every projection but the down one (x1.25 "
-             "on the matmuls), splash runs 11 T x H products per token and head for flops.py's "
-             "6 over whole diagonal blocks, chunked and reference attention compute every key "
-             "block.")
+             "on the matmuls), splash and pallas_gpu run 11 T x H products per token and head "
+             "(remat=full) for flops.py's 6 over whole diagonal blocks, chunked and reference "
+             "attention compute every key block.")
 
 
 def report(config, target: hardware.Target, full_shape, m: dict, overrides) -> dict:

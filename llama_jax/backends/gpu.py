@@ -87,7 +87,16 @@ def _opaque(name: str, shapes, *args):
 @jax.custom_vjp
 def planned_mha(q, k, v, seg):
     """pallas_attention.mha(q, k, v, seg, causal=True) as one opaque call each way: q, k, v
-    [B, T, N, H] (T a multiple of LANES), seg [B, T] int32 -> [B, T, N, H]."""
+    [B, T, N, H] (T a multiple of LANES), seg [B, T] int32 -> [B, T, N, H].
+
+    HBM bytes (hlo_cost): each call's inputs and outputs once, and the backward's preprocess
+    pass (out, dout -> delta). Not counted: tiles read again. The forward's query block i
+    reads K/V blocks 0..i, (T + b)/2b times K and V per row and head if none stayed on chip;
+    its grid's first axis (CUDA's x, launched fastest) is the query block, so the programs in
+    flight share one or a few rows' and heads' K/V (4 MB at T = 8,192, H = 128, bf16) in the
+    L2 (50 MB on an H100) and HBM sees them about once. The backward's grid launches one kv
+    block of every row and head before the next block, so the Q/dO tiles its programs re-read
+    may come from HBM: there this count is a lower bound."""
     return _planned_forward(q, k, v, seg)[0]
 
 

@@ -216,6 +216,7 @@ def test_gpu_kernel_stand_in_is_one_call_each_way_with_the_kernels_io():
     assert costs[0].flops == 0 and costs[1].unknown_loops  # the kernel's work: kernel_flops
 
 
+@pytest.mark.slow  # 10-13 s: a plan compiled in a subprocess
 def test_gpu_plan_costs_the_kernel_calls():
     """A GPU target plans pallas_gpu: each forward (twice per layer under remat=full) and
     backward call adds the FLOPs of the tiles its causal mask visits, per row and head

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax import model as model_lib
-from llama_jax.backends import Backend
+from llama_jax.backends import Backend, decode_sharded
 from llama_jax.config import ModelConfig
 
 
@@ -65,6 +65,12 @@ def _relayout(graphdef, state, pack):
     return model.embed[...].astype(dt), model.norm.scale[...].astype(dt), head, layers
 
 
+def _mesh(model):
+    """The mesh the model's parameters are placed on, or None (not NamedShardings)."""
+    meshes = {getattr(x.sharding, "mesh", None) for x in jax.tree.leaves(nnx.state(model))}
+    return meshes.pop() if len(meshes) == 1 else None
+
+
 def prepare(model: model_lib.Llama, kernel: bool | None = None) -> Weights:
     """The decoding layout of a model's parameters (a copy; shardings carry over).
 
@@ -85,8 +91,8 @@ def prepare(model: model_lib.Llama, kernel: bool | None = None) -> Weights:
     embed, norm, head, layers = _relayout(graphdef, state, pack)
     if not kernel:  # the fused decode block runs on packed weights only
         ops = dataclasses.replace(ops, decode_block=None)
-    if sharded:  # XLA cannot partition a Pallas call: it would gather the cache to each device
-        ops = dataclasses.replace(ops, decode_attention=None)
+    if sharded:  # XLA cannot partition a Pallas call: the kernel runs per device
+        ops = decode_sharded.on_mesh(ops, _mesh(model), model.config.n_kv_heads)
     return Weights(model.config, ops, embed, norm, head, layers)
 
 

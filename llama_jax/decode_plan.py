@@ -24,15 +24,18 @@ Axis letters: B batch, S cache slots, K kv heads, H head dim, L layers.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
-from jax.sharding import SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from llama_jax import backends, decode, hardware, hlo_cost
+from llama_jax import backends, decode, decode_setup, hardware, hlo_cost
+from llama_jax.backends import decode_sharded
 from llama_jax import model as model_lib
 from llama_jax.decode_forward import Weights, _relayout
 from llama_jax.sampling import SamplingParams
@@ -53,10 +56,26 @@ def _bytes(shape: str) -> int:
                for d, dims in _ARRAY.findall(shape))
 
 
-def abstract_step_inputs(config, backend, batch: int, cache_len: int, device):
-    """ShapeDtypeStructs on `device` of decode_step's (weights, state, sampling, stop_ids,
-    max_new) for `batch` rows and a cache of `cache_len` slots."""
-    graphdef, state = nnx.split(model_lib.abstract(config, backend))
+def _weight_shardings(model, mesh):
+    """NamedShardings of _relayout's (embed, norm, head, layers) for a model placed on `mesh`
+    by decode.shard (each parameter by its logical axes; a layer's slice drops the L axis)."""
+    place = lambda axes, shape: NamedSharding(mesh, decode_setup._spec(axes, shape, mesh))  # noqa: E731
+    one = jax.tree.map(lambda v: place(v.axes[1:], v.shape[1:]), nnx.state(model.layers),
+                       is_leaf=lambda x: isinstance(x, nnx.Variable))
+    embed = model.embed
+    head = (place(embed.axes[::-1], embed.shape[::-1]) if model.config.tie_embeddings
+            else place(model.lm_head.axes, model.lm_head.shape))
+    return (place(embed.axes, embed.shape), place(model.norm.scale.axes, model.norm.scale.shape),
+            head, (nnx.to_pure_dict(one),) * model.config.n_layers)
+
+
+def abstract_step_inputs(config, backend, batch: int, cache_len: int, where):
+    """ShapeDtypeStructs of decode_step's (weights, state, sampling, stop_ids, max_new) for
+    `batch` rows and a cache of `cache_len` slots, on `where`: one device, or a (data,
+    tensor) mesh, placed there as decode.generate places them (weights by decode.shard, the
+    cache by cache_shardings, the other per-row arrays over data)."""
+    model = model_lib.abstract(config, backend)
+    graphdef, state = nnx.split(model)
     weights = Weights(config, backend, *jax.eval_shape(_relayout, graphdef, state, None))
 
     def state_of():
@@ -69,31 +88,64 @@ def abstract_step_inputs(config, backend, batch: int, cache_len: int, device):
 
     others = (SamplingParams().arrays(), jnp.zeros((decode.MAX_STOP_IDS,), jnp.int32),
               jnp.int32(1))
-    on = SingleDeviceSharding(device)
-    place = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on)  # noqa: E731
-    return jax.tree.map(place, (weights, jax.eval_shape(state_of), *jax.eval_shape(lambda: others)))
+    place = lambda a, on: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on)  # noqa: E731
+    state, others = jax.eval_shape(state_of), jax.eval_shape(lambda: others)
+    if not isinstance(where, Mesh):
+        on = SingleDeviceSharding(where)
+        return jax.tree.map(lambda a: place(a, on), (weights, state, *others))
+    every = NamedSharding(where, PartitionSpec())
+    rows = lambda a: NamedSharding(where, PartitionSpec(  # noqa: E731
+        *(("data",) if a.ndim and a.shape[0] == batch else ())))
+    weights = dataclasses.replace(weights, **dict(zip(
+        ("embed", "norm", "head", "layers"), jax.tree.map(
+            place, (weights.embed, weights.norm, weights.head, weights.layers),
+            _weight_shardings(model, where)))))
+    state = jax.tree.map(lambda a: place(a, rows(a)), state)
+    state = dataclasses.replace(state, cache=jax.tree.map(
+        place, state.cache, decode_setup.cache_shardings(where, config)))
+    return (weights, state, *jax.tree.map(lambda a: place(a, every), others))
 
 
-def compile_step(config, backend, batch: int, cache_len: int, device):
-    """decode.decode_step (state donated) compiled for `device`."""
+def target_mesh(devices, data: int, tensor: int) -> Mesh:
+    """A (data, tensor) mesh over the first data x tensor of `devices` (decode.make_mesh's
+    axes, for a target's devices)."""
+    if data * tensor > len(devices):
+        raise ValueError(f"a {data}x{tensor} mesh needs {data * tensor} devices but the target "
+                         f"has {len(devices)}; choose --data x --tensor <= {len(devices)}.")
+    auto = jax.sharding.AxisType.Auto
+    return Mesh(np.asarray(devices[:data * tensor]).reshape(data, tensor), ("data", "tensor"),
+                axis_types=(auto, auto))
+
+
+def compile_step(config, backend, batch: int, cache_len: int, where):
+    """decode.decode_step (state donated) compiled for `where` (a device or a mesh); on a
+    mesh the backend's decode kernel runs per device (decode_sharded.on_mesh, as prepare)."""
+    if isinstance(where, Mesh):
+        backend = decode_sharded.on_mesh(backend, where, config.n_kv_heads)
     return decode.decode_step.lower(*abstract_step_inputs(config, backend, batch, cache_len,
-                                                          device)).compile()
+                                                          where)).compile()
 
 
-def roofline_bytes(config, batch: int, length: int) -> int:
-    """Bytes a step reads at least: every weight once (the embedding only its B rows; a tied
-    head reads the table once) and each row's K/V cache up to `length` slots once."""
+def roofline_bytes(config, batch: int, length: int, data: int = 1, tensor: int = 1) -> int:
+    """Bytes one device reads at least in a step: every weight of its shard once (the
+    embedding only its rows' B; a tied head reads the table once) and its rows' K/V cache up
+    to `length` slots once. On a (data, tensor) mesh the heads, mlp and vocab split over
+    tensor where it divides them (decode.shard), the rows over data; norms are whole."""
     c, item = config, jnp.dtype(config.dtype).itemsize
-    per_layer = (2 * c.dim * c.n_heads * c.head_dim + 2 * c.dim * c.n_kv_heads * c.head_dim
-                 + 3 * c.dim * c.ffn_dim + 2 * c.dim)
-    weights = c.n_layers * per_layer + c.dim + c.dim * c.vocab_size + batch * c.dim
-    cache = 2 * c.n_layers * batch * length * c.n_kv_heads * c.head_dim
+    part = lambda n: n // tensor if n % tensor == 0 else n  # noqa: E731
+    n, k, f = part(c.n_heads), part(c.n_kv_heads), part(c.ffn_dim)
+    per_layer = 2 * c.dim * n * c.head_dim + 2 * c.dim * k * c.head_dim + 3 * c.dim * f + 2 * c.dim
+    b = batch // data
+    weights = c.n_layers * per_layer + c.dim + c.dim * part(c.vocab_size) + b * c.dim
+    cache = 2 * c.n_layers * b * length * k * c.head_dim
     return (weights + cache) * item
 
 
 def step_kernels(hlo_text: str, cache_bytes: int) -> dict:
     """Kernels by opcode of the compiled step's entry computation (the decode step has no
-    loop), and the copies of >= `cache_bytes` (one layer's K cache) anywhere in it."""
+    loop), the copies of >= `cache_bytes` (one layer's K cache on a device) anywhere in it,
+    and its collectives (a kernel left to XLA's partitioner would gather the cache: those of
+    >= cache_bytes are `cache_collectives`)."""
     comps, entry = hlo_cost.parse(hlo_text)
     ops = collections.Counter(op for _, _, op, args in comps[entry] if op not in NOT_KERNELS
                               and 'custom_call_target="ConcatBitcast"' not in args)
@@ -104,9 +156,13 @@ def step_kernels(hlo_text: str, cache_bytes: int) -> dict:
     # copy-start/-done pairs on a TPU move a buffer between HBM and VMEM (memory-space
     # assignment's prefetches, the S(1) layouts): counted apart from real copies.
     copies, prefetches = big("copy"), big("copy-start")
+    started = (*hlo_cost.COLLECTIVES, *(f"{op}-start" for op in hlo_cost.COLLECTIVES))
+    collectives = {op: n for comp in comps.values() for op, n in collections.Counter(
+        op for _, _, op, _ in comp if op in started).items()}
     return dict(kernels=sum(ops.values()), by_opcode=dict(ops.most_common()), async_moves=moves,
                 cache_copies=len(copies), cache_copy_bytes=sum(copies),
-                cache_prefetches=len(prefetches))
+                cache_prefetches=len(prefetches), collectives=collectives,
+                cache_collectives=len(big(*started)))
 
 
 def _cost_bytes(compiled) -> float:
@@ -116,16 +172,20 @@ def _cost_bytes(compiled) -> float:
 
 
 def plan_decode(config, target_name: str, batch: int, cache_len: int,
-                decode_attention: str = "plain") -> dict:
-    """One JSON row: the compiled decode step of `config` for one device of `target_name`
-    (a TPU topology such as v5e:2x2, or cpu) at `batch` rows over a `cache_len`-slot cache,
-    with the decode attention `decode_attention` (plain, ragged_tpu, ragged_gpu)."""
+                decode_attention: str = "plain", data: int = 1, tensor: int = 1) -> dict:
+    """One JSON row: the compiled decode step of `config` for a target (a TPU topology such
+    as v5e:2x2, or cpu) at `batch` rows over a `cache_len`-slot cache, with the decode
+    attention `decode_attention` (plain, ragged_tpu, ragged_gpu), on one device or a (data,
+    tensor) mesh of the target's devices (numbers per device)."""
     from llama_jax.backends import decode_attention as da  # noqa: PLC0415
     if decode_attention != "plain" and decode_attention not in da.KERNELS:
         raise ValueError(f"unknown decode attention {decode_attention!r}; valid: plain, "
                          f"{', '.join(da.KERNELS)}.")
+    if batch % data:
+        raise ValueError(f"batch {batch} does not split over data = {data}; choose a batch "
+                         f"that is a multiple of --data.")
     if target_name == "cpu":
-        device, dev = jax.devices("cpu")[0], None
+        devices, dev = jax.devices("cpu"), None
     else:
         target = hardware.parse_target(target_name)
         if target.device.platform != "tpu":
@@ -135,23 +195,23 @@ def plan_decode(config, target_name: str, batch: int, cache_len: int,
         if da.KERNELS.get(decode_attention, "tpu") != "tpu":
             raise ValueError(f"{decode_attention} is a GPU kernel; a TPU target takes plain or "
                              f"ragged_tpu.")
-        device, dev = hardware.tpu_devices(target.topology)[0], target.device
+        devices, dev = hardware.tpu_devices(target.topology), target.device
+    where = devices[0] if data * tensor == 1 else target_mesh(devices, data, tensor)
     backend = backends.PLAIN
     if decode_attention != "plain":  # interpreted for a cpu target
         backend = backends.Backend(decode_attention=da.make(decode_attention,
-                                                            device.platform == "cpu"))
-    compiled = compile_step(config, backend, batch, cache_len, device)
-    layer_cache = batch * cache_len * config.n_kv_heads * config.head_dim * jnp.dtype(
+                                                            devices[0].platform == "cpu"))
+    compiled = compile_step(config, backend, batch, cache_len, where)
+    kh = config.n_kv_heads // tensor if config.n_kv_heads % tensor == 0 else config.n_kv_heads
+    layer_cache = batch // data * cache_len * kh * config.head_dim * jnp.dtype(
         config.dtype).itemsize
     step = _cost_bytes(compiled)
-    roof = roofline_bytes(config, batch, cache_len)
+    roof = roofline_bytes(config, batch, cache_len, data, tensor)
     row = dict(target=target_name, model=config.name, dtype=config.dtype, batch=batch,
-               cache_len=cache_len, decode_attention=decode_attention,
+               cache_len=cache_len, decode_attention=decode_attention, data=data, tensor=tensor,
                bytes_per_step=step, roofline_bytes=roof, ratio=round(step / roof, 3),
                **step_kernels(compiled.as_text(), layer_cache))
     if dev is not None:
         row["hbm_gbs"] = dev.hbm_bw / 1e9
         row["predicted_tokens_s"] = round(batch * dev.hbm_bw / max(step, roof), 1)
     return row
-
-

@@ -3,6 +3,8 @@ plain attention over the cache with cache.mask, here in Pallas interpret mode (t
 code); the seam (backends.get(..., decode_attention=...), model.self_attention) decodes the
 same tokens; decode_plan.py's step analysis, and the TPU kernel compiled by Mosaic (libtpu)."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ import llama_jax as lj
 from llama_jax import attention, backends, decode, decode_plan
 from llama_jax import model as model_lib
 from llama_jax.backends import decode_attention as da
+from llama_jax.backends import decode_sharded
 
 L, B, S, K, H, N, T = 2, 3, 256, 2, 16, 4, 2
 BLOCKS = {"ragged_tpu": 128, "ragged_gpu": 64}  # two blocks of 128, four of 64 over S = 256
@@ -126,9 +129,40 @@ def test_generate_with_the_kernel_equals_plain(tiny_f32):
         runs.append(decode.generate(model, prompts, max_new_tokens=40, stop_ids=[]))
     np.testing.assert_array_equal(runs[0].tokens, runs[1].tokens)
     np.testing.assert_allclose(runs[0].logprobs, runs[1].logprobs, atol=1e-4)
-    sharded = decode.shard(model, decode.make_mesh(2, 1))  # XLA cannot partition the kernel
-    assert decode.prepare(model).backend.decode_attention is not None
-    assert decode.prepare(sharded).backend.decode_attention is None
+
+
+@pytest.mark.slow
+def test_generate_on_a_mesh_with_the_kernel_per_device_equals_one_device(tiny_f32):
+    """Greedy decode on a data 2 x tensor 2 mesh (rows and kv heads split; the kernel inside
+    decode_sharded's shard_map, interpreted) gives the plain single-device tokens, log-probs
+    within 1e-5, with both kernels; the compiled step moves no cache-sized buffer between
+    devices (the shard_map takes the cache's own sharding)."""
+    prompts = [[1, 5, 9, 2, 7], list(range(3, 23)), [4, 4], [9]]
+    ref = decode.generate(tiny_f32, prompts, max_new_tokens=6, stop_ids=[])
+    mesh = decode.make_mesh(2, 2)
+    for name in da.KERNELS:
+        model = lj.with_backend(tiny_f32, backends.get("plain", decode_attention=name))
+        weights = decode.prepare(decode.shard(model, mesh))
+        assert weights.backend.decode_attention.func is decode_sharded.sharded_decode_attention
+        out = decode.generate(weights, prompts, max_new_tokens=6, stop_ids=[], mesh=mesh)
+        np.testing.assert_array_equal(out.tokens, ref.tokens)
+        np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+    row = decode_plan.plan_decode(tiny_f32.config, "cpu", 2, 256, "ragged_tpu", data=2, tensor=2)
+    assert row["cache_collectives"] == 0 and row["collectives"], row
+
+
+def test_kernel_dropped_with_a_log_line_where_tensor_does_not_divide_the_kv_heads(
+        tiny_f32, caplog):
+    """tensor 4 over tiny's 2 kv heads (each device keeps both): the plain form runs, and one
+    log line names the setting; data 4 x tensor 1 keeps the kernel, per device."""
+    model = lj.with_backend(tiny_f32, backends.get("plain", decode_attention="ragged_tpu"))
+    with caplog.at_level(logging.INFO):
+        weights = decode.prepare(decode.shard(model, decode.make_mesh(1, 4)))
+    assert weights.backend.decode_attention is None
+    assert "mesh tensor = 4 does not divide the 2 kv heads" in caplog.text
+    kept = decode.prepare(decode.shard(model, decode.make_mesh(4, 1))).backend.decode_attention
+    assert kept.func is decode_sharded.sharded_decode_attention
+    assert decode.prepare(model).backend.decode_attention is model.backend.decode_attention
 
 
 def test_scanned_layers_with_a_traced_layer_index(tiny_f32):
@@ -198,6 +232,22 @@ def test_tpu_kernel_compiles_with_mosaic_and_the_cache_is_not_copied():
         assert row["by_opcode"]["custom-call"] >= c.n_layers
         assert row["cache_copies"] == 0, row
         assert row["bytes_per_step"] > 0 and row["predicted_tokens_s"] > 0
+
+
+@pytest.mark.slow
+def test_tpu_decode_step_on_a_tensor_mesh_reads_the_cache_where_it_lies():
+    """The decode step of a tiny bf16 model with 4 kv heads compiled by libtpu for a v5p
+    2x2x1 with tensor 4 (one kv head per chip; head dim 16 and 128, both of tpu_view's
+    layouts of it): the kernel per layer, per device, no cache-sized copy and no collective
+    as large as a layer's cache shard (the shard_map takes the cache's own sharding; the
+    kernel left to XLA's partitioner gathers it)."""
+    pytest.importorskip("libtpu", reason="TPU targets compile with libtpu (the plan extra); "
+                                         "CI does not install it")
+    for dims in (dict(n_kv_heads=4), dict(dim=512, n_heads=4, n_kv_heads=4)):
+        c = lj.get_config("tiny", dtype="bfloat16", param_dtype="bfloat16", **dims)
+        row = decode_plan.plan_decode(c, "v5p:2x2x1", 1, 512, "ragged_tpu", tensor=4)
+        assert row["by_opcode"]["custom-call"] >= c.n_layers, row
+        assert row["cache_copies"] == 0 and row["cache_collectives"] == 0, row
 
 
 def test_gpu_kernel_lowers_to_triton():

@@ -3,11 +3,13 @@
     python tools/plan_decode.py --model=llama3.2-1b --target=v5e:2x2 --batch=1 \
         --cache=2048,8192 --decode_attention=plain,ragged_tpu
     python tools/plan_decode.py --model=tiny --target=cpu --decode_attention=plain
+    python tools/plan_decode.py --model=llama3.1-8b --target=v5p:2x2x1 --tensor=4 --cache=8192
 
 One JSON line per (cache length, decode attention): bytes/step (XLA's cost analysis) against
 the roofline bytes (weights + the K/V cache read once), kernels per step by opcode, cache
-copies, and on a TPU target the predicted tokens/s at its HBM bandwidth (hardware.py). TPU
-targets need libtpu (pip install -e ".[plan]"); nothing runs on a local accelerator.
+copies and collectives (per device on a --data x --tensor mesh of the target's devices, the
+weights and cache placed as decode.generate places them), and on a TPU target the predicted
+tokens/s at its HBM bandwidth (hardware.py). TPU targets need libtpu (pip install -e ".[plan]"); nothing runs on a local accelerator.
 """
 
 import json
@@ -29,6 +31,9 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", help="weights, compute and cache dtype")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--cache", default="2048,8192", help="cache lengths, comma-separated")
+    parser.add_argument("--data", type=int, default=1, help="rows split over this many devices")
+    parser.add_argument("--tensor", type=int, default=1,
+                        help="heads, mlp and vocab split over this many devices")
     parser.add_argument("--decode_attention", default="plain,ragged_tpu",
                         help="plain, ragged_tpu, ragged_gpu; comma-separated")
     args = parser.parse_args(argv)
@@ -41,7 +46,8 @@ def main(argv=None) -> int:
         for length in lengths:
             for name in args.decode_attention.split(","):
                 print(json.dumps(decode_plan.plan_decode(config, args.target, args.batch,
-                                                         length, name)), flush=True)
+                                                         length, name, args.data,
+                                                         args.tensor)), flush=True)
     except (ValueError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

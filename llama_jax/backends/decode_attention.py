@@ -39,9 +39,9 @@ B x K x splits fills ~256 programs (an H200 has 132 SMs), the batch-1 case flash
 
 The plain form runs instead for T > MAX_QUERIES (a prefill), a cache type other than
 LayerCache (the paged serving cache, llama_jax/serve/paged.py), S not a multiple of the block
-(TPU: 128, the lanes of the slot-position tiles; GPU: 64), on GPU a head dim that is not a
-power of two (Triton tiles), and a model sharded over several devices (decode.prepare drops
-the kernel: XLA cannot partition a kernel call).
+(TPU: 128, the lanes of the slot-position tiles; GPU: 64), and on GPU a head dim that is not
+a power of two (Triton tiles). On a sharded model the kernel runs per device inside a
+shard_map (decode_sharded.py: XLA cannot partition a kernel call).
 
 Axis letters: B batch, T queries, S cache slots, N query heads, K kv heads, G = N / K,
 R = G x T query rows per kv head, H head dim, L layers.
@@ -234,20 +234,31 @@ def _tpu_block(s: int) -> int | None:
     return next((b for b in TPU_BLOCKS if s % b == 0), None)
 
 
-def decode_attention(q, kv, cache, positions, segment_ids, *, platform: str,
-                     interpret: bool = False, block: int | None = None):
-    """Attention of q [B, T, N, H] over the cache after this call's write (kv: the stacked
-    (k, v) [L, B, S, K, H]; cache: the model.LayerCache, for its layer and slot positions and
-    segments): [B, T, N, H], or None where the plain form must run (module docstring)."""
+def block_for(q, kv, cache, *, platform: str, block: int | None = None, **_) -> int | None:
+    """The block of slots the kernel reads for q [B, T, N, H] over kv [L, B, S, K, H], or None
+    where the plain form must run (module docstring). Only T, S, H and the cache's type
+    decide, none of which a mesh splits (decode_sharded.py asks before its shard_map)."""
     from llama_jax import model as model_lib  # noqa: PLC0415 (model imports backends)
-    b, t, n, h = q.shape
-    k, v = kv
-    s, kh = k.shape[2], k.shape[3]
+    t, h, s = q.shape[1], q.shape[3], kv[0].shape[2]
     if not isinstance(cache, model_lib.LayerCache) or cache.pos is None or t > MAX_QUERIES:
         return None
     blk = block or (_tpu_block(s) if platform == "tpu" else GPU_BLOCK)
     if blk is None or s % blk or (platform == "gpu" and h & (h - 1)):
         return None
+    return blk
+
+
+def decode_attention(q, kv, cache, positions, segment_ids, *, platform: str,
+                     interpret: bool = False, block: int | None = None):
+    """Attention of q [B, T, N, H] over the cache after this call's write (kv: the stacked
+    (k, v) [L, B, S, K, H]; cache: the model.LayerCache, for its layer and slot positions and
+    segments): [B, T, N, H], or None where the plain form must run (module docstring)."""
+    blk = block_for(q, kv, cache, platform=platform, block=block)
+    if blk is None:
+        return None
+    b, t, n, h = q.shape
+    k, v = kv
+    s, kh = k.shape[2], k.shape[3]
     g = n // kh
     # rows r = g * T + t of kv head k: [B, K, G * T, H]
     qr = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)

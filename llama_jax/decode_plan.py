@@ -117,13 +117,14 @@ def target_mesh(devices, data: int, tensor: int) -> Mesh:
                 axis_types=(auto, auto))
 
 
-def compile_step(config, backend, batch: int, cache_len: int, where):
-    """decode.decode_step (state donated) compiled for `where` (a device or a mesh); on a
-    mesh the backend's decode kernel runs per device (decode_sharded.on_mesh, as prepare)."""
+def compile_step(config, backend, batch: int, cache_len: int, where, loop: bool = False):
+    """decode.decode_step (state donated) compiled for `where` (a device or a mesh), or with
+    loop=True decode.loop (generate's while loop of steps); on a mesh the backend's decode
+    kernel runs per device (decode_sharded.on_mesh, as prepare)."""
     if isinstance(where, Mesh):
         backend = decode_sharded.on_mesh(backend, where, config.n_kv_heads)
-    return decode.decode_step.lower(*abstract_step_inputs(config, backend, batch, cache_len,
-                                                          where)).compile()
+    fn = decode.loop if loop else decode.decode_step
+    return fn.lower(*abstract_step_inputs(config, backend, batch, cache_len, where)).compile()
 
 
 def roofline_bytes(config, batch: int, length: int, data: int = 1, tensor: int = 1) -> int:
@@ -165,6 +166,20 @@ def step_kernels(hlo_text: str, cache_bytes: int) -> dict:
                 cache_collectives=len(big(*started)))
 
 
+def loop_cache_copies(hlo_text: str, cache_bytes: int) -> dict:
+    """Copies of >= `cache_bytes` in compiled decode.loop: inside its while body (paid every
+    token) and outside it (once per generate call, into and out of the loop's carry)."""
+    comps, entry = hlo_cost.parse(hlo_text)
+    bodies = [m.group(1) for _, _, op, args in comps[entry] if op == "while"
+              for m in [re.search(r"body=%?([\w.\-]+)", args)] if m]
+    inside = {c for body in bodies for c in hlo_cost.multiplicities(comps, body)[0]}
+    def copies(names):
+        return sum(1 for c in names for _, shape, op, _ in comps[c]
+                   if op == "copy" and _bytes(shape) >= cache_bytes)
+    return dict(loop_body_cache_copies=copies(inside),
+                loop_entry_cache_copies=copies(set(comps) - inside))
+
+
 def _cost_bytes(compiled) -> float:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -172,11 +187,13 @@ def _cost_bytes(compiled) -> float:
 
 
 def plan_decode(config, target_name: str, batch: int, cache_len: int,
-                decode_attention: str = "plain", data: int = 1, tensor: int = 1) -> dict:
+                decode_attention: str = "plain", data: int = 1, tensor: int = 1,
+                loop: bool = False) -> dict:
     """One JSON row: the compiled decode step of `config` for a target (a TPU topology such
     as v5e:2x2, or cpu) at `batch` rows over a `cache_len`-slot cache, with the decode
     attention `decode_attention` (plain, ragged_tpu, ragged_gpu), on one device or a (data,
-    tensor) mesh of the target's devices (numbers per device)."""
+    tensor) mesh of the target's devices (numbers per device). loop: also compile decode.loop
+    and count the cache copies inside its body and outside it (loop_cache_copies)."""
     from llama_jax.backends import decode_attention as da  # noqa: PLC0415
     if decode_attention != "plain" and decode_attention not in da.KERNELS:
         raise ValueError(f"unknown decode attention {decode_attention!r}; valid: plain, "
@@ -211,6 +228,9 @@ def plan_decode(config, target_name: str, batch: int, cache_len: int,
                cache_len=cache_len, decode_attention=decode_attention, data=data, tensor=tensor,
                bytes_per_step=step, roofline_bytes=roof, ratio=round(step / roof, 3),
                **step_kernels(compiled.as_text(), layer_cache))
+    if loop:
+        row.update(loop_cache_copies(compile_step(config, backend, batch, cache_len, where,
+                                                  loop=True).as_text(), layer_cache))
     if dev is not None:
         row["hbm_gbs"] = dev.hbm_bw / 1e9
         row["predicted_tokens_s"] = round(batch * dev.hbm_bw / max(step, roof), 1)

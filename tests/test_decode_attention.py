@@ -215,6 +215,40 @@ def test_step_analysis_finds_cache_copies_and_roofline():
     assert (got["kernels"], got["async_moves"], got["cache_copies"], got["cache_prefetches"]) \
         == (3, 2, 1, 1)
     assert got["cache_copy_bytes"] == 2 * 256 * 2 * 16 * 2
+    assert (got["collectives"], got["cache_collectives"]) == ({}, 0)
+    gathered = hlo.replace("%small = bf16[2,16]{1,0} copy(%p)",
+                           "%small = bf16[2,16]{1,0} all-reduce(%p)\n  %ag = bf16[2,1,256,2,16]"
+                           "{4,3,2,1,0} all-gather(%p), dimensions={3}")
+    got = decode_plan.step_kernels(gathered, 256 * 2 * 16 * 2)
+    assert (got["collectives"], got["cache_collectives"]) == (
+        {"all-reduce": 1, "all-gather": 1}, 1)
+    # per device on tensor 2 (everything tiny has divides by 2): the matrices and the cache
+    # halve, the norms and the embedding's rows do not
+    whole = 2 * (2 * c.n_layers * c.dim + c.dim + 2 * c.dim)
+    assert decode_plan.roofline_bytes(c, 2, 100, tensor=2) == (
+        (decode_plan.roofline_bytes(c, 2, 100) - whole) // 2 + whole)
+
+
+def test_loop_copies_inside_the_body_and_outside():
+    """loop_cache_copies tells a copy in the while body (every token) from one in the entry
+    computation (once per generate call)."""
+    hlo = "\n".join([
+        "%body (s: bf16[1,256,2,16]) -> bf16[1,256,2,16] {",
+        "  %s = bf16[1,256,2,16]{3,2,1,0} parameter(0)",
+        "  ROOT %copy.2 = bf16[1,256,2,16]{3,1,2,0} copy(%s)",
+        "}",
+        "%cond (c: bf16[1,256,2,16]) -> pred[] {",
+        "  %c = bf16[1,256,2,16]{3,2,1,0} parameter(0)",
+        "  ROOT %t = pred[] constant(true)",
+        "}",
+        "ENTRY %main (p: bf16[1,256,2,16]) -> bf16[1,256,2,16] {",
+        "  %p = bf16[1,256,2,16]{3,2,1,0} parameter(0)",
+        "  %copy.1 = bf16[1,256,2,16]{3,1,2,0} copy(%p)",
+        "  %copy.3 = bf16[1,256,2,16]{3,1,2,0} copy(%copy.1)",
+        "  ROOT %w = bf16[1,256,2,16]{3,2,1,0} while(%copy.3), condition=%cond, body=%body",
+        "}"])
+    assert decode_plan.loop_cache_copies(hlo, 256 * 2 * 16 * 2) == dict(
+        loop_body_cache_copies=1, loop_entry_cache_copies=2)
 
 
 @pytest.mark.slow

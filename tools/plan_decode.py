@@ -34,6 +34,9 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=int, default=1, help="rows split over this many devices")
     parser.add_argument("--tensor", type=int, default=1,
                         help="heads, mlp and vocab split over this many devices")
+    parser.add_argument("--loop", action="store_true",
+                        help="also compile decode.loop (generate's loop): cache copies per "
+                             "step inside it and once outside it")
     parser.add_argument("--decode_attention", default="plain,ragged_tpu",
                         help="plain, ragged_tpu, ragged_gpu; comma-separated")
     args = parser.parse_args(argv)
@@ -47,7 +50,7 @@ def main(argv=None) -> int:
             for name in args.decode_attention.split(","):
                 print(json.dumps(decode_plan.plan_decode(config, args.target, args.batch,
                                                          length, name, args.data,
-                                                         args.tensor)), flush=True)
+                                                         args.tensor, args.loop)), flush=True)
     except (ValueError, RuntimeError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -92,7 +92,7 @@ def prepare(model: model_lib.Llama, kernel: bool | None = None) -> Weights:
     if not kernel:  # the fused decode block runs on packed weights only
         ops = dataclasses.replace(ops, decode_block=None)
     if sharded:  # XLA cannot partition a Pallas call: the kernel runs per device
-        ops = decode_sharded.on_mesh(ops, _mesh(model), model.config.n_kv_heads)
+        ops = decode_sharded.on_mesh(ops, _mesh(model), model.config)
     return Weights(model.config, ops, embed, norm, head, layers)
 
 

@@ -122,7 +122,7 @@ def compile_step(config, backend, batch: int, cache_len: int, where, loop: bool 
     loop=True decode.loop (generate's while loop of steps); on a mesh the backend's decode
     kernel runs per device (decode_sharded.on_mesh, as prepare)."""
     if isinstance(where, Mesh):
-        backend = decode_sharded.on_mesh(backend, where, config.n_kv_heads)
+        backend = decode_sharded.on_mesh(backend, where, config)
     fn = decode.loop if loop else decode.decode_step
     return fn.lower(*abstract_step_inputs(config, backend, batch, cache_len, where)).compile()
 

@@ -69,6 +69,20 @@ def test_kernel_equals_plain_attention_over_the_cache(name, h, dtypes):
         assert not np.where(real, 0, out).any()
 
 
+@pytest.mark.parametrize("name,h", [("ragged_tpu", H), ("ragged_tpu", 128), ("ragged_gpu", H)],
+                         ids=["tpu-slots-minor", "tpu-row-major", "gpu"])
+def test_kernel_on_one_kv_head_of_the_cache(name, h):
+    """head=1: all N query heads use kv head 1 of the cache (a tensor rank whose query heads
+    share it, decode_sharded.py): the plain attention over that head alone, f32."""
+    q, kv, cache, qpos, qseg = _case(jnp.float32, h)
+    out = jax.jit(lambda q, kv, c, head: da.make(name, True, BLOCKS[name])(
+        q, kv, c, qpos, qseg, head=head))(q, kv, cache, jnp.int32(1))
+    clean = jnp.where(jnp.isnan(kv[1]), 0, kv[1])
+    ref = attention.dot_product_attention(q, kv[0][1, :, :, 1:], clean[1, :, :, 1:], cache.mask)
+    real = np.asarray(qseg != 0)[:, :, None, None]
+    np.testing.assert_allclose(np.where(real, out, 0), np.where(real, ref, 0), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(da.KERNELS))
 def test_compiled_kernel_on_its_accelerator(name):
     """The kernel compiled (Mosaic / Triton) rather than interpreted, where its device is."""
@@ -135,12 +149,14 @@ def test_generate_with_the_kernel_equals_plain(tiny_f32):
 def test_generate_on_a_mesh_with_the_kernel_per_device_equals_one_device(tiny_f32):
     """Greedy decode on a data 2 x tensor 2 mesh (rows and kv heads split; the kernel inside
     decode_sharded's shard_map, interpreted) gives the plain single-device tokens, log-probs
-    within 1e-5, with both kernels; the compiled step moves no cache-sized buffer between
+    within 1e-5, with both kernels, and on tensor 4 over tiny's 2 kv heads (each rank reads
+    the one its query heads share); the compiled step moves no cache-sized buffer between
     devices (the shard_map takes the cache's own sharding)."""
     prompts = [[1, 5, 9, 2, 7], list(range(3, 23)), [4, 4], [9]]
     ref = decode.generate(tiny_f32, prompts, max_new_tokens=6, stop_ids=[])
-    mesh = decode.make_mesh(2, 2)
-    for name in da.KERNELS:
+    for (data, tensor), name in [((2, 2), "ragged_tpu"), ((2, 2), "ragged_gpu"),
+                                 ((1, 4), "ragged_tpu")]:
+        mesh = decode.make_mesh(data, tensor)
         model = lj.with_backend(tiny_f32, backends.get("plain", decode_attention=name))
         weights = decode.prepare(decode.shard(model, mesh))
         assert weights.backend.decode_attention.func is decode_sharded.sharded_decode_attention
@@ -151,15 +167,21 @@ def test_generate_on_a_mesh_with_the_kernel_per_device_equals_one_device(tiny_f3
     assert row["cache_collectives"] == 0 and row["collectives"], row
 
 
-def test_kernel_dropped_with_a_log_line_where_tensor_does_not_divide_the_kv_heads(
+def test_kernel_dropped_with_a_log_line_where_the_kv_heads_cannot_follow_tensor(
         tiny_f32, caplog):
-    """tensor 4 over tiny's 2 kv heads (each device keeps both): the plain form runs, and one
-    log line names the setting; data 4 x tensor 1 keeps the kernel, per device."""
+    """tensor 3 over tiny's 2 kv heads: the plain form runs, and one log line names the
+    setting (also on TPU for one kv head of a row-major cache); data 4 x tensor 1 keeps the
+    kernel, per device."""
     model = lj.with_backend(tiny_f32, backends.get("plain", decode_attention="ragged_tpu"))
     with caplog.at_level(logging.INFO):
-        weights = decode.prepare(decode.shard(model, decode.make_mesh(1, 4)))
+        weights = decode.prepare(decode.shard(model, decode.make_mesh(1, 3)))
     assert weights.backend.decode_attention is None
-    assert "mesh tensor = 4 does not divide the 2 kv heads" in caplog.text
+    assert "mesh tensor = 3 neither divides the 2 kv heads nor is a multiple" in caplog.text
+    # a rank's one kv head of a row-major TPU cache (head dim 128) is a block Mosaic refuses
+    wide, four = lj.get_config("tiny", dim=512, n_heads=4), decode.make_mesh(1, 4)
+    assert "would need a block of one row of the cache's tiles" in decode_sharded.why_not(
+        four, wide, "tpu")
+    assert decode_sharded.why_not(four, wide, "gpu") is None
     kept = decode.prepare(decode.shard(model, decode.make_mesh(4, 1))).backend.decode_attention
     assert kept.func is decode_sharded.sharded_decode_attention
     assert decode.prepare(model).backend.decode_attention is model.backend.decode_attention
@@ -270,14 +292,14 @@ def test_tpu_kernel_compiles_with_mosaic_and_the_cache_is_not_copied():
 
 @pytest.mark.slow
 def test_tpu_decode_step_on_a_tensor_mesh_reads_the_cache_where_it_lies():
-    """The decode step of a tiny bf16 model with 4 kv heads compiled by libtpu for a v5p
-    2x2x1 with tensor 4 (one kv head per chip; head dim 16 and 128, both of tpu_view's
-    layouts of it): the kernel per layer, per device, no cache-sized copy and no collective
-    as large as a layer's cache shard (the shard_map takes the cache's own sharding; the
-    kernel left to XLA's partitioner gathers it)."""
+    """The decode step of a tiny bf16 model compiled by libtpu for a v5p 2x2x1 with tensor 4,
+    with 4 kv heads (one per chip; head dim 16 and 128, tpu_view's layouts) and 2 (each chip
+    keeps both and reads the one its query heads share): the kernel per layer, per device,
+    no cache-sized copy and no collective as large as a layer's cache shard (the shard_map
+    takes the cache's own sharding; Mosaic refuses to be partitioned automatically)."""
     pytest.importorskip("libtpu", reason="TPU targets compile with libtpu (the plan extra); "
                                          "CI does not install it")
-    for dims in (dict(n_kv_heads=4), dict(dim=512, n_heads=4, n_kv_heads=4)):
+    for dims in (dict(n_kv_heads=4), dict(dim=512, n_heads=4, n_kv_heads=4), dict()):
         c = lj.get_config("tiny", dtype="bfloat16", param_dtype="bfloat16", **dims)
         row = decode_plan.plan_decode(c, "v5p:2x2x1", 1, 512, "ragged_tpu", tensor=4)
         assert row["by_opcode"]["custom-call"] >= c.n_layers, row

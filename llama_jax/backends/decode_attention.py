@@ -91,9 +91,9 @@ def _visible(q_pos, q_seg, k_pos, k_seg):
 # TPU (Mosaic).
 
 
-def _tpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, k_ref,
+def _tpu_kernel(nblk_ref, where_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, k_ref,
                 v_ref, o_ref, m_ref, l_ref, acc_ref, *, scale, head_axis, slots_minor):
-    del layer_ref  # used by the index maps only
+    del where_ref  # used by the index maps only
     b, j = pl.program_id(0), pl.program_id(1)
 
     @pl.when(j == 0)
@@ -105,10 +105,12 @@ def _tpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_r
     @pl.when(j < nblk_ref[b])
     def _block():
         visible = _visible(qpos_ref[...], qseg_ref[...], kpos_ref[...], kseg_ref[...])
-        at = (slice(None),) * head_axis
+        at = (slice(None),) * (head_axis or 0)
         for h in range(q_ref.shape[0]):  # kv heads, each with its G x T query rows
-            m, l, acc = _block_step(q_ref[h], k_ref[(*at, h)], v_ref[(*at, h)], visible, scale,
-                                    m_ref[h], l_ref[h], acc_ref[h], slots_minor=slots_minor)
+            kv = (k_ref[...], v_ref[...]) if head_axis is None else (k_ref[(*at, h)],
+                                                                      v_ref[(*at, h)])
+            m, l, acc = _block_step(q_ref[h], *kv, visible, scale, m_ref[h], l_ref[h],
+                                    acc_ref[h], slots_minor=slots_minor)
             m_ref[h], l_ref[h], acc_ref[h] = m, l, acc
 
     @pl.when(j == pl.num_programs(1) - 1)
@@ -125,31 +127,32 @@ def tpu_view(h: int, kh: int) -> tuple[int, ...]:
     return (0, 1, 3, 2, 4) if kh == 1 else (0, 1, 2, 3, 4)  # [L, B, 1, S, H] / as it is
 
 
-def _tpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret, view):
-    """q [B, K, R, H]; qpos, qseg [B, R, 1]; kpos, kseg [B, 1, S]; k, v the cache
-    [L, B, S, K, H] transposed to `view` (tpu_view)."""
+def _tpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, where, blk, interpret, view, one_head):
+    """q [B, K, R, H] (K = 1 if one_head); qpos, qseg [B, R, 1]; kpos, kseg [B, 1, S]; k, v
+    the cache [L, B, S, K, H] transposed to `view` (tpu_view); where = [layer, kv head]: the
+    layer read, and with one_head the one kv head (the K axis squeezed out of the blocks)."""
     from jax.experimental.pallas import tpu as pltpu  # noqa: PLC0415
     b, kh, r, h = q.shape
     s = k.shape[view.index(2)]
     minor = [d for d in view if d >= 2]  # the block's dims: S, K, H in the view's order
 
-    def kv_block(i, j, nblk, layer):  # past the row's length: its last block again (no DMA)
-        at = (layer[0], i, jnp.minimum(j, nblk[i] - 1), 0, 0)  # indexed by [L, B, S, K, H]
-        return tuple(at[d] for d in view)
+    def kv_block(i, j, nblk, where):  # past the row's length: its last block again (no DMA)
+        at = (where[0], i, jnp.minimum(j, nblk[i] - 1), where[1] if one_head else 0, 0)
+        return tuple(at[d] for d in view)  # at is indexed by [L, B, S, K, H]
 
-    def slot_block(i, j, nblk, layer):
+    def slot_block(i, j, nblk, where):
         return (i, 0, jnp.minimum(j, nblk[i] - 1))
 
-    row = lambda i, j, nblk, layer: (i, 0, 0)  # noqa: E731
-    kv_shape = tuple((None, None, blk, kh, h)[d] for d in view)
+    row = lambda i, j, nblk, where: (i, 0, 0)  # noqa: E731
+    kv_shape = tuple((None, None, blk, None if one_head else kh, h)[d] for d in view)
     spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2, grid=(b, s // blk),
-        in_specs=[pl.BlockSpec((None, kh, r, h), lambda i, j, nblk, layer: (i, 0, 0, 0)),
+        in_specs=[pl.BlockSpec((None, kh, r, h), lambda i, j, nblk, where: (i, 0, 0, 0)),
                   pl.BlockSpec((None, r, 1), row), pl.BlockSpec((None, r, 1), row),
                   pl.BlockSpec((None, 1, blk), slot_block),
                   pl.BlockSpec((None, 1, blk), slot_block),
                   pl.BlockSpec(kv_shape, kv_block), pl.BlockSpec(kv_shape, kv_block)],
-        out_specs=pl.BlockSpec((None, kh, r, h), lambda i, j, nblk, layer: (i, 0, 0, 0)),
+        out_specs=pl.BlockSpec((None, kh, r, h), lambda i, j, nblk, where: (i, 0, 0, 0)),
         scratch_shapes=[pltpu.VMEM((kh, r, 1), jnp.float32), pltpu.VMEM((kh, r, 1), jnp.float32),
                         pltpu.VMEM((kh, r, h), jnp.float32)])
     # what XLA's cost analysis counts for the call: this layer's cache up to its full length
@@ -159,21 +162,23 @@ def _tpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret, view
                            bytes_accessed=2 * b * s * kh * h * item + 2 * q.size * q.dtype.itemsize
                            + 2 * b * s * 4)
     return pl.pallas_call(
-        functools.partial(_tpu_kernel, scale=h ** -0.5, head_axis=minor.index(3),
+        functools.partial(_tpu_kernel, scale=h ** -0.5,
+                          head_axis=None if one_head else minor.index(3),
                           slots_minor=minor.index(2) > minor.index(4)),
         grid_spec=spec, cost_estimate=cost,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
-    )(nblk, layer, q, qpos, qseg, kpos, kseg, k, v)
+    )(nblk, where, q, qpos, qseg, kpos, kseg, k, v)
 
 
 # ----------------------------------------------------------------------------------------------
 # GPU (Triton).
 
 
-def _gpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref, k_ref,
-                v_ref, o_ref, m_out, l_out, *, scale, blk, per_split):
-    b, h, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _gpu_kernel(nblk_ref, layer_ref, head_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_ref,
+                k_ref, v_ref, o_ref, m_out, l_out, *, scale, blk, per_split):
+    b, i = pl.program_id(0), pl.program_id(2)
+    h = head_ref[()] + pl.program_id(1)  # the first kv head of this call, plus the program's
     q, layer = q_ref[...], layer_ref[()]
     q_pos, q_seg = qpos_ref[...][:, None], qseg_ref[...][:, None]
 
@@ -191,9 +196,10 @@ def _gpu_kernel(nblk_ref, layer_ref, q_ref, qpos_ref, qseg_ref, kpos_ref, kseg_r
     o_ref[...], m_out[...], l_out[...] = acc, m[:, 0], l[:, 0]
 
 
-def _gpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret):
-    """q [B, K, R, H] (R a power of two >= 16); qpos, qseg [B, R]; kpos, kseg [B, S];
-    k, v [L, B, S, K, H]. Returns out [B, K, R, H] f32."""
+def _gpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, where, blk, interpret):
+    """q [B, K', R, H] (R a power of two >= 16); qpos, qseg [B, R]; kpos, kseg [B, S];
+    k, v [L, B, S, K, H]; where = [layer, the first of the K' kv heads q uses]. Returns out
+    [B, K', R, H] f32."""
     from jax.experimental.pallas import triton as plgpu  # noqa: PLC0415
     b, kh, r, h = q.shape
     n_blocks = k.shape[2] // blk
@@ -207,6 +213,7 @@ def _gpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret):
         grid=(b, kh, splits),
         in_specs=[pl.BlockSpec((None,), lambda i, j, s: (i,)),
                   pl.BlockSpec((None,), lambda i, j, s: (0,)),
+                  pl.BlockSpec((None,), lambda i, j, s: (1,)),
                   pl.BlockSpec((None, None, r, h), lambda i, j, s: (i, j, 0, 0)),
                   pl.BlockSpec((None, r), lambda i, j, s: (i, 0)),
                   pl.BlockSpec((None, r), lambda i, j, s: (i, 0)),
@@ -218,7 +225,7 @@ def _gpu_call(q, qpos, qseg, kpos, kseg, k, v, nblk, layer, blk, interpret):
                    jax.ShapeDtypeStruct(part, jnp.float32),
                    jax.ShapeDtypeStruct(part, jnp.float32)],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2), interpret=interpret,
-    )(nblk, layer, q, qpos, qseg, kpos, kseg, k, v)
+    )(nblk, where, where, q, qpos, qseg, kpos, kseg, k, v)
     # merge the splits by their log-sum-exp: weights exp(m_i - max m), empty splits add 0
     w = jnp.exp(m - m.max(axis=2, keepdims=True))
     total = (w * l).sum(axis=2)
@@ -249,34 +256,38 @@ def block_for(q, kv, cache, *, platform: str, block: int | None = None, **_) -> 
 
 
 def decode_attention(q, kv, cache, positions, segment_ids, *, platform: str,
-                     interpret: bool = False, block: int | None = None):
+                     interpret: bool = False, block: int | None = None, head=None):
     """Attention of q [B, T, N, H] over the cache after this call's write (kv: the stacked
     (k, v) [L, B, S, K, H]; cache: the model.LayerCache, for its layer and slot positions and
-    segments): [B, T, N, H], or None where the plain form must run (module docstring)."""
+    segments): [B, T, N, H], or None where the plain form must run (module docstring).
+    head: None, the N heads use the K kv heads in groups; else (an int32 scalar, maybe
+    traced) all N use kv head `head` (one tensor rank's query heads, decode_sharded.py)."""
     blk = block_for(q, kv, cache, platform=platform, block=block)
     if blk is None:
         return None
     b, t, n, h = q.shape
     k, v = kv
-    s, kh = k.shape[2], k.shape[3]
+    s, kh = k.shape[2], k.shape[3] if head is None else 1
     g = n // kh
     # rows r = g * T + t of kv head k: [B, K, G * T, H]
     qr = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * t, h)
     qpos, qseg = (jnp.tile(a.astype(jnp.int32), (1, g)) for a in (positions, segment_ids))
     last = jnp.max(jnp.where(segment_ids != 0, positions, -1), axis=1)  # [B]
     nblk = jnp.clip(-(-(jnp.minimum(last + 1, s)) // blk), 1, s // blk).astype(jnp.int32)
-    layer = jnp.asarray(cache.layer, jnp.int32).reshape(1)
+    where = jnp.stack([jnp.asarray(cache.layer, jnp.int32),
+                       jnp.asarray(0 if head is None else head, jnp.int32)])
     if platform == "tpu":
-        view = tpu_view(h, kh)
+        view = tpu_view(h, k.shape[3])
         k, v = (a.transpose(view) for a in (k, v))
         out = _tpu_call(qr, qpos[..., None], qseg[..., None], cache.pos[:, None],
-                        cache.seg[:, None], k, v, nblk, layer, blk, interpret, view)
+                        cache.seg[:, None], k, v, nblk, where, blk, interpret, view,
+                        head is not None)
     else:
         rp = max(16, 1 << (g * t - 1).bit_length())  # Triton's dot takes >= 16 rows
         pad = ((0, 0), (0, rp - g * t))
         out = _gpu_call(jnp.pad(qr, ((0, 0), (0, 0), (0, rp - g * t), (0, 0))),
                         jnp.pad(qpos, pad), jnp.pad(qseg, pad), cache.pos, cache.seg, k, v,
-                        nblk, layer, blk, interpret)[:, :, :g * t]
+                        nblk, where, blk, interpret)[:, :, :g * t]
     out = out.reshape(b, kh, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
     return out.astype(q.dtype)
 

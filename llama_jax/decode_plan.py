@@ -4,8 +4,9 @@
                                   decode_attention="ragged_tpu")
 
 `decode.decode_step` (the body of `decode.loop`) is compiled ahead of time for one device of
-the target (a TPU: libtpu's topology devices, compiled by the TPU compiler itself; `cpu`: this
-host) and read back:
+the target, or a (data, tensor) mesh of its devices with the weights and cache placed as
+decode.generate places them (a TPU: libtpu's topology devices, compiled by the TPU compiler
+itself; `cpu`: this host) and read back, per device:
 - bytes/step: XLA's cost analysis of the compiled step (a Pallas kernel counts what its
   CostEstimate says: the cache up to the full length, an upper bound);
 - roofline bytes: what a step must read at least, the weights once (the head included, the
@@ -15,7 +16,10 @@ host) and read back:
   asynchronous HBM <-> VMEM moves apart;
 - cache copies: copies of at least one layer's K cache [B, S, K, H] in size (the cache, or
   anything as large): the cache must be updated in place and read where it lies, so there
-  should be none; copy-starts as large (a TPU's moves into VMEM) are `cache_prefetches`.
+  should be none; copy-starts as large (a TPU's moves into VMEM) are `cache_prefetches`;
+- collectives by opcode, and `cache_collectives`: those as large as a layer's cache shard
+  (a decode kernel must read the cache where it lies, not gathered);
+- with loop=True, the cache copies of compiled decode.loop inside its body and outside it.
 Predicted tokens/s = batch x HBM bandwidth / max(bytes/step, roofline bytes).
 
 Axis letters: B batch, S cache slots, K kv heads, H head dim, L layers.

@@ -19,7 +19,8 @@ the plain form (tests/test_decode_attention.py, in Pallas interpret mode):
 - GQA: the G query heads of one kv head and the T queries of the step are the rows of one
   product with that head's keys, so K/V are never repeated;
 - the kernel takes the stacked cache [L, B, S, K, H] and the layer index as an argument: no
-  per-layer slice of the cache is copied out for it.
+  per-layer slice of the cache is copied out for it; likewise `head`, one kv head that all
+  query heads use (a tensor rank whose query heads share it, decode_sharded.py).
 
 TPU: the kernel reads the cache in the layout TPU's XLA gives it, so no step copies it
 (`tpu_view`): [L, B, S, K, H] row-major where H is a multiple of 128 and K > 1 (llama3.1-8b);

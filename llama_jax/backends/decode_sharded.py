@@ -1,7 +1,7 @@
 """The decode attention kernel on a (data, tensor) mesh: one shard_map, the kernel per device.
 
-XLA cannot partition a Pallas call: left to automatic sharding it would gather the whole
-stacked cache onto every device and attend there. So on a sharded model (decode.prepare) the
+XLA cannot partition a Pallas call (Mosaic refuses it outright; a partitioner could only give
+each device the whole stacked cache). So on a sharded model (decode.prepare) the
 kernel of backends/decode_attention.py runs inside a shard_map manual over the decode mesh
 (decode_setup.make_mesh): each device takes its rows (over `data`) and its query heads (over
 `tensor`) with the kv heads they use, and the stacked cache enters with the sharding

@@ -63,7 +63,8 @@ def _bytes(shape: str) -> int:
 def _weight_shardings(model, mesh):
     """NamedShardings of _relayout's (embed, norm, head, layers) for a model placed on `mesh`
     by decode.shard (each parameter by its logical axes; a layer's slice drops the L axis)."""
-    place = lambda axes, shape: NamedSharding(mesh, decode_setup._spec(axes, shape, mesh))  # noqa: E731
+    def place(axes, shape):
+        return NamedSharding(mesh, decode_setup._spec(axes, shape, mesh))
     one = jax.tree.map(lambda v: place(v.axes[1:], v.shape[1:]), nnx.state(model.layers),
                        is_leaf=lambda x: isinstance(x, nnx.Variable))
     embed = model.embed

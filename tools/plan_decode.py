@@ -9,7 +9,9 @@ One JSON line per (cache length, decode attention): bytes/step (XLA's cost analy
 the roofline bytes (weights + the K/V cache read once), kernels per step by opcode, cache
 copies and collectives (per device on a --data x --tensor mesh of the target's devices, the
 weights and cache placed as decode.generate places them), and on a TPU target the predicted
-tokens/s at its HBM bandwidth (hardware.py). TPU targets need libtpu (pip install -e ".[plan]"); nothing runs on a local accelerator.
+tokens/s at its HBM bandwidth (hardware.py). --loop also compiles decode.loop (generate's
+loop) and counts its cache copies per token and per call. TPU targets need libtpu
+(pip install -e ".[plan]"); nothing runs on a local accelerator.
 """
 
 import json

@@ -85,17 +85,19 @@ def test_kernel_on_one_kv_head_of_the_cache(name, h):
 
 @pytest.mark.parametrize("name", list(da.KERNELS))
 def test_compiled_kernel_on_its_accelerator(name):
-    """The kernel compiled (Mosaic / Triton) rather than interpreted, where its device is."""
+    """The kernel compiled (Mosaic / Triton) rather than interpreted, where its device is,
+    over all kv heads and over one (head=1)."""
     if jax.default_backend() != da.KERNELS[name]:
         pytest.skip(f"needs a {da.KERNELS[name].upper()} (JAX_PLATFORMS={da.KERNELS[name]} "
                     f"pytest ...): the interpreted kernel is tested above on every machine")
-    for dtype in (jnp.float32, jnp.bfloat16):  # f32 dots on TPU/GPU may pass through bf16
-        q, kv, cache, qpos, qseg = _case(dtype, 64)
+    for dtype, head in ((jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, 1)):
+        q, kv, cache, qpos, qseg = _case(dtype, 64)  # f32 dots there may pass through bf16
         fn = da.make(name, False, BLOCKS[name])
-        out = jax.jit(lambda q, kv, c: fn(q, kv, c, qpos, qseg))(q, kv, cache)
+        out = jax.jit(lambda q, kv, c: fn(q, kv, c, qpos, qseg, head=head))(q, kv, cache)
+        heads = slice(None) if head is None else slice(head, head + 1)  # head: kv head 1 only
         clean = jnp.where(jnp.isnan(kv[1]), 0, kv[1])
         ref = attention.dot_product_attention(*(a.astype(jnp.float32) for a in (
-            q, kv[0][1], clean[1])), cache.mask)
+            q, kv[0][1, :, :, heads], clean[1, :, :, heads])), cache.mask)
         real = np.asarray(qseg != 0)[:, :, None, None]
         out = np.asarray(out, np.float32)
         assert not np.isnan(out).any()

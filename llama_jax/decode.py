@@ -117,6 +117,17 @@ def prefill(weights: Weights, tokens, lengths, cache):
     return logits[:, 0], cache
 
 
+def logits(weights: Weights, tokens, segments=None, cache_dtype=None):
+    """Teacher-forced logits [B, T, V] (f32) at every position of tokens [B, T] (segments
+    [B, T], 0 = padding; default all real), through the decode forward over a cache of T slots
+    (cache_dtype: default the config's). For scoring and comparing weight forms."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    segments = jnp.ones_like(tokens) if segments is None else segments
+    cache = model_lib.init_cache(weights.config, b, t, cache_dtype)
+    return forward(weights, tokens, positions, segments, cache)[0]
+
+
 def _emit(state: DecodeState, tok, logprob, stop_ids, max_new) -> DecodeState:
     """Records tokens [B] as column `state.step`; rows already done record 0 and stay done."""
     active = ~state.done

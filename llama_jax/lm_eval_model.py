@@ -35,7 +35,6 @@ from lm_eval.models.utils import postprocess_generated_text
 
 from llama_jax import checkpoint as checkpoint_lib
 from llama_jax import decode, io
-from llama_jax import model as model_lib
 from llama_jax import tokenizer as tokenizer_lib
 from llama_jax.sampling import SamplingParams
 
@@ -46,10 +45,7 @@ log = logging.getLogger(__name__)
 def score(weights: decode.Weights, tokens, targets, segments):
     """(log p(targets) [B, T] f32, targets are the argmax [B, T]) for tokens [B, T] (segment 0:
     padding, scored but ignored by the caller)."""
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cache = model_lib.init_cache(weights.config, b, t, weights.embed.dtype)
-    logits, _ = decode.forward(weights, tokens, positions, segments, cache)  # [B, T, V] f32
+    logits = decode.logits(weights, tokens, segments, weights.embed.dtype)  # [B, T, V] f32
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     logp = picked - jax.nn.logsumexp(logits, axis=-1)
     return logp, jnp.argmax(logits, axis=-1) == targets

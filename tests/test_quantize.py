@@ -59,12 +59,7 @@ def test_int8_weights_are_at_most_55_percent_of_bf16(pair):
                                          jnp.dtype(jnp.bfloat16)}  # q, scales, norm gains
 
 
-@jax.jit
-def _logits(weights, tokens):
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cache = model_lib.init_cache(weights.config, b, t)
-    return decode.forward(weights, tokens, positions, jnp.ones_like(tokens), cache)[0]
+_logits = jax.jit(decode.logits)
 
 
 def test_int8_greedy_agrees_with_bf16_over_32_tokens(pair):

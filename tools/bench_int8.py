@@ -27,12 +27,7 @@ from llama_jax import checkpoint, decode, model as model_lib, quantize  # noqa: 
 from llama_jax.decode_setup import with_dtype  # noqa: E402
 
 
-@jax.jit
-def logits_of(weights, tokens):
-    b, t = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    cache = model_lib.init_cache(weights.config, b, t)
-    return decode.forward(weights, tokens, positions, jnp.ones_like(tokens), cache)[0]
+logits_of = jax.jit(decode.logits)
 
 
 def main():

@@ -148,7 +148,7 @@ def _op_name(args: str) -> str:
 
 def _dot_flops(shape, op, args, symbols) -> float:
     out = sum(n for _, _, n in _arrays(shape))
-    operands = re.findall(r"%([\w.\-]+)", args.split(")")[0])
+    operands = hlo_loops.operands(args)
     if len(operands) < 2:
         return 0.0
     if op == "dot":
@@ -190,10 +190,6 @@ def _conv_flops(shape, args, symbols, operands) -> float:
     return flops
 
 
-def _operands(args: str) -> list[str]:
-    return re.findall(r"%([\w.\-]+)", args.split("),")[0])
-
-
 _SLICES = ("dynamic-slice", "slice", "gather")
 
 
@@ -202,7 +198,7 @@ def _io_bytes(shape, op, args, symbols, comps) -> float:
     slice reads only what it extracts and a dynamic-update-slice writes only its update in
     place: inside a scan over stacked layers, counting the whole [L, ...] stack every
     iteration would overcount by L."""
-    ops = _operands(args)
+    ops = hlo_loops.operands(args)
     if op in _SLICES:
         return 2 * _bytes(shape)
     if op == "dynamic-update-slice":
@@ -213,19 +209,19 @@ def _io_bytes(shape, op, args, symbols, comps) -> float:
     body = comps.get(callee.group(1), []) if callee else []
     if not body:
         return _bytes(shape) + sum(_bytes(symbols.get(o, "")) for o in ops)
-    inner = {name: (s, o, a) for name, s, o, a in body}
+    inner = hlo_loops.table(body)
     users: dict[str, list] = {}
     for name, s, o, a in body:
-        for x in _operands(a):
+        for x in hlo_loops.operands(a):
             users.setdefault(x, []).append((name, s, o, a))
     root_name, root_shape, root_op, root_args = body[-1]
-    outs = _operands(root_args) if root_op == "tuple" else [root_name]
+    outs = hlo_loops.operands(root_args) if root_op == "tuple" else [root_name]
     written, in_place = 0.0, set()
     for name in outs:
         s, o, a = inner.get(name, (root_shape, root_op, root_args))
         if o == "dynamic-update-slice":
-            written += _bytes(inner.get(_operands(a)[1], ("",))[0])
-            in_place.add(_operands(a)[0])
+            written += _bytes(inner.get(hlo_loops.operands(a)[1], ("",))[0])
+            in_place.add(hlo_loops.operands(a)[0])
         else:
             written += _bytes(s)
     read = 0.0

@@ -104,10 +104,10 @@ def _exit_test(cond: list, comps: dict) -> tuple[int, str, int] | None:
     if op != "compare" or not direction or len(ops) != 2:
         return None
     (a, b), d = ops, direction.group(1)
-    if element(a, tab, comps) is not None and constant(b, tab, comps) is not None:
-        return element(a, tab, comps), d, constant(b, tab, comps)
-    if element(b, tab, comps) is not None and constant(a, tab, comps) is not None:
-        return element(b, tab, comps), _FLIP[d], constant(a, tab, comps)
+    for x, y, way in ((a, b, d), (b, a, _FLIP[d])):  # the counter on the left, or the right
+        i, bound = element(x, tab, comps), constant(y, tab, comps)
+        if i is not None and bound is not None:
+            return i, way, bound
     return None
 
 
@@ -121,8 +121,8 @@ def _step(body: list, i: int, comps: dict) -> int | None:
     if op not in ("add", "subtract") or len(ops) != 2:
         return None
     sign = 1 if op == "add" else -1
-    if element(ops[0], tab, comps) == i and constant(ops[1], tab, comps) is not None:
-        return sign * constant(ops[1], tab, comps)
+    if element(ops[0], tab, comps) == i and (c := constant(ops[1], tab, comps)) is not None:
+        return sign * c
     if op == "add" and element(ops[1], tab, comps) == i:
         return constant(ops[0], tab, comps)
     return None

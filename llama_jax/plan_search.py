@@ -95,8 +95,8 @@ def format_report(r: dict) -> str:
     mesh = " · ".join(f"{k} {v}" for k, v in r["mesh"].items())
     head = [f"{r['config']} on {r['target']}: {r['devices']} x {r['device']}"
             + ("  [ESTIMATE: compiled for simulated CPU devices]" if r["estimate"] else ""),
-            f"  mesh {mesh}; remat {r['remat']}; attention {r.get('attention')}; batch {r['global_batch']} x {r['seq_len']} "
-            f"tokens, {r['accumulation_steps']} accumulation step(s)"]
+            f"  mesh {mesh}; remat {r['remat']}; attention {r.get('attention')}; batch "
+            f"{r['global_batch']} x {r['seq_len']} tokens, {r['accumulation_steps']} accumulation step(s)"]
     if r.get("compiled_mesh") and r["compiled_mesh"] != r["mesh"]:
         head.append(f"  compiled on a smaller stand-in mesh {r['compiled_mesh']} with the same "
                     f"rows and model shards per device (parameter/optimizer bytes: full mesh; "
@@ -119,7 +119,7 @@ def format_report(r: dict) -> str:
                   else "")
         lines += [f"  FLOPs per device and step: compiler {f['compiler']:.3e} (HLO dots x loop "
                   f"trip counts{kernel}), analytic {f['analytic']:.3e} (llama_jax.flops), ratio "
-                  f"{f['compiler'] / max(f['analytic'], 1):.3f}",
+                  f"{f['executed_over_analytic']:.3f}",
                   f"  roofline: compute {rl['compute_s']:.3g} s, HBM {rl['hbm_s']:.3g} s, "
                   f"collectives {rl['comm_s']:.3g} s -> step {rl['step_s']:.3g} s "
                   f"({rl['bound']}-bound; no overlap: {rl['serial_s']:.3g} s)",

@@ -61,11 +61,9 @@ def flash_attention(q, k, v, q_pos, q_seg, k_pos=None, k_seg=None, *, interpret:
     pad = lambda a: jnp.pad(a, [(0, 0), (0, tp - t)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
     groups = n // k.shape[2]
     k, v = (jnp.repeat(a, groups, axis=2) for a in (k, v))
-    seg = pad(q_seg).astype(jnp.int32)
-    if planned:
-        return planned_mha(pad(q), pad(k), pad(v), seg)[:, :t]
-    out = pallas_attention.mha(pad(q), pad(k), pad(v), seg, sm_scale=h ** -0.5, causal=True,
-                               block_sizes=BLOCKS, interpret=interpret)
+    args = (pad(q), pad(k), pad(v), pad(q_seg).astype(jnp.int32))
+    out = planned_mha(*args) if planned else pallas_attention.mha(
+        *args, sm_scale=h ** -0.5, causal=True, block_sizes=BLOCKS, interpret=interpret)
     return out[:, :t]
 
 
@@ -120,23 +118,20 @@ def _planned_backward(res, do):
 planned_mha.defvjp(_planned_forward, _planned_backward)
 
 
-def _pairs(t: int, bq: int, bk: int, by_keys: bool = False) -> int:
-    """(query, key) pairs one causal pass of the kernel visits for one row and head over T = t:
-    whole bq x bk tiles, query block i reading key blocks 0 .. ceil(bq(i+1)/bk) - 1 (forward,
-    dq), or key block j reading query blocks floor(j bk / bq) .. T/bq - 1 (dk/dv)."""
-    if by_keys:
-        return bq * bk * sum(t // bq - j * bk // bq for j in range(t // bk))
-    return bq * bk * sum(-(-bq * (i + 1) // bk) for i in range(t // bq))
+def _pairs(t: int, b: int) -> int:
+    """(query, key) pairs one causal pass of the kernel visits for one row and head over T = t
+    (a multiple of b) in whole b x b tiles (BLOCKS' tiles are square): query block i reads key
+    blocks 0 .. i, the causal half plus half a block per query, T(T + b)/2."""
+    return t * (t + b) // 2
 
 
 def kernel_flops(name: str, shapes) -> float | None:
     """FLOPs of one call of `planned_mha`'s forward or backward that the compiled HLO calls
     `name` (hlo_cost: a callback's op_name), from its output `shapes` ([B, T, N, H] first);
     None for any other call. Per row and head, each T x S x H product costs 2·H FLOPs per
-    visited (query, key) pair (`_pairs` at BLOCKS; with square b x b tiles T(T + b)/2, the
-    causal half plus half a block per query):
+    visited (query, key) pair (`_pairs` at BLOCKS' tile sizes):
         forward:  2 products (scores, context)         x 2H x pairs(128 x 128 tiles)
-        backward: 4 in the dk/dv pass (scores, dv, dP, dk) x 2H x pairs(64 x 64, by keys)
+        backward: 4 in the dk/dv pass (scores, dv, dP, dk) x 2H x pairs(64 x 64)
                 + 3 in the dq pass (scores, dP, dq)          x 2H x pairs(64 x 64)
     A run with remat=full calls the forward twice per layer (the HLO's trip counts say so)."""
     kind = re.search(r"pallas_gpu_(fwd|bwd)", name)
@@ -145,9 +140,8 @@ def kernel_flops(name: str, shapes) -> float | None:
     b, t, n, h = shapes[0]
     per_pair = 2.0 * h * b * n
     if kind.group(1) == "fwd":
-        return 2 * per_pair * _pairs(t, BLOCKS.block_q, BLOCKS.block_k)
-    return per_pair * (4 * _pairs(t, BLOCKS.block_q_dkv, BLOCKS.block_kv_dkv, by_keys=True)
-                       + 3 * _pairs(t, BLOCKS.block_q_dq, BLOCKS.block_kv_dq))
+        return 2 * per_pair * _pairs(t, BLOCKS.block_q)
+    return per_pair * (4 * _pairs(t, BLOCKS.block_q_dkv) + 3 * _pairs(t, BLOCKS.block_q_dq))
 
 
 @functools.cache

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # GPU benchmarks in one pass, for a machine whose image already has JAX with CUDA, Flax, Optax
-# and Orbax (the rest travels as wheels in .whl/, made here by `bash tools/gpu_wheels.sh`, and
-# pure-Python packages without a wheel as copied package folders in .whl/py/). Use the image's
-# Flax: flax 0.12.8 imports jax.experimental.hijax.HiPrimitive, which JAX 0.11.2 lacks (seen on
-# the H200 image).
+# and Orbax (the rest travels as wheels in .whl/, made here by `bash tools/gpu_wheels.sh`). Use
+# the image's Flax: flax 0.12.8 imports jax.experimental.hijax.HiPrimitive, which JAX 0.11.2
+# lacks (seen on the H200 image).
 # Writes every line to $OUT/gpu_bench.jsonl (or ./ without OUT) and the console; each
 # benchmark has its own time limit, so one stuck case leaves the rest.
 #
@@ -22,7 +21,6 @@ out=${OUT:-.}
 if [ -d .whl ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-  cp -r .whl/py/* /tmp/site/ 2>/dev/null
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2

@@ -4,9 +4,10 @@
     python tools/bench_int8.py --preset=bench                # random init of a preset
 
 Prompts are random token ids (seeded) of --prompt_len tokens, or windows of --text.
-Agreement: bf16 generates --new greedy tokens; int8 agrees at step t if its argmax after the same prefix is bf16's token
-(teacher-forced, so one early flip does not count every later token as a miss); "all 32" counts
-prompts whose 32 tokens all agree, i.e. whose int8 greedy output equals bf16's. Logit error:
+Agreement: bf16 generates --new greedy tokens; int8 agrees at step t if its argmax after the
+same prefix is bf16's token (teacher-forced, so one early flip does not count every later token
+as a miss); "all 32" counts prompts whose 32 tokens all agree, i.e. whose int8 greedy output
+equals bf16's. Logit error:
 max |int8 - bf16| over every position of those sequences, and the same for bf16 against f32
 for scale. Prints one JSON line.
 """

@@ -1,4 +1,4 @@
-"""A Pallas attention kernel on a mesh: one shard_map over (data, context, tensor).
+"""A Pallas attention kernel on a mesh: one shard_map over every mesh axis.
 
 XLA's partitioner cannot split a kernel's custom call: under automatic sharding it would
 gather every row and head onto each device and run the whole attention there. So the mesh
@@ -63,4 +63,5 @@ def sharded_attention(q, k, v, positions, segment_ids, *, mesh, local, context_i
     # declare outputs without varying-axis types.
     return jax.shard_map(body, mesh=attention.context_mesh(mesh),
                          in_specs=(qs, kvs, kvs, rows, rows), out_specs=qs,
-                         axis_names=set(mesh.axis_names), check_vma=False)(q, k, v, positions, segment_ids)
+                         axis_names=set(mesh.axis_names), check_vma=False)(
+        q, k, v, positions, segment_ids)

@@ -137,10 +137,9 @@ def stage_params(model, stages: int, repeats: int):
     the order of jax.tree.leaves): layer (r·S + s)·L/(R·S) + j is [r, s, j]; stage s keeps
     [:, s]."""
     per_piece = model.config.n_layers // (stages * repeats)
-    params = jax.tree.map(lambda a: a.reshape(repeats, stages, per_piece, *a.shape[1:]),
-                          nnx.state(model.layers))  # leaves [L, ...]
-    axes = [v.axes for v in jax.tree.leaves(
-        nnx.state(model.layers), is_leaf=lambda v: isinstance(v, nnx.Variable))]
+    state = nnx.state(model.layers)  # leaves [L, ...]
+    params = jax.tree.map(lambda a: a.reshape(repeats, stages, per_piece, *a.shape[1:]), state)
+    axes = [v.axes for v in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable))]
     return params, axes
 
 

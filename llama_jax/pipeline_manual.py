@@ -44,9 +44,17 @@ from llama_jax import attention, pipeline
 from llama_jax.backends import sharded
 
 
-def check(batch: int, microbatches: int, data: int, tokens: int, tensor: int) -> None:
-    """One sentence when a microbatch's rows do not split over the data ranks or a rank's
-    `tokens` over the tensor ranks, with a kernel attention in the stages."""
+def check(batch: int, microbatches: int, data: int, tokens: int, tensor: int,
+          n_heads: int = 0, ffn_dim: int = 0) -> None:
+    """One sentence when a microbatch's rows do not split over the data ranks, a rank's
+    `tokens`, the query heads or the MLP's hidden units over the tensor ranks, with a kernel
+    attention in the stages (sharding.spec would replicate an undivided weight, and the
+    row-parallel psum would then add `tensor` copies of its product)."""
+    for what, n in (("attention heads", n_heads), ("ffn_dim units", ffn_dim)):
+        if n % tensor:
+            raise ValueError(f"{n} {what} do not split over tensor = {tensor} with a kernel "
+                             f"attention in pipeline stages; choose a tensor size dividing "
+                             f"{n} or mesh.attention=chunked.")
     if batch % (microbatches * data):
         raise ValueError(f"batch of {batch} rows does not split into {microbatches} pipeline "
                          f"microbatches x data = {data} with a kernel attention in the stages; "
@@ -80,7 +88,8 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, local_attention, 
     data, tensor = mesh.shape["data"], mesh.shape["tensor"]
     pipeline.check(c.n_layers, stages, repeats, m_count, x.shape[0])
     cp = "context" if context_impl else None
-    check(x.shape[0], m_count, data, x.shape[1] // mesh.shape["context"], tensor)
+    check(x.shape[0], m_count, data, x.shape[1] // mesh.shape["context"], tensor, c.n_heads,
+          c.ffn_dim)
     sharded.check(c.n_heads, c.n_kv_heads, tensor)
     logging.info("pipeline (manual stages, kernel attention): %d stages x %d repeats, %d "
                  "microbatches, bubble %.3f", stages, repeats, m_count,
@@ -97,7 +106,7 @@ def pipeline_layers(model, x, positions, segment_ids, *, mesh, local_attention, 
     scatter = m_count % stages == 0
 
     def stage_fn(leaves, xs, ps, ss):
-        outs = pipeline._schedule(c, ops, lambda a: a, treedef.unflatten(leaves), xs, ps, ss,
+        outs = pipeline._schedule(c, ops, None, treedef.unflatten(leaves), xs, ps, ss,
                                   stages, repeats, axis, store=_store(tensor))
         return pipeline._fan_out(outs, stages, axis) if scatter else jax.lax.psum(outs, axis)
     # [M, B/M, T, ...]: each microbatch takes B/(M·D) rows of every data rank (pipeline._micro);

@@ -141,6 +141,9 @@ def test_names_platforms_and_bad_shapes(monkeypatch):
     with pytest.raises(ValueError, match="100 tokens per context rank do not split over "
                                          "tensor = 8 with a kernel attention in pipeline"):
         pipeline_manual.check(8, 2, 2, 100, 8)
+    with pytest.raises(ValueError, match="704 ffn_dim units do not split over tensor = 3 with a "
+                                         "kernel attention in pipeline stages"):
+        pipeline_manual.check(12, 2, 2, 96, 3, n_heads=6, ffn_dim=704)
     with pytest.raises(ValueError, match="pallas_gpu needs a power-of-two head dim"):
         backends.kernel_attention("pallas_gpu")(*(jnp.zeros((1, 128, 2, 96)),) * 3,
                                                 *(jnp.ones((1, 128), jnp.int32),) * 2)
@@ -165,8 +168,9 @@ CFG = lj.get_config("tiny", vocab_size=259, dim=256, n_layers=2, n_heads=2, n_kv
                     ffn_dim=704, max_seq_len=256, dtype="float32")
 
 
-def _losses(mesh_sizes=None, attention_name="reference", **mesh_options):
-    """(losses of two training steps, host parameters after them)."""
+def _losses(mesh_sizes=None, attention_name="reference"):
+    """(losses of two training steps, host parameters after them, the gradients' global norms
+    before clipping: a gradient off by a constant factor moves AdamW's first steps alike)."""
     s, state, params = mesh_setup.make_step(CFG)
     data = mesh_setup.batches(2, b=4, t=256)
     if mesh_sizes is None:  # one device, no mesh: the kernel in the plain model
@@ -177,19 +181,19 @@ def _losses(mesh_sizes=None, attention_name="reference", **mesh_options):
         put, ctx = (lambda b: jax.tree.map(jnp.asarray, b)), contextlib.nullcontext()
         state = jax.tree.map(jnp.asarray, state)
     else:
-        mc = sharding.MeshConfig(*mesh_sizes, backend="plain", attention=attention_name,
-                                 **mesh_options)
+        mc = sharding.MeshConfig(*mesh_sizes, backend="plain", attention=attention_name)
         mesh = sharding.make_mesh(mc)
         state = jax.device_put(state, sharding.state_shardings(state, params, mesh, mc.fsdp))
         step = sharding.jit_step(mesh_setup.step_fn(s, mesh, mc, backends.PLAIN, CFG),
                                  mesh, mc, state, params)
         put, ctx = (lambda b: sharding.shard_batch(b, mesh)), jax.set_mesh(mesh)
-    losses = []
+    losses, norms = [], []
     with ctx:
         for b in data:
             state, metrics = step(state, put(b))
             losses.append(float(metrics["loss"]))
-    return losses, jax.tree.map(np.asarray, state.params)
+            norms.append(float(metrics["grad_norm"]))
+    return losses, jax.tree.map(np.asarray, state.params), norms
 
 
 @pytest.fixture(scope="module")
@@ -200,24 +204,27 @@ def reference_run():
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh_sizes", [None, (2, 1, 2, 2)], ids=["one-device", "d2-c2-t2"])
 def test_tiny_training_with_splash_equals_reference(reference_run, mesh_sizes):
-    losses, _ = _losses(mesh_sizes, "splash")
+    losses, _, norms = _losses(mesh_sizes, "splash")
     reference_losses = reference_run[0]
     assert reference_losses[1] != reference_losses[0]  # the second step saw the first update
     np.testing.assert_allclose(losses, reference_losses, rtol=1e-5)
+    np.testing.assert_allclose(norms, reference_run[2], rtol=1e-5)
 
 
 # Pipeline stages with a kernel (llama_jax/pipeline_manual.py: one shard_map manual over every
 # axis, Megatron's psum after wo and w_down, the kv head chosen per tensor rank since K = 1).
 
 @pytest.mark.parametrize("name,mesh_sizes", [
-    ("splash", (2, 2, 1, 2)), ("splash", (2, 2, 2, 1)), ("pallas_gpu", (1, 2, 2, 2))],
-    ids=["splash-d2-p2-t2", "splash-d2-p2-c2", "pallas_gpu-p2-c2-t2"])
+    ("splash", (2, 2, 1, 2)), ("splash", (2, 2, 2, 1)), ("pallas_gpu", (2, 2, 1, 2))],
+    ids=["splash-d2-p2-t2", "splash-d2-p2-c2", "pallas_gpu-d2-p2-t2"])
 def test_kernel_in_pipeline_stages_equals_reference(reference_run, name, mesh_sizes):
-    """Two training steps: losses and the parameters after them (so the gradients: the
-    gathered weights' summed over data, the replicated ones' over tensor) equal one device's
-    reference attention."""
-    losses, params = _losses(mesh_sizes, name)
+    """Two training steps: losses, the gradients' norms and the parameters after them (the
+    gathered weights' gradients summed over data, the replicated ones' over tensor) equal one
+    device's reference attention. (pallas_gpu runs chunked under context parallelism, so its
+    case keeps context 1: the kernel itself in the stages.)"""
+    losses, params, norms = _losses(mesh_sizes, name)
     np.testing.assert_allclose(losses, reference_run[0], rtol=1e-5)
+    np.testing.assert_allclose(norms, reference_run[2], rtol=1e-5)
     assert mesh_setup.rel(params, reference_run[1]) <= 1e-5
 
 

@@ -52,11 +52,15 @@ BOTH = ((jnp.float32, 1e-5), (jnp.bfloat16, 3e-2))
 @pytest.mark.parametrize("name,h,dtypes", [("ragged_tpu", H, BOTH), ("ragged_gpu", H, BOTH),
                                            ("ragged_tpu", 128, BOTH[:1])],
                          ids=["tpu-slots-minor", "gpu", "tpu-row-major-f32"])
-def test_kernel_equals_plain_attention_over_the_cache(name, h, dtypes):
+def test_kernel_equals_plain_attention_over_the_cache(name, h, dtypes, monkeypatch):
     """f32 within 1e-5, bf16 within bf16 rounding, on the real queries; padding queries get
     zeros; no NaN: the blocks past each row's length were never read. The TPU kernel reads a
-    cache with H < 128 slots minor and one with H = 128 as it is (both layouts)."""
-    for dtype, tol in dtypes:
+    cache with H < 128 slots minor and one with H = 128 as it is (both layouts); the GPU
+    kernel with one block per split, and (fewer programs) 2 splits of 2 and one split of 4
+    blocks, whose loop carries the running softmax across blocks."""
+    programs = (da.GPU_PROGRAMS, 12, 6) if name == "ragged_gpu" else (da.GPU_PROGRAMS,)
+    for (dtype, tol), n in ((d, n) for d in dtypes for n in programs):
+        monkeypatch.setattr(da, "GPU_PROGRAMS", n)  # read at trace time; each jit retraces
         q, kv, cache, qpos, qseg = _case(dtype, h)
         out = jax.jit(lambda q, kv, c: da.make(name, True, BLOCKS[name])(q, kv, c, qpos, qseg))(
             q, kv, cache)
@@ -162,6 +166,9 @@ def test_generate_on_a_mesh_with_the_kernel_per_device_equals_one_device(tiny_f3
         model = lj.with_backend(tiny_f32, backends.get("plain", decode_attention=name))
         weights = decode.prepare(decode.shard(model, mesh))
         assert weights.backend.decode_attention.func is decode_sharded.sharded_decode_attention
+        step = str(jax.make_jaxpr(decode.decode_step)(*decode_plan.abstract_step_inputs(
+            tiny_f32.config, weights.backend, 2, 256, mesh)))
+        assert "pallas_call" in step and "shard_map" in step  # the kernel runs, per device
         out = decode.generate(weights, prompts, max_new_tokens=6, stop_ids=[], mesh=mesh)
         np.testing.assert_array_equal(out.tokens, ref.tokens)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
@@ -200,9 +207,10 @@ def test_scanned_layers_with_a_traced_layer_index(tiny_f32):
     for name in ("plain", *da.KERNELS):
         m = lj.with_backend(model, backends.get("plain", decode_attention=name))
         _, cache = m(toks, pos, seg, cache=model_lib.init_cache(m.config, 2, 128))
-        step = m(jnp.asarray([[7], [8]]), jnp.asarray([[4], [2]]), jnp.ones((2, 1), jnp.int32),
-                 cache=cache)
-        logits.append(np.asarray(step[0]))
+        one = lambda c: m(jnp.asarray([[7], [8]]), jnp.asarray([[4], [2]]),  # noqa: E731
+                          jnp.ones((2, 1), jnp.int32), cache=c)[0]
+        assert ("pallas_call" in str(jax.make_jaxpr(one)(cache))) == (name != "plain")
+        logits.append(np.asarray(one(cache)))
     for other in logits[1:]:
         np.testing.assert_allclose(other, logits[0], atol=1e-5)
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import re
 
 import jax
@@ -50,14 +49,10 @@ from llama_jax.sampling import SamplingParams
 NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
                "opt-barrier", "partition-id", "replica-id", "iota"}
 ASYNC_MOVES = {"copy-start", "copy-done", "slice-start", "slice-done"}
-_DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1,
-                "s64": 8, "u64": 8, "f64": 8}
-_ARRAY = re.compile(r"\b(bf16|f16|f32|f64|s8|u8|s32|u32|s64|u64|pred)\[([\d,]*)\]")
 
 
 def _bytes(shape: str) -> int:
-    return sum(_DTYPE_BYTES[d] * math.prod(int(x) for x in dims.split(",") if x)
-               for d, dims in _ARRAY.findall(shape))
+    return int(hlo_cost.array_bytes(shape))
 
 
 def _weight_shardings(model, mesh):

@@ -71,7 +71,8 @@ def _arrays(shape: str):
         yield _DTYPE_BYTES.get(dtype, 1), [int(d) for d in dims.split(",") if d], size
 
 
-def _bytes(shape: str) -> float:
+def array_bytes(shape: str) -> float:
+    """Bytes of the arrays an HLO shape string names ('(f32[2,3]{1,0}, bf16[4])')."""
     return sum(b * n for b, _, n in _arrays(shape))
 
 
@@ -200,15 +201,15 @@ def _io_bytes(shape, op, args, symbols, comps) -> float:
     iteration would overcount by L."""
     ops = hlo_loops.operands(args)
     if op in _SLICES:
-        return 2 * _bytes(shape)
+        return 2 * array_bytes(shape)
     if op == "dynamic-update-slice":
-        return 2 * _bytes(symbols.get(ops[1], "")) if len(ops) > 1 else 0.0
+        return 2 * array_bytes(symbols.get(ops[1], "")) if len(ops) > 1 else 0.0
     if op != "fusion":
-        return _bytes(shape) + sum(_bytes(symbols.get(o, "")) for o in ops)
+        return array_bytes(shape) + sum(array_bytes(symbols.get(o, "")) for o in ops)
     callee = re.search(r"calls=%([\w.\-]+)", args)
     body = comps.get(callee.group(1), []) if callee else []
     if not body:
-        return _bytes(shape) + sum(_bytes(symbols.get(o, "")) for o in ops)
+        return array_bytes(shape) + sum(array_bytes(symbols.get(o, "")) for o in ops)
     inner = hlo_loops.table(body)
     users: dict[str, list] = {}
     for name, s, o, a in body:
@@ -220,17 +221,17 @@ def _io_bytes(shape, op, args, symbols, comps) -> float:
     for name in outs:
         s, o, a = inner.get(name, (root_shape, root_op, root_args))
         if o == "dynamic-update-slice":
-            written += _bytes(inner.get(hlo_loops.operands(a)[1], ("",))[0])
+            written += array_bytes(inner.get(hlo_loops.operands(a)[1], ("",))[0])
             in_place.add(hlo_loops.operands(a)[0])
         else:
-            written += _bytes(s)
+            written += array_bytes(s)
     read = 0.0
     for name, s, o, _ in body:
         if o != "parameter" or name in in_place:
             continue
         use = users.get(name, [])
         sliced = use and all(u[2] in _SLICES for u in use)
-        read += sum(_bytes(u[1]) for u in use) if sliced else _bytes(s)
+        read += sum(array_bytes(u[1]) for u in use) if sliced else array_bytes(s)
     return read + written
 
 
@@ -261,9 +262,9 @@ def _groups(args: str) -> list[list[int]]:
 def _collective(op, shape, args, symbols, domain_of):
     """(bytes sent per device, crosses domains) of one collective instruction."""
     groups = _groups(args)
-    size = _bytes(shape)
+    size = array_bytes(shape)
     if op.startswith("collective-permute"):
-        n, sent = 2, _bytes(symbols.get(re.findall(r"%([\w.\-]+)", args)[0], shape))
+        n, sent = 2, array_bytes(symbols.get(re.findall(r"%([\w.\-]+)", args)[0], shape))
     else:
         n = max((len(g) for g in groups), default=1)
         if op.endswith("-start") and shape.startswith("("):  # (operand, result) tuples

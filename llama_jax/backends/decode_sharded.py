@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from llama_jax.backends import decode_attention as da
+from llama_jax.backends import sharded
 
 AXES = ("data", "tensor")
 
@@ -43,7 +44,7 @@ def why_not(mesh, config, platform: str) -> str | None:
         return (f"the model is sharded over a mesh with axes {mesh.axis_names}, not "
                 f"decode.make_mesh's (data, tensor)")
     tensor = mesh.shape["tensor"]
-    if n_kv_heads % tensor and tensor % n_kv_heads:
+    if not sharded.kv_heads_follow(n_kv_heads, tensor):
         return (f"mesh tensor = {tensor} neither divides the {n_kv_heads} kv heads nor is a "
                 f"multiple of them; choose such a tensor size to decode with the kernel")
     if (n_kv_heads % tensor and platform == "tpu" and n_kv_heads > 1

@@ -24,9 +24,15 @@ from jax.sharding import PartitionSpec as P
 from llama_jax import attention
 
 
+def kv_heads_follow(n_kv_heads: int, tensor: int) -> bool:
+    """Whether each tensor rank's query heads use whole kv heads: `tensor` divides the kv heads
+    (each rank holds its own) or is a multiple of them (each rank takes the one it shares)."""
+    return n_kv_heads % tensor == 0 or tensor % n_kv_heads == 0
+
+
 def check(n_heads: int, n_kv_heads: int, tensor: int) -> None:
     """One sentence when the kv heads cannot follow the query heads over `tensor`."""
-    if n_kv_heads % tensor and tensor % n_kv_heads:
+    if not kv_heads_follow(n_kv_heads, tensor):
         raise ValueError(f"a Pallas attention kernel needs mesh.tensor = {tensor} to divide "
                          f"the {n_kv_heads} kv heads or be a multiple of them; choose such a "
                          f"tensor size or mesh.attention=chunked.")

@@ -330,7 +330,7 @@ def forward_layers(c: ModelConfig, ops: Backend, layers, x, positions, segment_i
     def layer(x, p, i, kv):
         lc = None if at is None else LayerCache(kv[0], kv[1], i, *at)
         if lc is not None and ops.decode_block is not None:
-            fused = ops.decode_block(c, p, x, positions, segment_ids, rope, lc, kv_pos, kv_seg)
+            fused = ops.decode_block(c, p, x, positions, segment_ids, rope, lc)
             if fused is not None:  # the backend's one-call block (tested equal to `block`)
                 return fused
         x, new_kv = block(_pure(p), constrain(x), positions, segment_ids, rope, ops, c.norm_eps,

@@ -112,11 +112,10 @@ def test_decode_layer_equals_the_xla_layer(dtype, portable, request, monkeypatch
 
     @jax.jit
     def run(weights, x, ck, cv):
-        lc = model_lib.LayerCache(ck, cv, layer, slots, mask)
+        lc = model_lib.LayerCache(ck, cv, layer, slots, mask, kv_pos, kv_seg)
         p, ops = weights.layers[layer], weights.backend
         if ops.decode_block is not None:
-            x, (ck, cv) = ops.decode_block(c, p, x, positions, segments, rope, lc, kv_pos,
-                                           kv_seg)
+            x, (ck, cv) = ops.decode_block(c, p, x, positions, segments, rope, lc)
         else:
             x, (ck, cv) = model_lib.block(p, x, positions, segments, rope, ops, c.norm_eps, lc)
         return x, ck, cv

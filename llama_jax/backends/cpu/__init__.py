@@ -33,7 +33,7 @@ def decode_pack(w: jax.Array, n_in: int):
     return kernels.Packed.of(w, n_in)
 
 
-def decode_block(c, p, x, positions, segment_ids, rope, cache, kv_pos, kv_seg):
+def decode_block(c, p, x, positions, segment_ids, rope, cache):
     """model.block for one new token per row (x [B, 1, D]) on packed weights, as one kernel
     call that also writes the k/v into the stacked cache in place: (x, (k, v)); None where it
     does not apply (more than one token per row, unpacked weights)."""
@@ -44,7 +44,7 @@ def decode_block(c, p, x, positions, segment_ids, rope, cache, kv_pos, kv_seg):
     cos, sin = rope
     out, ck, cv = kernels.decode_layer(
         x[:, 0], flat, cos[:, 0], sin[:, 0], cache.slots[:, 0], positions[:, 0],
-        segment_ids[:, 0], kv_pos, kv_seg, cache.k, cache.v, layer=cache.layer,
+        segment_ids[:, 0], cache.pos, cache.seg, cache.k, cache.v, layer=cache.layer,
         n_heads=c.n_heads, eps=c.norm_eps)
     return out[:, None], (ck, cv)
 

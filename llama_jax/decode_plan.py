@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import re
 
 import jax
@@ -78,18 +79,13 @@ def abstract_step_inputs(config, backend, batch: int, cache_len: int, where):
     graphdef, state = nnx.split(model)
     weights = Weights(config, backend, *jax.eval_shape(_relayout, graphdef, state, None))
 
-    def state_of():
-        b = batch
-        return decode.DecodeState(
-            cache=model_lib.init_cache(config, b, cache_len), last=jnp.zeros((b,), jnp.int32),
-            position=jnp.zeros((b,), jnp.int32), step=jnp.int32(0), done=jnp.zeros((b,), bool),
-            lengths=jnp.zeros((b,), jnp.int32), tokens=jnp.zeros((b, 16), jnp.int32),
-            logprobs=jnp.zeros((b, 16), jnp.float32), key=jax.random.PRNGKey(0))
-
     others = (SamplingParams().arrays(), jnp.zeros((decode.MAX_STOP_IDS,), jnp.int32),
               jnp.int32(1))
+    # the state decode.start returns (abstractly: nothing runs) for 16-token prompts
+    state = jax.eval_shape(functools.partial(decode.start, cache_len=cache_len, n_buffer=16),
+                           weights, jnp.zeros((batch, 16), jnp.int32),
+                           jnp.ones((batch,), jnp.int32), jax.random.PRNGKey(0), *others)
     place = lambda a, on: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=on)  # noqa: E731
-    state, others = jax.eval_shape(state_of), jax.eval_shape(lambda: others)
     if not isinstance(where, Mesh):
         on = SingleDeviceSharding(where)
         return jax.tree.map(lambda a: place(a, on), (weights, state, *others))
